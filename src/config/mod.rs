@@ -1,0 +1,514 @@
+//! Configuration: the TOML file model, validation that reports every error by key, and the
+//! immutable snapshot that reload swaps in.
+//!
+//! `Config::load` reads and validates; on success the caller gets a `Config` that is never
+//! mutated again. A reload builds a new one and swaps it in only when it has no errors.
+
+mod listen;
+
+pub use listen::ListenAddr;
+
+use crate::model::{Mode, RuleId};
+use serde::Deserialize;
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+/// Exit code for configuration errors (EX_CONFIG from sysexits.h is 78; the brief and
+/// linkerd use EX_USAGE-style 64 for "your input is wrong").
+pub const EXIT_CONFIG: i32 = 64;
+
+/// One problem in the config file, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// All problems found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {} error(s) in configuration",
+            self.file.display(),
+            self.errors.len()
+        )?;
+        for e in &self.errors {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The whole configuration. Field docs are the reference; `config/mailwarden.toml` repeats them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub directory: DirectoryConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R9`).
+    pub rules: BTreeMap<String, RuleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Milter listener in Postfix notation (`inet:127.0.0.1:8891`, `unix:/run/mailwarden/milter.sock`);
+    /// empty disables the milter front-end.
+    pub milter_listen: String,
+    /// Policy delegation listener, same notation; empty disables it.
+    pub policy_listen: String,
+    /// Connections served at once per front-end; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long SIGTERM waits for open sessions to finish before exiting.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Policy connections idle longer than this are closed (Postfix's own
+    /// `smtpd_policy_service_max_idle` is 300s; keep ours at or above it).
+    #[serde(with = "duration")]
+    pub policy_idle_timeout: Duration,
+    /// Largest policy request accepted, in bytes; a larger one ends that connection.
+    pub policy_max_request_bytes: usize,
+    /// Most attributes in one policy request.
+    pub policy_max_attributes: usize,
+    /// Milter protocol timeout for reads and writes to the MTA.
+    #[serde(with = "duration")]
+    pub milter_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            milter_listen: "inet:127.0.0.1:8891".into(),
+            policy_listen: "inet:127.0.0.1:10040".into(),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(30),
+            policy_idle_timeout: Duration::from_secs(310),
+            policy_max_request_bytes: 16 * 1024,
+            policy_max_attributes: 64,
+            milter_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite:PATH` (embedded, default). `redis://…` and friends come with the Redis store.
+    pub url: String,
+    /// Upper bound on one store operation on the mail path; past it the rule's
+    /// `on_store_error` applies. Keep it well below Postfix's milter/policy timeouts.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// How long a directory lookup (account or organisation status) is cached. Changes made
+    /// through this daemon's admin API invalidate the cache at once.
+    #[serde(with = "duration")]
+    pub cache_ttl: Duration,
+    /// Most cached lookups; the cache is cleared when it grows past this.
+    pub cache_size: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite:/var/lib/mailwarden/mailwarden.db".into(),
+            timeout: Duration::from_secs(2),
+            cache_ttl: Duration::from_secs(60),
+            cache_size: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectoryConfig {
+    /// Parent domain of organisation domains (Art. 8.1): an organisation `mpt` gets `mpt.gov.la`.
+    pub base_domain: String,
+    /// Longest organisation code (Art. 8.2: "less than six letters").
+    pub org_code_max_len: usize,
+    /// Longest local part (Art. 8.3: "less than 15 letters").
+    pub local_part_max_len: usize,
+    /// How many free alternatives a refused registration suggests (R4).
+    pub suggestions: usize,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        DirectoryConfig {
+            base_domain: "gov.la".into(),
+            org_code_max_len: 5,
+            local_part_max_len: 14,
+            suggestions: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Admin API and `/metrics` listener (`inet:HOST:PORT`); loopback by default. Empty disables.
+    pub listen: String,
+    /// PEM certificate chain; with `tls_key`, the admin API speaks HTTPS (rustls).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Append-only JSON-lines audit log of every directory change (R24).
+    pub audit_log: PathBuf,
+    /// Whether `/metrics` needs a token with the `read` scope (default: open, like most exporters).
+    pub metrics_require_token: bool,
+    /// Bearer tokens accepted by the admin API.
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "inet:127.0.0.1:8026".into(),
+            tls_cert: None,
+            tls_key: None,
+            audit_log: "/var/lib/mailwarden/audit.jsonl".into(),
+            metrics_require_token: false,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who uses the token; written to the audit log as the actor.
+    pub name: String,
+    /// The secret itself. Prefer `token_file` so the config can be world-readable.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// File holding the secret (first line).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Any of `read`, `write`, `admin`.
+    pub scopes: Vec<Scope>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Look at organisations, accounts, metrics.
+    Read,
+    /// Register, suspend, restore.
+    Write,
+    /// Destructive changes: withdraw accounts, cease organisations.
+    Admin,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter (`mailwarden=debug`).
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// Per-rule switches.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuleConfig {
+    pub mode: Mode,
+    /// What to do when the store cannot answer: `tempfail` (451 4.3.0, default) or `accept`
+    /// (fail open, logged and counted).
+    pub on_store_error: OnError,
+}
+
+impl Default for RuleConfig {
+    fn default() -> Self {
+        RuleConfig {
+            mode: Mode::Enforce,
+            on_store_error: OnError::Tempfail,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    #[default]
+    Tempfail,
+    Accept,
+}
+
+/// Rules this build implements; a `[rules.X]` table for anything else is an error.
+pub const KNOWN_RULES: [RuleId; 3] = [RuleId::R1, RuleId::R2, RuleId::R9];
+
+impl Config {
+    /// Reads, parses and validates a config file, reporting every error found.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: path.to_owned(),
+            errors: vec![ConfigError {
+                key: "(file)".into(),
+                reason: format!("cannot read: {e}"),
+            }],
+        })?;
+        Config::from_toml(&text).map_err(|errors| ConfigErrors {
+            file: path.to_owned(),
+            errors,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, Vec<ConfigError>> {
+        let config: Config = toml::from_str(text).map_err(|e| vec![toml_error(&e, text)])?;
+        let errors = config.validate();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Every semantic problem, each naming its key.
+    pub fn validate(&self) -> Vec<ConfigError> {
+        let mut errs = Vec::new();
+        let mut err = |key: &str, reason: String| {
+            errs.push(ConfigError {
+                key: key.into(),
+                reason,
+            })
+        };
+        for (key, value) in [
+            ("server.milter_listen", &self.server.milter_listen),
+            ("server.policy_listen", &self.server.policy_listen),
+            ("admin.listen", &self.admin.listen),
+        ] {
+            if !value.is_empty() {
+                if let Err(e) = value.parse::<ListenAddr>() {
+                    err(key, e);
+                }
+            }
+        }
+        if self.server.milter_listen.is_empty() && self.server.policy_listen.is_empty() {
+            err(
+                "server",
+                "both milter_listen and policy_listen are empty: nothing would be served".into(),
+            );
+        }
+        if self.server.max_connections == 0 {
+            err("server.max_connections", "must be at least 1".into());
+        }
+        if self.server.policy_max_request_bytes < 512 {
+            err(
+                "server.policy_max_request_bytes",
+                "must be at least 512 (a normal Postfix request is ~1 KiB)".into(),
+            );
+        }
+        if self.server.policy_max_attributes < 8 {
+            err("server.policy_max_attributes", "must be at least 8".into());
+        }
+        if let Err(e) = crate::store::StoreUrl::parse(&self.store.url) {
+            err("store.url", e);
+        }
+        if self.store.timeout.is_zero() {
+            err("store.timeout", "must be greater than zero".into());
+        }
+        if self.store.cache_size == 0 {
+            err("store.cache_size", "must be at least 1".into());
+        }
+        let d = &self.directory;
+        if d.base_domain.is_empty()
+            || crate::model::Address::parse(&format!("x@a.{}", d.base_domain)).is_err()
+        {
+            err(
+                "directory.base_domain",
+                format!("{:?} is not a domain name", d.base_domain),
+            );
+        }
+        if !(1..=63).contains(&d.org_code_max_len) {
+            err(
+                "directory.org_code_max_len",
+                "must be between 1 and 63".into(),
+            );
+        }
+        if !(1..=64).contains(&d.local_part_max_len) {
+            err(
+                "directory.local_part_max_len",
+                "must be between 1 and 64".into(),
+            );
+        }
+        match (&self.admin.tls_cert, &self.admin.tls_key) {
+            (Some(_), None) => err("admin.tls_key", "tls_cert is set but tls_key is not".into()),
+            (None, Some(_)) => err(
+                "admin.tls_cert",
+                "tls_key is set but tls_cert is not".into(),
+            ),
+            (Some(c), Some(k)) => {
+                for (key, p) in [("admin.tls_cert", c), ("admin.tls_key", k)] {
+                    if !p.is_file() {
+                        err(key, format!("{} is not a readable file", p.display()));
+                    }
+                }
+            }
+            _ => {}
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.admin.tokens.iter().enumerate() {
+            let key = format!("admin.tokens[{i}]");
+            if t.name.is_empty() {
+                err(&format!("{key}.name"), "must not be empty".into());
+            }
+            if !names.insert(t.name.clone()) {
+                err(
+                    &format!("{key}.name"),
+                    format!("duplicate token name {:?}", t.name),
+                );
+            }
+            match (&t.token, &t.token_file) {
+                (Some(_), Some(_)) => err(&key, "set either token or token_file, not both".into()),
+                (None, None) => err(&key, "one of token or token_file is required".into()),
+                (Some(s), None) if s.len() < 16 => err(
+                    &format!("{key}.token"),
+                    "must be at least 16 characters".into(),
+                ),
+                (None, Some(p)) => match std::fs::read_to_string(p) {
+                    Ok(s) if s.lines().next().unwrap_or("").trim().len() >= 16 => {}
+                    Ok(_) => err(
+                        &format!("{key}.token_file"),
+                        "token must be at least 16 characters".into(),
+                    ),
+                    Err(e) => err(
+                        &format!("{key}.token_file"),
+                        format!("cannot read {}: {e}", p.display()),
+                    ),
+                },
+                _ => {}
+            }
+            if t.scopes.is_empty() {
+                err(
+                    &format!("{key}.scopes"),
+                    "must name at least one of read, write, admin".into(),
+                );
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            err(
+                "log.format",
+                format!("{:?} is not one of text, json", self.log.format),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            err(
+                "log.level",
+                format!("{:?} is not a valid filter: {e}", self.log.level),
+            );
+        }
+        for name in self.rules.keys() {
+            if !KNOWN_RULES.iter().any(|r| r.as_str() == name) {
+                err(
+                    &format!("rules.{name}"),
+                    format!(
+                        "unknown rule; this version implements {}",
+                        KNOWN_RULES.map(|r| r.as_str()).join(", ")
+                    ),
+                );
+            }
+        }
+        errs
+    }
+
+    /// The settings of one rule (defaults when the file does not mention it).
+    pub fn rule(&self, id: RuleId) -> RuleConfig {
+        self.rules.get(id.as_str()).copied().unwrap_or_default()
+    }
+
+    /// The token secrets, read from the config or their files.
+    pub fn token_secrets(&self) -> Vec<(TokenConfig, String)> {
+        self.admin
+            .tokens
+            .iter()
+            .filter_map(|t| {
+                let secret = match (&t.token, &t.token_file) {
+                    (Some(s), _) => s.clone(),
+                    (None, Some(p)) => std::fs::read_to_string(p)
+                        .ok()?
+                        .lines()
+                        .next()?
+                        .trim()
+                        .to_owned(),
+                    (None, None) => return None,
+                };
+                Some((t.clone(), secret))
+            })
+            .collect()
+    }
+}
+
+/// Turns a toml parse error into a keyed error with its line number.
+fn toml_error(e: &toml::de::Error, text: &str) -> ConfigError {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let msg = e.message().trim().to_owned();
+    ConfigError {
+        key: match line {
+            Some(l) => format!("line {l}"),
+            None => "(syntax)".into(),
+        },
+        reason: msg,
+    }
+}
+
+/// `"30s"`, `"5m"`, `"365d"` durations (humantime), also accepted as an integer of seconds.
+pub mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{t:?} is not a duration like \"30s\" or \"5m\": {e}"
+                ))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,238 @@
+//! The running daemon: opens the store, binds the listeners, serves until told to stop.
+//!
+//! `main` drives it from signals (HUP reloads, TERM/INT stop); tests drive it through the
+//! same [`Control`] channel, so the whole daemon runs in-process in tests.
+
+use crate::checker::Checker;
+use crate::config::{Config, ListenAddr};
+use crate::net::Listener;
+use crate::store::{self, cache::CachedDirectory};
+use crate::telemetry::Metrics;
+use anyhow::Context as _;
+use std::{path::PathBuf, sync::Arc, time::Duration};
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Messages that steer a running daemon.
+#[derive(Debug)]
+pub enum Control {
+    /// Re-read the config file; swap it in if valid (SIGHUP).
+    Reload,
+    /// Stop accepting, drain open sessions within the grace period, exit (SIGTERM/SIGINT).
+    Shutdown,
+}
+
+/// Addresses actually bound (useful when the config asked for port 0).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Bound {
+    pub milter: Option<String>,
+    pub policy: Option<String>,
+    pub admin: Option<String>,
+}
+
+pub struct Daemon {
+    pub checker: Arc<Checker>,
+    config_path: Option<PathBuf>,
+    milter: Option<Listener>,
+    policy: Option<Listener>,
+    admin: Option<Listener>,
+    bound: Bound,
+}
+
+async fn bind(key: &str, addr: &str) -> anyhow::Result<Option<Listener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let a: ListenAddr = addr
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("{key}: {e}"))?;
+    let l = Listener::bind(&a)
+        .await
+        .with_context(|| format!("{key}: cannot listen on {a}"))?;
+    Ok(Some(l))
+}
+
+fn describe(l: &Option<Listener>) -> Option<String> {
+    l.as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+}
+
+impl Daemon {
+    /// Opens the store and binds every configured listener. Nothing is served yet.
+    pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Daemon> {
+        let store = store::open(&config.store.url)
+            .await
+            .map_err(|e| anyhow::anyhow!("store.url: {e}"))?;
+        let metrics = Arc::new(Metrics::new());
+        let directory = CachedDirectory::new(
+            store,
+            config.store.cache_ttl,
+            config.store.cache_size,
+            config.store.timeout,
+        );
+        let milter = bind("server.milter_listen", &config.server.milter_listen).await?;
+        let policy = bind("server.policy_listen", &config.server.policy_listen).await?;
+        let admin = bind("admin.listen", &config.admin.listen).await?;
+        let bound = Bound {
+            milter: describe(&milter),
+            policy: describe(&policy),
+            admin: describe(&admin),
+        };
+        let checker = Arc::new(Checker::new(config, directory, metrics));
+        Ok(Daemon {
+            checker,
+            config_path,
+            milter,
+            policy,
+            admin,
+            bound,
+        })
+    }
+
+    pub fn bound(&self) -> &Bound {
+        &self.bound
+    }
+
+    /// Serves until a `Control::Shutdown` arrives (or the channel closes), then drains.
+    pub async fn serve(mut self, mut control: mpsc::Receiver<Control>) -> anyhow::Result<()> {
+        let shutdown = CancellationToken::new();
+        let sessions = TaskTracker::new();
+        let mut servers = tokio::task::JoinSet::new();
+        let checker = self.checker.clone();
+
+        if let Some(l) = self.milter.take() {
+            servers.spawn(crate::milter::serve(
+                l,
+                checker.clone(),
+                shutdown.clone(),
+                sessions.clone(),
+            ));
+        }
+        if let Some(l) = self.policy.take() {
+            servers.spawn(crate::policy::serve(
+                l,
+                checker.clone(),
+                shutdown.clone(),
+                sessions.clone(),
+            ));
+        }
+        if let Some(l) = self.admin.take() {
+            servers.spawn(crate::admin::serve(
+                l,
+                checker.clone(),
+                shutdown.clone(),
+                sessions.clone(),
+            ));
+        }
+        tracing::info!(
+            milter = self.bound.milter.as_deref().unwrap_or("off"),
+            policy = self.bound.policy.as_deref().unwrap_or("off"),
+            admin = self.bound.admin.as_deref().unwrap_or("off"),
+            store = checker.directory.store().kind(),
+            "mailwarden serving"
+        );
+
+        let health = tokio::spawn(health_loop(checker.clone(), shutdown.clone()));
+
+        loop {
+            tokio::select! {
+                msg = control.recv() => match msg {
+                    Some(Control::Reload) => self.reload(),
+                    Some(Control::Shutdown) | None => break,
+                },
+                Some(res) = servers.join_next() => {
+                    // A front-end stopped on its own: that is fatal (its listener failed).
+                    let err = match res {
+                        Ok(Ok(())) => anyhow::anyhow!("a front-end stopped unexpectedly"),
+                        Ok(Err(e)) => anyhow::Error::from(e).context("front-end failed"),
+                        Err(e) => anyhow::Error::from(e).context("front-end panicked"),
+                    };
+                    shutdown.cancel();
+                    drain(&sessions, &checker).await;
+                    return Err(err);
+                }
+            }
+        }
+
+        tracing::info!("shutting down: no new connections, draining open sessions");
+        shutdown.cancel();
+        health.abort();
+        while servers.join_next().await.is_some() {}
+        drain(&sessions, &checker).await;
+        tracing::info!("mailwarden stopped");
+        Ok(())
+    }
+
+    fn reload(&self) {
+        let Some(path) = &self.config_path else {
+            tracing::warn!("reload requested but the daemon was started without a config file");
+            return;
+        };
+        match Config::load(path) {
+            Ok(new) => {
+                let old = self.checker.snapshot();
+                for (key, a, b) in [
+                    (
+                        "server.milter_listen",
+                        &old.config.server.milter_listen,
+                        &new.server.milter_listen,
+                    ),
+                    (
+                        "server.policy_listen",
+                        &old.config.server.policy_listen,
+                        &new.server.policy_listen,
+                    ),
+                    ("admin.listen", &old.config.admin.listen, &new.admin.listen),
+                    ("store.url", &old.config.store.url, &new.store.url),
+                ] {
+                    if a != b {
+                        tracing::warn!(key, old = %a, new = %b, "changing this key needs a restart; keeping the old value");
+                    }
+                }
+                let mut new = new;
+                new.server.milter_listen = old.config.server.milter_listen.clone();
+                new.server.policy_listen = old.config.server.policy_listen.clone();
+                new.admin.listen = old.config.admin.listen.clone();
+                new.store.url = old.config.store.url.clone();
+                self.checker.replace_config(new);
+                self.checker.metrics.count_reload(true);
+                tracing::info!(file = %path.display(), "configuration reloaded");
+            }
+            Err(errors) => {
+                self.checker.metrics.count_reload(false);
+                for e in &errors.errors {
+                    tracing::error!(key = %e.key, "configuration not reloaded: {}", e.reason);
+                }
+            }
+        }
+    }
+}
+
+async fn drain(sessions: &TaskTracker, checker: &Checker) {
+    sessions.close();
+    let grace = checker.snapshot().config.server.shutdown_grace;
+    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+        tracing::warn!(
+            open = sessions.len(),
+            "grace period of {grace:?} over; closing remaining sessions (the MTA will retry them)"
+        );
+    }
+}
+
+/// Pings the store every few seconds for the `store_up` gauge.
+async fn health_loop(checker: Arc<Checker>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let timeout = checker.snapshot().config.store.timeout;
+        let ok = matches!(
+            tokio::time::timeout(timeout, checker.directory.store().ping()).await,
+            Ok(Ok(()))
+        );
+        checker.metrics.set_store_up(ok);
+    }
+}

@@ -1,0 +1,161 @@
+//! Pure decisions: no I/O, no clock. The caller looks up the facts (directory records) and
+//! passes them in with the transaction; every rule is testable with a plain `#[test]`.
+
+pub mod rules;
+
+use crate::config::{Config, OnError, RuleConfig};
+use crate::model::{Action, Address, Decision, Mode, Outcome, Reply, RuleId, Stage, Transaction};
+use crate::store::{Account, Org};
+
+/// What the directory says about one address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddressFacts {
+    /// The organisation owning the address's domain; `None` means the domain is not local.
+    pub org: Option<Org>,
+    /// The account, when the domain is local and the address is registered.
+    pub account: Option<Account>,
+}
+
+impl AddressFacts {
+    pub fn is_local(&self) -> bool {
+        self.org.is_some()
+    }
+}
+
+/// The result of a directory lookup as the engine sees it: facts, or "the store failed".
+pub type Lookup = Result<AddressFacts, StoreFailure>;
+
+/// The store could not answer in time; the detail is for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreFailure(pub String);
+
+/// Per-rule settings the engine needs, extracted from a config snapshot.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<(RuleId, RuleConfig)>,
+}
+
+impl Policy {
+    pub fn from_config(config: &Config) -> Policy {
+        Policy {
+            rules: crate::config::KNOWN_RULES
+                .iter()
+                .map(|&r| (r, config.rule(r)))
+                .collect(),
+        }
+    }
+
+    pub fn rule(&self, id: RuleId) -> RuleConfig {
+        self.rules
+            .iter()
+            .find(|(r, _)| *r == id)
+            .map(|(_, c)| *c)
+            .unwrap_or_default()
+    }
+
+    /// True when any of `ids` is evaluated at all (not `off`): only then is a lookup needed.
+    pub fn any_active(&self, ids: &[RuleId]) -> bool {
+        ids.iter().any(|&r| self.rule(r).mode != Mode::Off)
+    }
+}
+
+/// Rules that judge the envelope sender at MAIL.
+pub const SENDER_RULES: [RuleId; 2] = [RuleId::R2, RuleId::R9];
+/// Rules that judge a recipient at RCPT.
+pub const RECIPIENT_RULES: [RuleId; 2] = [RuleId::R2, RuleId::R1];
+
+/// Accumulates rule results for one stage into a decision, honouring each rule's mode.
+pub(crate) struct Verdicts<'a> {
+    policy: &'a Policy,
+    stage: Stage,
+    decision: Decision,
+}
+
+impl<'a> Verdicts<'a> {
+    pub(crate) fn new(policy: &'a Policy, stage: Stage) -> Self {
+        Verdicts {
+            policy,
+            stage,
+            decision: Decision::pass(),
+        }
+    }
+
+    /// Records that `rule` objects to `subject` with `reply`. The first enforced objection
+    /// sets the action; monitored ones are only recorded as "would_…".
+    pub(crate) fn violation(&mut self, rule: RuleId, subject: &Address, reply: Reply) {
+        let mode = self.policy.rule(rule).mode;
+        let permanent = reply.is_permanent();
+        let kind = match (mode, permanent) {
+            (Mode::Off, _) => return,
+            (Mode::Monitor, true) => "would_reject",
+            (Mode::Monitor, false) => "would_tempfail",
+            (Mode::Enforce, true) => "reject",
+            (Mode::Enforce, false) => "tempfail",
+        };
+        if mode == Mode::Enforce && self.decision.action == Action::Continue {
+            self.decision.action = Action::from_reply(reply.clone());
+        } else if mode == Mode::Enforce {
+            // An earlier rule already decided; this one is not reported as acting.
+            return;
+        }
+        self.decision.outcomes.push(Outcome {
+            rule,
+            stage: self.stage,
+            kind,
+            reply,
+            subject: subject.to_string(),
+        });
+    }
+
+    /// The lookup the rules need failed: each active rule applies its `on_store_error`.
+    pub(crate) fn store_failure(&mut self, rules: &[RuleId], subject: &Address) {
+        for &rule in rules {
+            let cfg = self.policy.rule(rule);
+            if cfg.mode == Mode::Off {
+                continue;
+            }
+            match cfg.on_store_error {
+                OnError::Tempfail => self.violation(rule, subject, Reply::store_unavailable()),
+                OnError::Accept => self.decision.outcomes.push(Outcome {
+                    rule,
+                    stage: self.stage,
+                    kind: "fail_open",
+                    reply: Reply::store_unavailable(),
+                    subject: subject.to_string(),
+                }),
+            }
+        }
+    }
+
+    pub(crate) fn finish(self) -> Decision {
+        self.decision
+    }
+}
+
+/// MAIL stage: judges the envelope sender. `lookup` is `None` for the null sender or a sender
+/// that does not parse (nothing in the directory to judge).
+pub fn check_sender(policy: &Policy, tx: &Transaction, lookup: Option<&Lookup>) -> Decision {
+    let mut v = Verdicts::new(policy, Stage::Mail);
+    if let (Some(sender), Some(lookup)) = (tx.sender.as_ref().and_then(|s| s.address()), lookup) {
+        match lookup {
+            Ok(facts) => rules::directory::sender(&mut v, sender, facts),
+            Err(_) => v.store_failure(&SENDER_RULES, sender),
+        }
+    }
+    v.finish()
+}
+
+/// RCPT stage: judges one recipient.
+pub fn check_recipient(
+    policy: &Policy,
+    _tx: &Transaction,
+    rcpt: &Address,
+    lookup: &Lookup,
+) -> Decision {
+    let mut v = Verdicts::new(policy, Stage::Rcpt);
+    match lookup {
+        Ok(facts) => rules::directory::recipient(&mut v, rcpt, facts),
+        Err(_) => v.store_failure(&RECIPIENT_RULES, rcpt),
+    }
+    v.finish()
+}

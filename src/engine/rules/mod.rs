@@ -1,0 +1,3 @@
+//! Rule families, one file each.
+
+pub mod directory;

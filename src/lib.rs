@@ -1,0 +1,33 @@
+//! mailwarden: a milter and Postfix policy daemon enforcing the Government Email decision
+//! No. 3680/MPT (see `REQUIREMENTS.md` for the rules R1–R25).
+//!
+//! A map of the crate:
+//! - [`model`]: the one transaction model both front-ends produce; [`model::Decision`] and
+//!   [`model::Reply`].
+//! - [`milter`]: the milter front-end (indymilter): translation only.
+//! - [`policy`]: the Postfix policy-delegation front-end: a pure codec and a server.
+//! - [`engine`]: pure decisions, one file per rule family; no I/O, no clock.
+//! - [`checker`]: looks up facts, runs the engine, records the decision; what front-ends call.
+//! - [`store`]: the `Store` trait, the embedded SQLite store, the read-through cache.
+//! - [`directory`]: registration rules (R3 address structure, R4 first come first served, R5 kinds).
+//! - [`config`]: file model, validation (every error by key), reload snapshots.
+//! - [`telemetry`]: logging setup, decision events, Prometheus metrics.
+//! - [`admin`]: the admin HTTP API (and `/metrics`), the audit log, and the CLI client.
+//! - [`daemon`]: binds listeners and runs everything until shutdown; used by `main` and tests.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod checker;
+pub mod config;
+pub mod daemon;
+pub mod directory;
+pub mod engine;
+pub mod milter;
+pub mod model;
+pub mod net;
+pub mod policy;
+pub mod store;
+pub mod telemetry;
+
+pub use daemon::{Control, Daemon};

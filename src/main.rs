@@ -1,0 +1,147 @@
+//! The `mailwarden` binary: the daemon (`run`), config validation (`check-config`) and the
+//! administration CLI (`org`, `user`) that talks to a running daemon's admin API.
+
+use clap::{Parser, Subcommand};
+use mailwarden::{
+    admin::cli::{self, ClientArgs, OrgCommand, UserCommand},
+    config::{Config, EXIT_CONFIG},
+    daemon::{Control, Daemon},
+};
+use std::{path::PathBuf, process::ExitCode};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(
+    name = "mailwarden",
+    version,
+    about = "Government email policy daemon (milter + Postfix policy service)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (SIGHUP reloads the config, SIGTERM stops gracefully).
+    Run {
+        /// Configuration file.
+        #[arg(long, short, default_value = "/etc/mailwarden/mailwarden.toml")]
+        config: PathBuf,
+        /// Write the bound addresses as JSON to this file once listening (for scripts and tests
+        /// that configure port 0).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Validate a configuration file; prints every error with its key, exits 64 on errors.
+    CheckConfig {
+        #[arg(long, short, default_value = "/etc/mailwarden/mailwarden.toml")]
+        config: PathBuf,
+    },
+    /// Manage organisations through the admin API.
+    Org {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: OrgCommand,
+    },
+    /// Manage accounts through the admin API.
+    User {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mailwarden: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(async move {
+        match cli.command {
+            Command::Run { config, ready_file } => run(config, ready_file).await,
+            Command::CheckConfig { config } => check_config(&config),
+            Command::Org { client, command } => cli::org(&client, command).await,
+            Command::User { client, command } => cli::user(&client, command).await,
+        }
+    });
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn check_config(path: &std::path::Path) -> i32 {
+    match Config::load(path) {
+        Ok(_) => {
+            println!("{}: configuration OK", path.display());
+            0
+        }
+        Err(e) => {
+            eprint!("{e}");
+            EXIT_CONFIG
+        }
+    }
+}
+
+async fn run(path: PathBuf, ready_file: Option<PathBuf>) -> i32 {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return EXIT_CONFIG;
+        }
+    };
+    mailwarden::telemetry::init_logging(&config.log);
+    let daemon = match Daemon::start(config, Some(path)).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("cannot start: {e:#}");
+            eprintln!("mailwarden: cannot start: {e:#}");
+            return 1;
+        }
+    };
+    if let Some(f) = ready_file {
+        let json = serde_json::to_string(daemon.bound()).expect("serialisable");
+        let tmp = f.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, &f)) {
+            eprintln!("mailwarden: cannot write ready file {}: {e}", f.display());
+            return 1;
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = hup.recv() => Control::Reload,
+                _ = term.recv() => Control::Shutdown,
+                _ = int.recv() => Control::Shutdown,
+            };
+            let stop = matches!(msg, Control::Shutdown);
+            if tx.send(msg).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    match daemon.serve(rx).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            1
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The one transaction model both front-ends produce, and the verdicts the engine returns.
+//!
+//! The milter front-end fills a [`Transaction`] stage by stage as callbacks arrive; the policy
+//! front-end builds one from each request's attributes. The engine never sees protocol types.
+
+mod address;
+mod verdict;
+
+pub use address::{Address, AddressError};
+pub use verdict::{Action, Decision, Mode, Outcome, Reply, RuleId};
+
+use std::net::IpAddr;
+
+/// Which MTA protocol a transaction arrived through (a metric and log label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Milter,
+    Policy,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Milter => "milter",
+            Protocol::Policy => "policy",
+        }
+    }
+}
+
+/// SMTP stages at which a rule can decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    Connect,
+    Helo,
+    Mail,
+    Rcpt,
+    Data,
+    EndOfMessage,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect",
+            Stage::Helo => "helo",
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+            Stage::EndOfMessage => "eom",
+        }
+    }
+
+    pub const ALL: [Stage; 6] = [
+        Stage::Connect,
+        Stage::Helo,
+        Stage::Mail,
+        Stage::Rcpt,
+        Stage::Data,
+        Stage::EndOfMessage,
+    ];
+}
+
+/// The envelope sender as given in `MAIL FROM`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sender {
+    /// `MAIL FROM:<>`: bounces and other notifications.
+    Null,
+    /// A syntactically valid address.
+    Address(Address),
+    /// Something that does not parse as an address; kept for logging, never matched to accounts.
+    Unparsed(String),
+}
+
+impl Sender {
+    /// Parses the `MAIL FROM` argument (angle brackets optional).
+    pub fn parse(raw: &str) -> Sender {
+        let s = raw.trim();
+        let s = s
+            .strip_prefix('<')
+            .and_then(|s| s.strip_suffix('>'))
+            .unwrap_or(s);
+        if s.is_empty() {
+            return Sender::Null;
+        }
+        match Address::parse(s) {
+            Ok(a) => Sender::Address(a),
+            Err(_) => Sender::Unparsed(s.to_owned()),
+        }
+    }
+
+    pub fn address(&self) -> Option<&Address> {
+        match self {
+            Sender::Address(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Everything known about one SMTP transaction at the moment a rule runs.
+///
+/// Fields are filled as the MTA reveals them; a rule must treat `None` as "not known".
+/// Message bodies and subjects are never part of this model (Art. 19, R23).
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub protocol: Protocol,
+    /// The MTA's queue id (`i` macro / `queue_id` attribute), for logs only.
+    pub queue_id: Option<String>,
+    pub client_addr: Option<IpAddr>,
+    pub client_name: Option<String>,
+    pub helo: Option<String>,
+    /// SASL login name when the client authenticated (`{auth_authen}` / `sasl_username`).
+    pub sasl_username: Option<String>,
+    /// TLS protocol version when the session is encrypted (`{tls_version}` / `encryption_protocol`).
+    pub tls_version: Option<String>,
+    pub sender: Option<Sender>,
+    /// Recipients accepted so far (milter), or the current recipient (policy).
+    pub recipients: Vec<Address>,
+    /// Message size declared with `SIZE=` or measured at end of message.
+    pub size: Option<u64>,
+}
+
+impl Transaction {
+    pub fn new(protocol: Protocol) -> Self {
+        Transaction {
+            protocol,
+            queue_id: None,
+            client_addr: None,
+            client_name: None,
+            helo: None,
+            sasl_username: None,
+            tls_version: None,
+            sender: None,
+            recipients: Vec::new(),
+            size: None,
+        }
+    }
+
+    /// Clears the per-message fields, keeping the connection's (client, HELO, TLS).
+    pub fn reset_message(&mut self) {
+        self.queue_id = None;
+        self.sender = None;
+        self.sasl_username = None;
+        self.recipients.clear();
+        self.size = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sender_parse_null_and_brackets() {
+        assert_eq!(Sender::parse("<>"), Sender::Null);
+        assert_eq!(Sender::parse(""), Sender::Null);
+        let s = Sender::parse("<Champa@MPT.gov.la>");
+        assert_eq!(s.address().unwrap().to_string(), "champa@mpt.gov.la");
+        assert!(matches!(
+            Sender::parse("not an address"),
+            Sender::Unparsed(_)
+        ));
+    }
+}

@@ -1,0 +1,1 @@
+//! STUB: the store contract suite.

@@ -1,0 +1,122 @@
+//! Persistent state behind one trait: the directory of organisations and accounts.
+//!
+//! `sqlite.rs` is the embedded default (`sqlite:PATH`); a Redis backend implements the same
+//! trait. `contract.rs` is the one test suite every backend must pass. `cache.rs` wraps any
+//! store with the read-through cache the mail path uses.
+
+pub mod cache;
+#[cfg(test)]
+pub mod contract;
+pub mod sqlite;
+mod types;
+
+pub use types::*;
+
+use crate::model::Address;
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// Errors a store returns. `Unavailable` is the one the mail path maps to a tempfail.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The name (or organisation code/domain) is already registered (R4).
+    #[error("{what} {name} is already registered")]
+    Conflict { what: &'static str, name: String },
+    #[error("{what} {name} does not exist")]
+    NotFound { what: &'static str, name: String },
+    /// The backend could not answer (I/O error, timeout, server down).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The data in the store is not what this version expects.
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The directory store. All names are compared in their normalised (lower-case) form.
+///
+/// Every write is atomic: `create_*` either inserts or returns `Conflict` even when two
+/// registrars race; `create_accounts` inserts all rows or none.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Registers an organisation; `Conflict` when its code or domain is taken.
+    async fn create_org(&self, org: &Org) -> StoreResult<()>;
+    async fn get_org(&self, code: &str) -> StoreResult<Option<Org>>;
+    async fn get_org_by_domain(&self, domain: &str) -> StoreResult<Option<Org>>;
+    async fn list_orgs(&self) -> StoreResult<Vec<Org>>;
+    /// Changes an organisation's status; returns (before, after). `NotFound` if unknown.
+    async fn set_org_status(
+        &self,
+        code: &str,
+        change: &StatusChange<OrgStatus>,
+    ) -> StoreResult<(Org, Org)>;
+
+    /// Registers one account; `Conflict` when the address is taken, `NotFound` when its
+    /// organisation does not exist.
+    async fn create_account(&self, account: &Account) -> StoreResult<()>;
+    /// Registers many accounts in one transaction: all or none.
+    async fn create_accounts(&self, accounts: &[Account]) -> StoreResult<()>;
+    async fn get_account(&self, address: &Address) -> StoreResult<Option<Account>>;
+    /// Accounts, optionally of one organisation, ordered by address.
+    async fn list_accounts(&self, org: Option<&str>) -> StoreResult<Vec<Account>>;
+    /// Changes an account's status; returns (before, after). `NotFound` if unknown.
+    async fn set_account_status(
+        &self,
+        address: &Address,
+        change: &StatusChange<AccountStatus>,
+    ) -> StoreResult<(Account, Account)>;
+    /// Which of `locals` (in `domain`) are already registered; used to suggest free names.
+    async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>>;
+
+    /// Cheap liveness check for health metrics.
+    async fn ping(&self) -> StoreResult<()>;
+    /// A short name for logs and metrics (`sqlite`, `redis`).
+    fn kind(&self) -> &'static str;
+}
+
+/// Opens the store named by a URL from the config.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, String> {
+    match StoreUrl::parse(url)? {
+        StoreUrl::Sqlite(path) => sqlite::SqliteStore::open(&path)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
+            .map_err(|e| format!("{url}: {e}")),
+    }
+}
+
+/// A parsed `store.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `sqlite:PATH` (relative paths are relative to the working directory), or `sqlite::memory:`.
+    Sqlite(String),
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<StoreUrl, String> {
+        if let Some(path) = url.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(format!(
+                    "{url:?}: sqlite URL needs a path (sqlite:/var/lib/mailwarden/mailwarden.db)"
+                ));
+            }
+            return Ok(StoreUrl::Sqlite(path.to_owned()));
+        }
+        for scheme in [
+            "redis://",
+            "rediss://",
+            "redis+sentinel://",
+            "redis+cluster://",
+        ] {
+            if url.starts_with(scheme) {
+                return Err(format!(
+                    "{url:?}: the Redis store is not available in this version; use sqlite:PATH"
+                ));
+            }
+        }
+        Err(format!(
+            "{url:?} is not a store URL (sqlite:PATH, redis://, rediss://, redis+sentinel://, redis+cluster://)"
+        ))
+    }
+}
