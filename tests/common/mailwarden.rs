@@ -1,0 +1,268 @@
+//! mailwarden as a real process: the binary cargo built for this test run, a config in a
+//! temp dir, every listener on 127.0.0.1 port 0 (the real ports come from `--ready-file`).
+
+use super::process::{self, Sig, TestDir, tail, wait_for};
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+/// Admin token with every scope (only ever used against a test daemon).
+pub const TOKEN: &str = "e2e-admin-token-not-secret";
+
+/// The addresses mailwarden actually bound, as written to the ready file.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Bound {
+    pub milter: String,
+    pub policy: String,
+    pub admin: String,
+}
+
+pub struct Mailwarden {
+    pub bound: Bound,
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    dir: TestDir,
+}
+
+fn config_text(dir: &std::path::Path, rules: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"[server]
+milter_listen = "inet:127.0.0.1:0"
+policy_listen = "inet:127.0.0.1:0"
+shutdown_grace = "5s"
+
+[store]
+url = "sqlite:{d}/mw.db"
+
+[admin]
+listen = "inet:127.0.0.1:0"
+audit_log = "{d}/audit.jsonl"
+
+[[admin.tokens]]
+name = "e2e"
+token = "{TOKEN}"
+scopes = ["read", "write", "admin"]
+
+[log]
+level = "info"
+
+{rules}
+"#
+    )
+}
+
+impl Mailwarden {
+    /// Starts the daemon with `rules` appended to the config (e.g. `[rules.R1]\nmode = "monitor"`)
+    /// and waits until it has written its ready file.
+    pub fn start(rules: &str) -> Mailwarden {
+        let dir = TestDir::new("mw-e2e-daemon-");
+        let config = dir.join("mailwarden.toml");
+        std::fs::write(&config, config_text(dir.path(), rules)).expect("write config");
+        let ready = dir.join("ready.json");
+        let log = dir.join("mailwarden.log");
+        let log_file = std::fs::File::create(&log).expect("create log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mailwarden"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn mailwarden");
+        // The ready file appears (atomically, by rename) once every listener is bound.
+        let bound = wait_for("mailwarden's ready file", Duration::from_secs(30), || {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                panic!(
+                    "mailwarden exited before it was ready ({st}):\n{}",
+                    tail(&log, 8000)
+                );
+            }
+            let text = std::fs::read_to_string(&ready).ok()?;
+            Some(serde_json::from_str::<Bound>(&text).expect("ready file is JSON"))
+        });
+        Mailwarden {
+            bound,
+            child: Some(child),
+            config,
+            log,
+            dir,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` of the admin API.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", inet(&self.bound.admin))
+    }
+
+    /// Runs `mailwarden <group> --url ... --token ... <args>` (the admin CLI) against this
+    /// daemon.
+    pub fn cli(&self, group: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_mailwarden"))
+            .arg(group)
+            .args(["--url", &self.admin_url(), "--token", TOKEN])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mailwarden CLI")
+    }
+
+    /// Like [`cli`](Self::cli), asserting success; returns stdout.
+    pub fn cli_ok(&self, group: &str, args: &[&str]) -> String {
+        let out = self.cli(group, args);
+        assert!(
+            out.status.success(),
+            "mailwarden {group} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The `/metrics` page of the admin listener.
+    pub fn metrics(&self) -> String {
+        let body = http_get(&inet(&self.bound.admin), "/metrics");
+        assert!(
+            body.0 == 200,
+            "GET /metrics answered {}: {}",
+            body.0,
+            body.1
+        );
+        body.1
+    }
+
+    /// The value of one sample on `/metrics` (0 when the series does not exist yet).
+    pub fn sample(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sample(&self.metrics(), name, labels)
+    }
+
+    /// Rewrites the config with `rules`, sends SIGHUP and waits until the daemon reports a
+    /// successful reload on `/metrics`.
+    pub fn reload(&self, rules: &str) {
+        let ok = [("result", "ok")];
+        let before = self.sample("mailwarden_config_reloads_total", &ok);
+        std::fs::write(&self.config, config_text(self.dir.path(), rules)).expect("write config");
+        assert!(process::signal(self.pid(), Sig::HUP), "mailwarden is gone");
+        wait_for("the reload to be applied", Duration::from_secs(10), || {
+            (self.sample("mailwarden_config_reloads_total", &ok) > before).then_some(())
+        });
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM and wait for the exit (SIGKILL after the grace period).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Bounded by the pidfd wait; wait() then reaps it.
+            process::terminate(child.id(), Duration::from_secs(10));
+            let _ = child.wait();
+        }
+    }
+
+    /// The daemon's log (stderr) so far.
+    pub fn log(&self) -> String {
+        tail(&self.log, 64 * 1024)
+    }
+}
+
+impl Drop for Mailwarden {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- mailwarden log ({}) ----\n{}",
+                self.dir.path().display(),
+                self.log()
+            );
+        }
+        self.stop();
+    }
+}
+
+/// `inet:127.0.0.1:PORT` → `127.0.0.1:PORT`.
+fn inet(addr: &str) -> String {
+    addr.strip_prefix("inet:")
+        .unwrap_or_else(|| panic!("{addr} is not an inet: address"))
+        .to_owned()
+}
+
+/// A plain HTTP/1.1 GET; returns status and body.
+fn http_get(host_port: &str, path: &str) -> (u16, String) {
+    let mut s =
+        TcpStream::connect(host_port).unwrap_or_else(|e| panic!("connect {host_port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host_port}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {head}"));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Finds `name{labels...} value` in Prometheus/OpenMetrics text, labels in any order.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, l) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let have: Vec<(&str, &str)> = l
+            .split("\",")
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim_matches('"')))
+            .collect();
+        if have.len() == labels.len() && labels.iter().all(|want| have.contains(want)) {
+            return value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad sample: {line}"));
+        }
+    }
+    0.0
+}
