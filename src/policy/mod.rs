@@ -3,25 +3,17 @@
 //! - [`codec`]: the wire format, pure and incremental (no I/O).
 //! - [`request`]: a request's attributes → [`crate::model::Transaction`]; a
 //!   [`crate::model::Decision`] → an access(5) action.
+//! - [`server`]: the accept loop and one task per MTA connection.
+//! - [`loadgen`]: a client that loads a policy server, for `mailwarden bench policy`.
 //!
 //! No rule logic lives here: every decision comes from [`crate::checker::Checker`].
 
 pub mod codec;
+pub mod loadgen;
 pub mod request;
+mod server;
 
-use crate::checker::Checker;
-use crate::net::Listener;
-use std::sync::Arc;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+pub use server::serve;
 
-/// STUB until the server lands: serves nothing.
-pub async fn serve(
-    listener: Listener,
-    checker: Arc<Checker>,
-    shutdown: CancellationToken,
-    sessions: TaskTracker,
-) -> std::io::Result<()> {
-    let _ = (listener, checker, sessions);
-    shutdown.cancelled().await;
-    Ok(())
-}
+#[cfg(test)]
+mod tests;
