@@ -22,6 +22,7 @@ use std::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
 
 /// Bytes read from the socket at a time. A whole Postfix request (~1 KiB) fits in one read.
 const READ_CHUNK: usize = 4096;
@@ -55,22 +56,16 @@ pub async fn serve(
         match accepted {
             Ok(Conn::Tcp(stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                sessions.spawn(session(
-                    stream,
-                    peer.to_string(),
-                    checker.clone(),
-                    shutdown.clone(),
-                    permit,
-                ));
+                let span = tracing::info_span!("policy", peer = %peer);
+                sessions.spawn(
+                    session(stream, checker.clone(), shutdown.clone(), permit).instrument(span),
+                );
             }
             Ok(Conn::Unix(stream)) => {
-                sessions.spawn(session(
-                    stream,
-                    "unix".to_owned(),
-                    checker.clone(),
-                    shutdown.clone(),
-                    permit,
-                ));
+                let span = tracing::info_span!("policy", peer = "unix");
+                sessions.spawn(
+                    session(stream, checker.clone(), shutdown.clone(), permit).instrument(span),
+                );
             }
             Err(e) => {
                 tracing::warn!(protocol = "policy", "accept failed: {e}");
@@ -121,9 +116,10 @@ enum ProtocolError {
     Request(#[from] RequestError),
 }
 
+/// One MTA connection; runs inside a span carrying the peer address, so every log line of
+/// the session (including protocol errors) names it.
 async fn session<S>(
     mut stream: S,
-    peer: String,
     checker: Arc<Checker>,
     shutdown: CancellationToken,
     permit: OwnedSemaphorePermit,
@@ -131,27 +127,21 @@ async fn session<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let open = checker.metrics.connection(Protocol::Policy);
-    tracing::debug!(protocol = "policy", peer, "connection opened");
+    tracing::debug!("connection opened");
     let end = converse(&mut stream, &checker, &shutdown).await;
     match end {
         Next::Request(_) | Next::Closed => {
-            tracing::debug!(protocol = "policy", peer, "connection closed by the MTA")
+            tracing::debug!("connection closed by the MTA")
         }
-        Next::Truncated => tracing::debug!(
-            protocol = "policy",
-            peer,
-            "connection closed by the MTA in the middle of a request"
-        ),
-        Next::Idle(t) => tracing::debug!(
-            protocol = "policy",
-            peer,
-            "connection idle for {t:?}; closing it"
-        ),
-        Next::Shutdown => tracing::debug!(protocol = "policy", peer, "closing for shutdown"),
+        Next::Truncated => {
+            tracing::debug!("connection closed by the MTA in the middle of a request")
+        }
+        Next::Idle(t) => tracing::debug!("connection idle for {t:?}; closing it"),
+        Next::Shutdown => tracing::debug!("closing for shutdown"),
         Next::Protocol(e) => {
             telemetry::record_protocol_error(&checker.metrics, Protocol::Policy, &e)
         }
-        Next::Io(e) => tracing::debug!(protocol = "policy", peer, "connection failed: {e}"),
+        Next::Io(e) => tracing::debug!("connection failed: {e}"),
     }
     // Count the connection as closed before the MTA can see it closed.
     drop(open);
