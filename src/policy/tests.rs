@@ -1,5 +1,6 @@
 //! Conversations with the policy server as Postfix would have them: the server runs on
-//! 127.0.0.1 port 0 with a real `Checker`; the test scripts the MTA side.
+//! 127.0.0.1 port 0 with a real `Checker` over a real SQLite store on a temp file; the test
+//! scripts the MTA side. A thin wrapper injects store faults where a test needs one.
 
 use super::codec::Request;
 use super::loadgen::{self, Client, LoadSpec};
@@ -8,32 +9,35 @@ use crate::config::{Config, ListenAddr};
 use crate::model::Address;
 use crate::net::Listener;
 use crate::store::cache::CachedDirectory;
-use crate::store::*;
+use crate::store::{sqlite::SqliteStore, *};
 use crate::telemetry::Metrics;
 use async_trait::async_trait;
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-// ---- a test-only in-memory store -------------------------------------------------------------
+// ---- the directory: a real SQLite store on a temp file -----------------------------------
 
-/// Holds lookups of one domain until released, to catch a request in the middle of a decision.
+/// What to inject between the checker and the SQLite store.
+#[derive(Clone)]
+enum Fault {
+    None,
+    /// Every lookup fails, as when the store is down.
+    Down,
+    /// Lookups of one domain wait until released, to catch a request mid-decision.
+    Gate(Arc<Gate>),
+}
+
 struct Gate {
     domain: String,
     entered: Notify,
     release: Semaphore,
 }
 
-#[derive(Default)]
-struct MemStore {
-    orgs: Mutex<HashMap<String, Org>>,
-    accounts: Mutex<HashMap<Address, Account>>,
-    unavailable: bool,
-    gate: Option<Arc<Gate>>,
+/// Delegates to the real store, injecting `fault` into the lookups the mail path makes.
+struct Faulty {
+    inner: Arc<dyn Store>,
+    fault: Fault,
 }
 
 fn down() -> StoreError {
@@ -41,75 +45,65 @@ fn down() -> StoreError {
 }
 
 #[async_trait]
-impl Store for MemStore {
+impl Store for Faulty {
     async fn create_org(&self, org: &Org) -> StoreResult<()> {
-        self.orgs
-            .lock()
-            .unwrap()
-            .insert(org.domain.clone(), org.clone());
-        Ok(())
+        self.inner.create_org(org).await
     }
     async fn get_org(&self, code: &str) -> StoreResult<Option<Org>> {
-        let orgs = self.orgs.lock().unwrap();
-        Ok(orgs.values().find(|o| o.code == code).cloned())
+        self.inner.get_org(code).await
     }
     async fn get_org_by_domain(&self, domain: &str) -> StoreResult<Option<Org>> {
-        if self.unavailable {
-            return Err(down());
+        match &self.fault {
+            Fault::None => {}
+            Fault::Down => return Err(down()),
+            Fault::Gate(g) if g.domain == domain => {
+                g.entered.notify_one();
+                g.release.acquire().await.unwrap().forget();
+            }
+            Fault::Gate(_) => {}
         }
-        if let Some(g) = self.gate.as_ref().filter(|g| g.domain == domain) {
-            g.entered.notify_one();
-            g.release.acquire().await.unwrap().forget();
-        }
-        Ok(self.orgs.lock().unwrap().get(domain).cloned())
+        self.inner.get_org_by_domain(domain).await
     }
     async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
-        Ok(self.orgs.lock().unwrap().values().cloned().collect())
+        self.inner.list_orgs().await
     }
     async fn set_org_status(
         &self,
-        _code: &str,
-        _change: &StatusChange<OrgStatus>,
+        code: &str,
+        change: &StatusChange<OrgStatus>,
     ) -> StoreResult<(Org, Org)> {
-        unimplemented!("not used by the policy front-end")
+        self.inner.set_org_status(code, change).await
     }
     async fn create_account(&self, a: &Account) -> StoreResult<()> {
-        self.accounts
-            .lock()
-            .unwrap()
-            .insert(a.address.clone(), a.clone());
-        Ok(())
+        self.inner.create_account(a).await
     }
     async fn create_accounts(&self, accounts: &[Account]) -> StoreResult<()> {
-        for a in accounts {
-            self.create_account(a).await?;
-        }
-        Ok(())
+        self.inner.create_accounts(accounts).await
     }
     async fn get_account(&self, address: &Address) -> StoreResult<Option<Account>> {
-        if self.unavailable {
+        if matches!(self.fault, Fault::Down) {
             return Err(down());
         }
-        Ok(self.accounts.lock().unwrap().get(address).cloned())
+        self.inner.get_account(address).await
     }
-    async fn list_accounts(&self, _org: Option<&str>) -> StoreResult<Vec<Account>> {
-        Ok(self.accounts.lock().unwrap().values().cloned().collect())
+    async fn list_accounts(&self, org: Option<&str>) -> StoreResult<Vec<Account>> {
+        self.inner.list_accounts(org).await
     }
     async fn set_account_status(
         &self,
-        _address: &Address,
-        _change: &StatusChange<AccountStatus>,
+        address: &Address,
+        change: &StatusChange<AccountStatus>,
     ) -> StoreResult<(Account, Account)> {
-        unimplemented!("not used by the policy front-end")
+        self.inner.set_account_status(address, change).await
     }
-    async fn taken_locals(&self, _domain: &str, _locals: &[String]) -> StoreResult<Vec<String>> {
-        unimplemented!("not used by the policy front-end")
+    async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>> {
+        self.inner.taken_locals(domain, locals).await
     }
     async fn ping(&self) -> StoreResult<()> {
-        Ok(())
+        self.inner.ping().await
     }
     fn kind(&self) -> &'static str {
-        "memory"
+        "faulty"
     }
 }
 
@@ -140,32 +134,30 @@ fn account(addr: &str, status: AccountStatus) -> Account {
     }
 }
 
-/// mpt.gov.la (active) with one account in each status; old.gov.la has ceased; slow.gov.la
-/// lookups can be held by a gate.
-fn directory() -> MemStore {
-    let s = MemStore::default();
-    {
-        let mut orgs = s.orgs.lock().unwrap();
-        for o in [
-            org("mpt", OrgStatus::Active),
-            org("old", OrgStatus::Ceased),
-            org("slow", OrgStatus::Active),
-        ] {
-            orgs.insert(o.domain.clone(), o);
-        }
-        let mut accounts = s.accounts.lock().unwrap();
-        for a in [
+/// A SQLite directory in `dir`: mpt.gov.la (active) with one account in each status;
+/// old.gov.la has ceased; slow.gov.la is the one a `Fault::Gate` holds.
+async fn directory(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+    let path = dir.path().join("mailwarden.db");
+    let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+    for o in [
+        org("mpt", OrgStatus::Active),
+        org("old", OrgStatus::Ceased),
+        org("slow", OrgStatus::Active),
+    ] {
+        store.create_org(&o).await.unwrap();
+    }
+    store
+        .create_accounts(&[
             account("champa@mpt.gov.la", AccountStatus::Active),
             account("somsak@mpt.gov.la", AccountStatus::Suspended),
             account("gone@mpt.gov.la", AccountStatus::Withdrawn),
             account("newbie@mpt.gov.la", AccountStatus::Pending),
             account("boss@old.gov.la", AccountStatus::Active),
             account("held@slow.gov.la", AccountStatus::Suspended),
-        ] {
-            accounts.insert(a.address.clone(), a);
-        }
-    }
-    s
+        ])
+        .await
+        .unwrap();
+    Arc::new(store)
 }
 
 // ---- a running server ------------------------------------------------------------------------
@@ -176,6 +168,7 @@ struct Server {
     shutdown: CancellationToken,
     sessions: TaskTracker,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
+    _dir: tempfile::TempDir,
 }
 
 impl Drop for Server {
@@ -185,14 +178,23 @@ impl Drop for Server {
 }
 
 impl Server {
-    async fn start(config_toml: &str, store: MemStore) -> Server {
-        Server::start_on("inet:127.0.0.1:0", config_toml, store).await
+    async fn start(config_toml: &str, fault: Fault) -> Server {
+        Server::start_on("inet:127.0.0.1:0", config_toml, fault).await
     }
 
-    async fn start_on(listen: &str, config_toml: &str, store: MemStore) -> Server {
+    async fn start_on(listen: &str, config_toml: &str, fault: Fault) -> Server {
         let config = Config::from_toml(config_toml).expect("test config is valid");
+        let dir = tempfile::tempdir().unwrap();
+        let store = directory(&dir).await;
+        let store: Arc<dyn Store> = match fault {
+            Fault::None => store,
+            fault => Arc::new(Faulty {
+                inner: store,
+                fault,
+            }),
+        };
         let directory = CachedDirectory::new(
-            Arc::new(store),
+            store,
             config.store.cache_ttl,
             config.store.cache_size,
             config.store.timeout,
@@ -214,6 +216,7 @@ impl Server {
             shutdown,
             sessions,
             serving,
+            _dir: dir,
         }
     }
 
@@ -265,7 +268,7 @@ const DEFAULT: &str = "";
 
 #[tokio::test]
 async fn many_requests_on_one_connection() {
-    let s = Server::start(DEFAULT, directory()).await;
+    let s = Server::start(DEFAULT, Fault::None).await;
     let mut c = s.client().await;
     let ext = "someone@example.org";
     for (recipient, want) in [
@@ -300,7 +303,7 @@ async fn many_requests_on_one_connection() {
 
 #[tokio::test]
 async fn sender_rules_r9_and_r2() {
-    let s = Server::start(DEFAULT, directory()).await;
+    let s = Server::start(DEFAULT, Fault::None).await;
     let mut c = s.client().await;
     let to = "friend@example.org";
     for (sender, want) in [
@@ -333,7 +336,7 @@ async fn sender_rules_r9_and_r2() {
 
 #[tokio::test]
 async fn stages_without_rules_yet_answer_dunno() {
-    let s = Server::start(DEFAULT, directory()).await;
+    let s = Server::start(DEFAULT, Fault::None).await;
     let mut c = s.client().await;
     for state in [
         "CONNECT",
@@ -367,7 +370,7 @@ mode = "monitor"
 [rules.R9]
 mode = "monitor"
 "#;
-    let s = Server::start(config, directory()).await;
+    let s = Server::start(config, Fault::None).await;
     let mut c = s.client().await;
     assert_eq!(
         c.ask(&rcpt("champa@mpt.gov.la", "somsak@mpt.gov.la"))
@@ -403,11 +406,7 @@ mode = "monitor"
 
 #[tokio::test]
 async fn store_outage_tempfails() {
-    let store = MemStore {
-        unavailable: true,
-        ..directory()
-    };
-    let s = Server::start(DEFAULT, store).await;
+    let s = Server::start(DEFAULT, Fault::Down).await;
     let mut c = s.client().await;
     let action = c.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap();
     assert_eq!(code(&action), "451 4.3.0", "{action}");
@@ -415,7 +414,7 @@ async fn store_outage_tempfails() {
 
 #[tokio::test]
 async fn garbage_ends_only_that_connection() {
-    let s = Server::start(DEFAULT, directory()).await;
+    let s = Server::start(DEFAULT, Fault::None).await;
     let mut good = s.client().await;
     assert_eq!(
         good.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
@@ -445,7 +444,7 @@ async fn garbage_ends_only_that_connection() {
 
 #[tokio::test]
 async fn wrong_request_type_is_a_protocol_error() {
-    let s = Server::start(DEFAULT, directory()).await;
+    let s = Server::start(DEFAULT, Fault::None).await;
     let mut c = s.client().await;
     c.send_raw(b"request=junk\nprotocol_state=RCPT\n\n")
         .await
@@ -465,7 +464,7 @@ async fn wrong_request_type_is_a_protocol_error() {
 #[tokio::test]
 async fn oversize_request_closes_the_connection() {
     let config = "[server]\npolicy_max_request_bytes = 1024\n";
-    let s = Server::start(config, directory()).await;
+    let s = Server::start(config, Fault::None).await;
     let mut c = s.client().await;
     // A normal request fits.
     assert_eq!(
@@ -487,7 +486,7 @@ async fn oversize_request_closes_the_connection() {
 #[tokio::test]
 async fn too_many_attributes_close_the_connection() {
     let config = "[server]\npolicy_max_attributes = 10\n";
-    let s = Server::start(config, directory()).await;
+    let s = Server::start(config, Fault::None).await;
     let mut c = s.client().await;
     // The full Postfix attribute set has 29 attributes.
     let _ = c
@@ -499,7 +498,7 @@ async fn too_many_attributes_close_the_connection() {
 #[tokio::test]
 async fn idle_connection_is_closed_after_the_timeout() {
     let config = "[server]\npolicy_idle_timeout = \"300ms\"\n";
-    let s = Server::start(config, directory()).await;
+    let s = Server::start(config, Fault::None).await;
     let mut c = s.client().await;
     assert_eq!(
         c.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
@@ -519,7 +518,7 @@ async fn idle_connection_is_closed_after_the_timeout() {
 #[tokio::test]
 async fn idle_timeout_also_bounds_a_half_sent_request() {
     let config = "[server]\npolicy_idle_timeout = \"300ms\"\n";
-    let s = Server::start(config, directory()).await;
+    let s = Server::start(config, Fault::None).await;
     let mut c = s.client().await;
     c.send_raw(b"request=smtpd_access_policy\nprotocol_st")
         .await
@@ -534,11 +533,7 @@ async fn shutdown_lets_the_request_in_flight_finish() {
         entered: Notify::new(),
         release: Semaphore::new(0),
     });
-    let store = MemStore {
-        gate: Some(gate.clone()),
-        ..directory()
-    };
-    let s = Server::start(DEFAULT, store).await;
+    let s = Server::start(DEFAULT, Fault::Gate(gate.clone())).await;
     let mut idle = s.client().await;
     assert_eq!(
         idle.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
@@ -573,7 +568,7 @@ async fn shutdown_lets_the_request_in_flight_finish() {
 
 #[tokio::test]
 async fn no_new_connections_after_shutdown() {
-    let s = Server::start(DEFAULT, directory()).await;
+    let s = Server::start(DEFAULT, Fault::None).await;
     let addr = s.addr.clone();
     s.shutdown.cancel();
     let mut s = s;
@@ -584,7 +579,7 @@ async fn no_new_connections_after_shutdown() {
 #[tokio::test]
 async fn max_connections_queues_further_clients() {
     let config = "[server]\nmax_connections = 1\n";
-    let s = Server::start(config, directory()).await;
+    let s = Server::start(config, Fault::None).await;
     let mut first = s.client().await;
     assert_eq!(
         first.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
@@ -615,7 +610,7 @@ async fn max_connections_queues_further_clients() {
 async fn serves_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("unix:{}", dir.path().join("policy.sock").display());
-    let s = Server::start_on(&listen, DEFAULT, directory()).await;
+    let s = Server::start_on(&listen, DEFAULT, Fault::None).await;
     let mut c = s.client().await;
     assert_eq!(
         code(&c.ask(&rcpt("", "gone@mpt.gov.la")).await.unwrap()),
@@ -625,7 +620,7 @@ async fn serves_a_unix_socket() {
 
 #[tokio::test]
 async fn requests_split_across_writes_and_pipelined() {
-    let s = Server::start(DEFAULT, directory()).await;
+    let s = Server::start(DEFAULT, Fault::None).await;
     let mut c = s.client().await;
     let one = rcpt("", "somsak@mpt.gov.la").encode().unwrap();
     let two = rcpt("", "champa@mpt.gov.la").encode().unwrap();
@@ -644,7 +639,7 @@ async fn requests_split_across_writes_and_pipelined() {
 
 #[tokio::test]
 async fn load_generator_gets_every_request_answered() {
-    let s = Server::start(DEFAULT, directory()).await;
+    let s = Server::start(DEFAULT, Fault::None).await;
     let spec = LoadSpec {
         target: s.addr.clone(),
         connections: 4,
