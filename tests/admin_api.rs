@@ -775,6 +775,26 @@ async fn when_the_audit_log_cannot_be_opened_nothing_is_changed() {
 }
 
 #[tokio::test]
+async fn a_failed_audit_write_after_the_change_is_a_500_that_says_the_change_stands() {
+    // /dev/full opens fine and fails every write with ENOSPC: the disk-full case.
+    let api = Api::start_with(|c, _| c.admin.audit_log = "/dev/full".into()).await;
+    let (s, b) = api
+        .post("/v1/orgs", WRITE, json!({"code": "mpt", "name": "MPT"}))
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{b}");
+    assert_eq!(b["changed"], true);
+    assert_eq!(b["result"]["code"], "mpt");
+    assert!(
+        b["error"].as_str().unwrap().contains("the change was made"),
+        "{b}"
+    );
+    // The store has no undo: the organisation exists.
+    let (s, _) = api.get("/v1/orgs/mpt", READ).await;
+    assert_eq!(s, StatusCode::OK);
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn malformed_json_is_a_400_naming_the_field() {
     let api = Api::start().await;
     api.mpt().await;

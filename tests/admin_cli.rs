@@ -355,3 +355,44 @@ async fn talks_https_with_a_private_ca() {
     assert_eq!(code(&o), 3, "{}", err(&o));
     api.stop().await;
 }
+
+#[tokio::test]
+async fn cli_drives_a_running_daemon_and_the_mail_path_sees_the_change() {
+    use mailwarden::daemon::{Control, Daemon};
+    use mailwarden::model::{Action, Address, Protocol, Transaction};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path());
+    cfg.store.url = format!("sqlite:{}", dir.path().join("mailwarden.db").display());
+    cfg.server.milter_listen = "inet:127.0.0.1:0".into();
+    cfg.server.policy_listen = "inet:127.0.0.1:0".into();
+    cfg.admin.listen = "inet:127.0.0.1:0".into();
+    let daemon = Daemon::start(cfg, None).await.unwrap();
+    let admin = daemon.bound().admin.clone().unwrap();
+    let url = format!("http://{}", admin.strip_prefix("inet:").unwrap());
+    let checker = daemon.checker.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let serving = tokio::spawn(daemon.serve(rx));
+
+    for args in [
+        &["org", "add", "mpt", "--name", "MPT"][..],
+        &["user", "add", "dg-cabinet@mpt.gov.la", "--kind", "position"][..],
+        &[
+            "user",
+            "suspend",
+            "dg-cabinet@mpt.gov.la",
+            "--reason",
+            "audit",
+        ][..],
+    ] {
+        let o = run(&url, WRITE, args).await;
+        assert_eq!(code(&o), 0, "{args:?}: {}", err(&o));
+    }
+    let rcpt = Address::parse("dg-cabinet@mpt.gov.la").unwrap();
+    let d = checker
+        .check_rcpt(&Transaction::new(Protocol::Policy), &rcpt)
+        .await;
+    assert!(matches!(d.action, Action::Reject(_)), "{d:?}");
+
+    tx.send(Control::Shutdown).await.unwrap();
+    serving.await.unwrap().unwrap();
+}

@@ -1,15 +1,15 @@
 //! Test helpers: the admin API served on 127.0.0.1:0 with a real `Checker` over an
-//! in-memory store, and a client for it.
+//! SQLite store (in a temporary directory), and a client for it.
 #![allow(dead_code)]
 
-pub mod memstore;
+pub mod flaky;
 
+use flaky::FlakyStore;
 use mailwarden::checker::Checker;
 use mailwarden::config::{Config, ListenAddr, Scope, TokenConfig};
 use mailwarden::net::Listener;
 use mailwarden::store::cache::CachedDirectory;
 use mailwarden::telemetry::Metrics;
-use memstore::MemStore;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use std::{
@@ -51,7 +51,7 @@ pub fn config(dir: &Path) -> Config {
 pub struct Api {
     pub url: String,
     pub checker: Arc<Checker>,
-    pub store: Arc<MemStore>,
+    pub store: Arc<FlakyStore>,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
@@ -71,7 +71,7 @@ impl Api {
         tweak(&mut cfg, dir.path());
         let tls = cfg.admin.tls_cert.is_some();
         let ca = tls.then(|| dir.path().join("cert.pem"));
-        let store = Arc::new(MemStore::default());
+        let store = Arc::new(FlakyStore::open(&dir.path().join("mailwarden.db")).await);
         let directory = CachedDirectory::new(
             store.clone(),
             cfg.store.cache_ttl,
