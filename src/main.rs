@@ -39,6 +39,7 @@ enum Command {
         config: PathBuf,
     },
     /// Manage organisations through the admin API.
+    #[command(after_help = cli::EXIT_CODES)]
     Org {
         #[command(flatten)]
         client: ClientArgs,
@@ -46,6 +47,7 @@ enum Command {
         command: OrgCommand,
     },
     /// Manage accounts through the admin API.
+    #[command(after_help = cli::EXIT_CODES)]
     User {
         #[command(flatten)]
         client: ClientArgs,
