@@ -49,6 +49,8 @@ pub struct Session {
     failed: bool,
     /// Header and body bytes seen, when those stages are negotiated.
     measured: u64,
+    /// Queue id of the previous message on this connection (see [`Session::refresh`]).
+    previous_queue_id: Option<String>,
     _open: ConnectionGuard,
 }
 
@@ -59,6 +61,7 @@ impl Session {
             in_flight: None,
             failed: false,
             measured: 0,
+            previous_queue_id: None,
             _open: open,
         }
     }
@@ -143,9 +146,16 @@ impl Session {
 
     /// Picks up the queue id (`i`) where the MTA sends it; Postfix assigns it at MAIL or
     /// later depending on `smtpd_delay_open_until_valid_rcpt`.
+    ///
+    /// indymilter (like libmilter) keeps a stage's macros until the MTA sends new ones for
+    /// that stage, and Postfix's empty macro list for a stage is not understood as "none".
+    /// So at the next MAIL the previous message's `i` can still be visible. A queue id names
+    /// one message, so the previous message's id is never taken for the current one.
     pub fn refresh(&mut self, m: &impl MacroSource) {
         if let Some(id) = m.macro_value(c"i").and_then(|i| clean(&i)) {
-            self.tx.queue_id = Some(id);
+            if self.previous_queue_id.as_ref() != Some(&id) {
+                self.tx.queue_id = Some(id);
+            }
         }
     }
 
@@ -171,6 +181,9 @@ impl Session {
     /// Ends the current message (EOM answered, ABORT, new MAIL): per-message state is cleared,
     /// the connection's (client, HELO, TLS) kept.
     pub fn end_message(&mut self) {
+        if let Some(id) = self.tx.queue_id.take() {
+            self.previous_queue_id = Some(id);
+        }
         self.tx.reset_message();
         self.in_flight = None;
         self.failed = false;
@@ -329,6 +342,23 @@ mod tests {
         assert_eq!(s.tx.client_addr, Some("192.0.2.7".parse().unwrap()));
         assert_eq!(s.tx.helo.as_deref(), Some("mx.example.org"));
         assert_eq!(s.tx.tls_version.as_deref(), Some("TLSv1.2"));
+    }
+
+    #[test]
+    fn previous_message_queue_id_is_not_reused() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        let q1 = macros(&[("i", "Q1")]);
+        s.mail(&args(&["<a@mpt.gov.la>"]), &q1).unwrap();
+        assert_eq!(s.tx.queue_id.as_deref(), Some("Q1"));
+        s.end_message();
+        s.end_message(); // Postfix's ABORT after end of message
+        // Stale MAIL-stage macros still say Q1.
+        s.mail(&args(&["<a@mpt.gov.la>"]), &q1).unwrap();
+        assert_eq!(s.tx.queue_id, None);
+        s.rcpt(&args(&["<b@mpt.gov.la>"]), &macros(&[("i", "Q2")]))
+            .unwrap();
+        assert_eq!(s.tx.queue_id.as_deref(), Some("Q2"));
     }
 
     #[test]
