@@ -98,3 +98,25 @@ fn short_tokens_and_missing_scopes_are_refused() {
     let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
     assert_eq!(keys, ["admin.tokens[0].token", "admin.tokens[0].scopes"]);
 }
+
+#[test]
+fn shipped_example_config_is_valid_and_matches_defaults() {
+    let c = Config::from_toml(include_str!("../../config/mailwarden.toml")).unwrap();
+    let d = Config::default();
+    assert_eq!(c.server.milter_listen, d.server.milter_listen);
+    assert_eq!(c.server.policy_listen, d.server.policy_listen);
+    assert_eq!(c.server.policy_idle_timeout, d.server.policy_idle_timeout);
+    assert_eq!(c.store.url, d.store.url);
+    assert_eq!(c.store.timeout, d.store.timeout);
+    assert_eq!(c.admin.listen, d.admin.listen);
+    assert_eq!(
+        c.directory.local_part_max_len,
+        d.directory.local_part_max_len
+    );
+    for r in KNOWN_RULES {
+        assert!(
+            c.rules.contains_key(r.as_str()),
+            "example documents rule {r}"
+        );
+    }
+}
