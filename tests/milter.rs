@@ -540,3 +540,49 @@ async fn load_generator_runs_full_transactions() {
     assert_eq!(report.transactions, 0);
     assert!(report.first_error.is_some());
 }
+
+#[tokio::test]
+async fn the_daemon_drains_the_milter_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("mailwarden.db");
+    let toml = format!(
+        "[server]\nmilter_listen = \"inet:127.0.0.1:0\"\npolicy_listen = \"\"\nshutdown_grace = \"10s\"\n\
+         [admin]\nlisten = \"\"\n[store]\nurl = \"sqlite:{}\"\n",
+        db.display()
+    );
+    let config = mailwarden::config::Config::from_toml(&toml).unwrap();
+    let daemon = mailwarden::Daemon::start(config, None).await.unwrap();
+    common::seed(daemon.checker.directory.store().as_ref()).await;
+    let addr: mailwarden::config::ListenAddr =
+        daemon.bound().milter.as_deref().unwrap().parse().unwrap();
+    let (control, rx) = tokio::sync::mpsc::channel(1);
+    let running = tokio::spawn(daemon.serve(rx));
+
+    let mut idle = MtaConnection::open(&addr, TIMEOUT).await.unwrap();
+    let mut c = MtaConnection::open(&addr, TIMEOUT).await.unwrap();
+    c.connect("mx.example.org", CLIENT_IP.parse().unwrap(), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        c.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap(),
+        Status::Continue
+    );
+    control.send(mailwarden::Control::Shutdown).await.unwrap();
+    // Draining: a new message is refused...
+    let m = idle.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap();
+    assert!(text(&m).starts_with("421 4.3.2 "), "{m:?}");
+    // ...while the message in flight is still judged and finished.
+    let r = c.rcpt("<somsak@mpt.gov.la>", &[]).await.unwrap();
+    assert!(text(&r).starts_with("550 5.2.1 "), "{r:?}");
+    assert_eq!(
+        c.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(c.content(&[], b"", &[]).await.unwrap(), Status::Continue);
+    assert_eq!(c.eom(&[]).await.unwrap(), Status::Continue);
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .expect("daemon stops once the message is done")
+        .unwrap()
+        .unwrap();
+}

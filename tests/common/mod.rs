@@ -1,5 +1,5 @@
-//! Test support: an in-memory `Store` (until the SQLite store lands on `main`), a seeded
-//! directory, a milter spawned on 127.0.0.1:0, and log capture.
+//! Test support: the real SQLite store on a temp file (behind a fault-injection wrapper),
+//! a seeded directory, a milter spawned on 127.0.0.1:0, and log capture.
 
 #![allow(dead_code)]
 
@@ -11,12 +11,11 @@ use mailwarden::{
     net::Listener,
     store::{
         Account, AccountKind, AccountStatus, Org, OrgStatus, StatusChange, Store, StoreError,
-        StoreResult, cache::CachedDirectory,
+        StoreResult, cache::CachedDirectory, sqlite::SqliteStore,
     },
     telemetry::Metrics,
 };
 use std::{
-    collections::BTreeMap,
     io,
     sync::{
         Arc, Mutex,
@@ -27,17 +26,29 @@ use std::{
 use tokio::task::JoinHandle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-/// A directory held in memory. `fail` makes every lookup fail (store outage);
-/// `panic_on` makes the lookup of one address panic (a bug in a lower layer).
-#[derive(Default)]
-pub struct MemStore {
-    orgs: Mutex<BTreeMap<String, Org>>,
-    accounts: Mutex<BTreeMap<Address, Account>>,
+/// `SqliteStore` on a temp file, plus two faults a test can switch on: `fail` makes every
+/// call fail as an outage would; `panic_on` makes the lookup of one address panic (a bug
+/// in a lower layer).
+pub struct TestStore {
+    inner: SqliteStore,
+    _dir: tempfile::TempDir,
     pub fail: AtomicBool,
     pub panic_on: Mutex<Option<Address>>,
 }
 
-impl MemStore {
+impl TestStore {
+    pub async fn new() -> TestStore {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mailwarden.db");
+        let inner = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        TestStore {
+            inner,
+            _dir: dir,
+            fail: AtomicBool::new(false),
+            panic_on: Mutex::new(None),
+        }
+    }
+
     fn check(&self) -> StoreResult<()> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("test outage".into()));
@@ -47,36 +58,22 @@ impl MemStore {
 }
 
 #[async_trait]
-impl Store for MemStore {
+impl Store for TestStore {
     async fn create_org(&self, org: &Org) -> StoreResult<()> {
         self.check()?;
-        let mut orgs = self.orgs.lock().unwrap();
-        if orgs.contains_key(&org.code) || orgs.values().any(|o| o.domain == org.domain) {
-            return Err(StoreError::Conflict {
-                what: "organisation",
-                name: org.code.clone(),
-            });
-        }
-        orgs.insert(org.code.clone(), org.clone());
-        Ok(())
+        self.inner.create_org(org).await
     }
     async fn get_org(&self, code: &str) -> StoreResult<Option<Org>> {
         self.check()?;
-        Ok(self.orgs.lock().unwrap().get(code).cloned())
+        self.inner.get_org(code).await
     }
     async fn get_org_by_domain(&self, domain: &str) -> StoreResult<Option<Org>> {
         self.check()?;
-        Ok(self
-            .orgs
-            .lock()
-            .unwrap()
-            .values()
-            .find(|o| o.domain == domain)
-            .cloned())
+        self.inner.get_org_by_domain(domain).await
     }
     async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
         self.check()?;
-        Ok(self.orgs.lock().unwrap().values().cloned().collect())
+        self.inner.list_orgs().await
     }
     async fn set_org_status(
         &self,
@@ -84,53 +81,26 @@ impl Store for MemStore {
         change: &StatusChange<OrgStatus>,
     ) -> StoreResult<(Org, Org)> {
         self.check()?;
-        let mut orgs = self.orgs.lock().unwrap();
-        let org = orgs.get_mut(code).ok_or(StoreError::NotFound {
-            what: "organisation",
-            name: code.into(),
-        })?;
-        let before = org.clone();
-        org.status = change.status;
-        org.status_reason = change.reason.clone();
-        org.status_changed_at = change.at;
-        Ok((before, org.clone()))
+        self.inner.set_org_status(code, change).await
     }
     async fn create_account(&self, account: &Account) -> StoreResult<()> {
-        self.create_accounts(std::slice::from_ref(account)).await
+        self.check()?;
+        self.inner.create_account(account).await
     }
     async fn create_accounts(&self, accounts: &[Account]) -> StoreResult<()> {
         self.check()?;
-        let mut map = self.accounts.lock().unwrap();
-        for a in accounts {
-            if map.contains_key(&a.address) {
-                return Err(StoreError::Conflict {
-                    what: "account",
-                    name: a.address.to_string(),
-                });
-            }
-        }
-        for a in accounts {
-            map.insert(a.address.clone(), a.clone());
-        }
-        Ok(())
+        self.inner.create_accounts(accounts).await
     }
     async fn get_account(&self, address: &Address) -> StoreResult<Option<Account>> {
         self.check()?;
         if self.panic_on.lock().unwrap().as_ref() == Some(address) {
             panic!("injected failure looking up {address}");
         }
-        Ok(self.accounts.lock().unwrap().get(address).cloned())
+        self.inner.get_account(address).await
     }
     async fn list_accounts(&self, org: Option<&str>) -> StoreResult<Vec<Account>> {
         self.check()?;
-        Ok(self
-            .accounts
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|a| org.is_none_or(|o| a.org == o))
-            .cloned()
-            .collect())
+        self.inner.list_accounts(org).await
     }
     async fn set_account_status(
         &self,
@@ -138,34 +108,18 @@ impl Store for MemStore {
         change: &StatusChange<AccountStatus>,
     ) -> StoreResult<(Account, Account)> {
         self.check()?;
-        let mut map = self.accounts.lock().unwrap();
-        let a = map.get_mut(address).ok_or(StoreError::NotFound {
-            what: "account",
-            name: address.to_string(),
-        })?;
-        let before = a.clone();
-        a.status = change.status;
-        a.status_reason = change.reason.clone();
-        a.status_changed_at = change.at;
-        Ok((before, a.clone()))
+        self.inner.set_account_status(address, change).await
     }
     async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>> {
         self.check()?;
-        let map = self.accounts.lock().unwrap();
-        Ok(locals
-            .iter()
-            .filter(|l| {
-                map.keys()
-                    .any(|a| a.domain() == domain && a.local() == l.as_str())
-            })
-            .cloned()
-            .collect())
+        self.inner.taken_locals(domain, locals).await
     }
     async fn ping(&self) -> StoreResult<()> {
-        self.check()
+        self.check()?;
+        self.inner.ping().await
     }
     fn kind(&self) -> &'static str {
-        "memory"
+        "sqlite"
     }
 }
 
@@ -198,8 +152,14 @@ fn account(addr: &str, status: AccountStatus) -> Account {
 
 /// `mpt.gov.la` (active): champa, bounmy (active), somsak (suspended), old (withdrawn),
 /// newbie (pending). `xyz.gov.la` (ceased): vilay (active).
-pub async fn seeded_store() -> Arc<MemStore> {
-    let s = Arc::new(MemStore::default());
+pub async fn seeded_store() -> Arc<TestStore> {
+    let s = Arc::new(TestStore::new().await);
+    seed(s.as_ref()).await;
+    s
+}
+
+/// Registers the test directory in `store`.
+pub async fn seed(s: &dyn Store) {
     s.create_org(&org("mpt", OrgStatus::Active)).await.unwrap();
     s.create_org(&org("xyz", OrgStatus::Ceased)).await.unwrap();
     s.create_accounts(&[
@@ -212,10 +172,9 @@ pub async fn seeded_store() -> Arc<MemStore> {
     ])
     .await
     .unwrap();
-    s
 }
 
-pub fn checker(config_toml: &str, store: Arc<MemStore>) -> Arc<Checker> {
+pub fn checker(config_toml: &str, store: Arc<TestStore>) -> Arc<Checker> {
     let config = Config::from_toml(config_toml).expect("test config is valid");
     let directory = CachedDirectory::new(
         store,
@@ -236,13 +195,13 @@ pub struct Milter {
 }
 
 impl Milter {
-    pub async fn spawn(config_toml: &str, store: Arc<MemStore>) -> Milter {
+    pub async fn spawn(config_toml: &str, store: Arc<TestStore>) -> Milter {
         Self::spawn_with(config_toml, store, Default::default()).await
     }
 
     pub async fn spawn_with(
         config_toml: &str,
-        store: Arc<MemStore>,
+        store: Arc<TestStore>,
         features: mailwarden::milter::Features,
     ) -> Milter {
         let listener = Listener::bind(&"inet:127.0.0.1:0".parse().unwrap())
