@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod flaky;
+pub mod milter;
 
 use flaky::FlakyStore;
 use mailwarden::checker::Checker;
