@@ -7,7 +7,9 @@
 use mailwarden::config::ListenAddr;
 use mailwarden::model::Address;
 use mailwarden::policy::loadgen::{self, LoadReport, LoadSpec};
-use mailwarden::store::{Account, AccountKind, AccountStatus, Org, OrgStatus, Store, sqlite::SqliteStore};
+use mailwarden::store::{
+    Account, AccountKind, AccountStatus, Org, OrgStatus, Store, sqlite::SqliteStore,
+};
 use std::{path::Path, process::Stdio, time::Duration};
 
 #[derive(Debug, clap::Args)]
@@ -253,7 +255,10 @@ async fn policy_round(
     };
     let r: LoadReport = loadgen::run(&spec).await?;
     if !r.failures.is_empty() {
-        anyhow::bail!("policy load failed: {:?}", &r.failures[..r.failures.len().min(3)]);
+        anyhow::bail!(
+            "policy load failed: {:?}",
+            &r.failures[..r.failures.len().min(3)]
+        );
     }
     Ok(Report {
         answered: r.answered,
@@ -270,6 +275,24 @@ async fn milter_round(
     transactions: usize,
     rcpts: usize,
 ) -> anyhow::Result<Report> {
-    let _ = (target, recipients, connections, transactions, rcpts);
-    anyhow::bail!("milter load generator not wired yet")
+    use mailwarden::milter::loadgen as mload;
+    let rcpt: Vec<&str> = recipients
+        .iter()
+        .take(rcpts.max(1))
+        .map(String::as_str)
+        .collect();
+    let mut spec = mload::LoadSpec::new(target.clone(), "user0@mpt.gov.la", &rcpt);
+    spec.connections = connections;
+    spec.transactions = transactions;
+    spec.timeout = Duration::from_secs(5);
+    let r = mload::run(&spec).await?;
+    if r.failed_connections > 0 {
+        anyhow::bail!("milter load failed: {:?}", r.first_error);
+    }
+    Ok(Report {
+        answered: r.transactions,
+        elapsed: r.elapsed,
+        p50: r.p50,
+        p99: r.p99,
+    })
 }
