@@ -1,6 +1,8 @@
 //! The `mailwarden` binary: the daemon (`run`), config validation (`check-config`) and the
 //! administration CLI (`org`, `user`) that talks to a running daemon's admin API.
 
+mod bench;
+
 use clap::{Parser, Subcommand};
 use mailwarden::{
     admin::cli::{self, ClientArgs, OrgCommand, UserCommand},
@@ -38,7 +40,11 @@ enum Command {
         #[arg(long, short, default_value = "/etc/mailwarden/mailwarden.toml")]
         config: PathBuf,
     },
+    /// Benchmark the policy and milter front-ends on the embedded store (build with --release):
+    /// starts a daemon, loads it, reports rate, p50/p99 latency and the daemon's CPU per check.
+    Bench(bench::BenchArgs),
     /// Manage organisations through the admin API.
+    #[command(after_help = cli::EXIT_CODES)]
     Org {
         #[command(flatten)]
         client: ClientArgs,
@@ -46,6 +52,7 @@ enum Command {
         command: OrgCommand,
     },
     /// Manage accounts through the admin API.
+    #[command(after_help = cli::EXIT_CODES)]
     User {
         #[command(flatten)]
         client: ClientArgs,
@@ -70,6 +77,13 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config, ready_file } => run(config, ready_file).await,
             Command::CheckConfig { config } => check_config(&config),
+            Command::Bench(args) => match bench::run(args).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("mailwarden bench: {e:#}");
+                    1
+                }
+            },
             Command::Org { client, command } => cli::org(&client, command).await,
             Command::User { client, command } => cli::user(&client, command).await,
         }

@@ -1,21 +1,234 @@
-//! STUB: to be implemented.
+//! The admin HTTP API (R24), `/metrics` (R25), the audit log, and the CLI client ([`cli`]).
+//!
+//! Plain HTTP on loopback by default; HTTPS (rustls, aws-lc-rs) when `admin.tls_cert` and
+//! `admin.tls_key` are set. Every `/v1` request needs `Authorization: Bearer <token>`;
+//! scopes are ordered `read` < `write` < `admin`.
+//!
+//! | method & path | scope | body | answer |
+//! |---|---|---|---|
+//! | `GET /healthz` | none | | 200/503 `{"status","store","store_kind"}` |
+//! | `GET /metrics` | none (`read` if `admin.metrics_require_token`) | | OpenMetrics text |
+//! | `GET /v1/orgs` | read | | `{"orgs": [Org]}` |
+//! | `POST /v1/orgs` | write | `{"code","name","domain"?}` | 201 Org |
+//! | `GET /v1/orgs/{code}` | read | | Org |
+//! | `POST /v1/orgs/{code}/cease` | admin | `{"reason","confirm": code}` | Org |
+//! | `GET /v1/users?org=&status=` | read | | `{"users": [User]}` |
+//! | `POST /v1/users` | write | `{"address","kind","name"?,"status"?}` | 201 User; 409 + `suggestions` |
+//! | `POST /v1/users/import` | write | `{"rows": [{"line"?,"address","kind","name"?,"status"?}]}` | 201 `{"imported","users"}`; 400 + `rows: [{"line","address","error"}]` |
+//! | `GET /v1/users/{address}` | read | | User |
+//! | `POST /v1/users/{address}/suspend` | write | `{"reason"}` | User |
+//! | `POST /v1/users/{address}/restore` | write | `{"reason"?}` | User |
+//! | `POST /v1/users/{address}/activate` | write | `{"reason"?}` | User |
+//! | `POST /v1/users/{address}/withdraw` | admin | `{"reason","confirm": address}` | User |
+//!
+//! Errors are `{"error": "...", ...}` (`rule`, `suggestions`, `missing_scope`, `rows`,
+//! `confirm_required` where they apply). Every change appends one JSON line to
+//! `admin.audit_log` and invalidates the mail path's directory cache at once.
+
+mod api;
+mod audit;
+mod auth;
+pub mod cli;
+mod error;
+
+pub use api::{MAX_IMPORT_ROWS, OrgView, UserView};
+pub use audit::AuditRecord;
 
 use crate::checker::Checker;
 use crate::net::Listener;
-use std::sync::Arc;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::{io, net::IpAddr, path::Path, sync::Arc, time::Duration};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt as _;
+
+/// Admin connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// Time a client gets to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a client gets to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a single request may take (reading the body included).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Shared state of the API handlers.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    checker: Arc<Checker>,
+    audit: Arc<audit::AuditLog>,
+    /// Serialises read-check-write status changes made through this process.
+    writes: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The client's address, put into each request by the connection task.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub Option<IpAddr>);
+
+/// The API as an axum router (without the connection handling of [`serve`]).
+fn router(checker: Arc<Checker>) -> Router {
+    api::router(AppState {
+        checker,
+        audit: audit::AuditLog::new(),
+        writes: Arc::new(tokio::sync::Mutex::new(())),
+    })
+}
 
 /// Serves connections until `shutdown` is cancelled. Each connection runs as a task on
-/// `sessions`, which the daemon drains on shutdown.
+/// `sessions`, which the daemon drains on shutdown; open keep-alive connections are closed
+/// gracefully (a request in progress finishes).
 pub async fn serve(
     listener: Listener,
     checker: Arc<Checker>,
     shutdown: CancellationToken,
     sessions: TaskTracker,
-) -> std::io::Result<()> {
-    let _ = (listener, checker, sessions);
-    shutdown.cancelled().await;
+) -> io::Result<()> {
+    let tls = {
+        let snap = checker.snapshot();
+        match (&snap.config.admin.tls_cert, &snap.config.admin.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(TlsAcceptor::from(Arc::new(tls_server_config(cert, key)?)))
+            }
+            _ => None,
+        }
+    };
+    let app = router(checker);
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = limit.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = accept(&listener) => a,
+        };
+        let conn = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Per-connection failures (reset before accept) and fd exhaustion: keep serving.
+                tracing::warn!("admin API: accept failed: {e}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                }
+            }
+        };
+        let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
+        sessions.spawn(async move {
+            let _permit = permit;
+            match conn {
+                Accepted::Tcp(s, ip) => connection(s, Peer(Some(ip)), tls, app, shutdown).await,
+                Accepted::Unix(s) => connection(s, Peer(None), tls, app, shutdown).await,
+            }
+        });
+    }
     Ok(())
 }
 
-pub mod cli;
+enum Accepted {
+    Tcp(tokio::net::TcpStream, IpAddr),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<Accepted> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (s, a) = l.accept().await?;
+            Ok(Accepted::Tcp(s, a.ip()))
+        }
+        Listener::Unix(l, _) => Ok(Accepted::Unix(l.accept().await?.0)),
+    }
+}
+
+async fn connection<S>(
+    stream: S,
+    peer: Peer,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match tls {
+        None => http(stream, peer, app, shutdown).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => http(s, peer, app, shutdown).await,
+                Ok(Err(e)) => {
+                    tracing::debug!(client = ?peer.0, "admin API: TLS handshake failed: {e}")
+                }
+                Err(_) => tracing::debug!(client = ?peer.0, "admin API: TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn http<S>(stream: S, peer: Peer, app: Router, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer);
+        let app = app.clone();
+        async move {
+            match tokio::time::timeout(REQUEST_TIMEOUT, app.oneshot(req)).await {
+                Ok(r) => r,
+                Err(_) => Ok(error::plain(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    "request took too long",
+                )),
+            }
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(client = ?peer.0, "admin API connection ended: {e}");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// The rustls server configuration for `admin.tls_cert` / `admin.tls_key` (PEM), with the
+/// aws-lc-rs provider named explicitly (CRATES.md gotcha 3).
+pub fn tls_server_config(cert: &Path, key: &Path) -> io::Result<rustls::ServerConfig> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let bad = |key: &str, p: &Path, e: &dyn std::fmt::Display| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{key}: {}: {e}", p.display()),
+        )
+    };
+    let cert_pem = std::fs::read(cert).map_err(|e| bad("admin.tls_cert", cert, &e))?;
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("admin.tls_cert", cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad("admin.tls_cert", cert, &"no PEM certificate found"));
+    }
+    let key_pem = std::fs::read(key).map_err(|e| bad("admin.tls_key", key, &e))?;
+    let private =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| bad("admin.tls_key", key, &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(io::Error::other)?
+    .with_no_client_auth()
+    .with_single_cert(certs, private)
+    .map_err(|e| bad("admin.tls_key", key, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}

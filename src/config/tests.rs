@@ -120,3 +120,10 @@ fn shipped_example_config_is_valid_and_matches_defaults() {
         );
     }
 }
+
+#[test]
+fn shipped_quickstart_config_is_valid() {
+    let c = Config::from_toml(include_str!("../../config/quickstart.toml")).unwrap();
+    assert_eq!(c.store.url, "sqlite:var/mailwarden.db");
+    assert_eq!(c.token_secrets().len(), 1);
+}

@@ -1,9 +1,53 @@
-//! STUB: to be implemented.
+//! The milter front-end (indymilter): translation only.
+//!
+//! - `negotiate.rs`: what the milter asks of the MTA (actions, skipped stages, macros),
+//!   with the [`Features`] switch a later rule flips (DKIM: headers, body, `ADD_HEADER`).
+//! - `callbacks.rs`: thin indymilter callbacks; `session.rs`: the per-connection
+//!   [`Transaction`](crate::model::Transaction) they fill.
+//! - [`client`]: the MTA side of the protocol, for tests and [`loadgen`].
+//!
+//! # Shutdown and in-flight messages
+//!
+//! When `shutdown` is cancelled:
+//! 1. the listener is closed at once: no new MTA connection is accepted;
+//! 2. a message already past MAIL continues normally (its RCPTs are checked, its end of
+//!    message answered); a *new* MAIL on any open connection is answered
+//!    `421 4.3.2` (the client retries later), so the drain converges;
+//! 3. once no message is in flight, every remaining (idle) connection is closed, and the
+//!    task on `sessions` ends. The daemon waits for that within `server.shutdown_grace`.
+//!
+//! If the grace period runs out first, the process exits with the connection open. The
+//! milter never accepts on the MTA's behalf: Postfix owns the message, sees the milter
+//! connection fail mid-message, and applies `milter_default_action`, which mailwarden's
+//! documentation sets to `tempfail`, so the client retries. No message is accepted and
+//! dropped.
+
+mod callbacks;
+pub mod client;
+pub mod loadgen;
+mod negotiate;
+mod session;
+
+pub use negotiate::{ACTIONS, Features, Negotiated, Unsupported};
+pub use session::MAX_RECIPIENTS;
 
 use crate::checker::Checker;
 use crate::net::Listener;
-use std::sync::Arc;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use callbacks::Shared;
+use indymilter::{EitherListener, EitherStream};
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFutureOwned},
+    task::TaskTracker,
+};
 
 /// Serves connections until `shutdown` is cancelled. Each connection runs as a task on
 /// `sessions`, which the daemon drains on shutdown.
@@ -12,8 +56,129 @@ pub async fn serve(
     checker: Arc<Checker>,
     shutdown: CancellationToken,
     sessions: TaskTracker,
-) -> std::io::Result<()> {
-    let _ = (listener, checker, sessions);
-    shutdown.cancelled().await;
-    Ok(())
+) -> io::Result<()> {
+    serve_with(listener, checker, shutdown, sessions, Features::default()).await
+}
+
+/// [`serve`] with an explicit [`Features`] set.
+///
+/// Returns as soon as `shutdown` is cancelled; the drain described in the module docs goes
+/// on in a task on `sessions`. Returns an error if the listener fails before that.
+pub async fn serve_with(
+    listener: Listener,
+    checker: Arc<Checker>,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+    features: Features,
+) -> io::Result<()> {
+    let server = checker.snapshot().config.server.clone();
+    let config = indymilter::Config {
+        max_connections: server.max_connections,
+        // Overridden per connection by the negotiate callback.
+        actions: negotiate::ACTIONS,
+        connection_timeout: server.milter_timeout,
+    };
+    let messages = TaskTracker::new();
+    let callbacks = callbacks::build(Arc::new(Shared {
+        checker,
+        features,
+        shutdown: shutdown.clone(),
+        messages: messages.clone(),
+    }));
+    let stop_sessions = CancellationToken::new();
+    let listener = Accepting::new(listener, shutdown.clone());
+    let mut milter = sessions.spawn(indymilter::run(
+        listener,
+        callbacks,
+        config,
+        stop_sessions.clone().cancelled_owned(),
+    ));
+    let drain = shutdown.clone();
+    sessions.spawn(async move {
+        drain.cancelled().await;
+        messages.close();
+        messages.wait().await;
+        tracing::debug!("milter: no message in flight; closing idle MTA connections");
+        stop_sessions.cancel();
+    });
+    tokio::select! {
+        res = &mut milter => res.unwrap_or_else(|e| Err(io::Error::other(e))),
+        _ = shutdown.cancelled() => Ok(()),
+    }
+}
+
+type Inner = EitherListener<TcpListener, UnixListener>;
+
+/// The listener handed to indymilter: closed when `shutdown` is cancelled (indymilter itself
+/// only drops it together with all sessions); transient accept errors do not end the milter.
+struct Accepting {
+    inner: Option<Inner>,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Accepting {
+    fn new(listener: Listener, shutdown: CancellationToken) -> Accepting {
+        let inner = match listener {
+            Listener::Tcp(l) => EitherListener::Tcp(l),
+            Listener::Unix(l, _) => EitherListener::Unix(l),
+        };
+        Accepting {
+            inner: Some(inner),
+            stop: Box::pin(shutdown.cancelled_owned()),
+            backoff: None,
+        }
+    }
+}
+
+impl indymilter::Listener for Accepting {
+    type Io = EitherStream<TcpStream, UnixStream>;
+
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Io>> {
+        if self.inner.is_some() && self.stop.as_mut().poll(cx).is_ready() {
+            self.inner = None;
+        }
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Pending;
+        };
+        if let Some(sleep) = self.backoff.as_mut() {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.backoff = None;
+        }
+        loop {
+            match indymilter::Listener::poll_accept(inner, cx) {
+                Poll::Ready(Err(e)) if is_connection_error(&e) => continue,
+                Poll::Ready(Err(e)) if is_resource_error(&e) => {
+                    tracing::warn!("milter: cannot accept a connection: {e}; retrying shortly");
+                    let mut sleep = Box::pin(tokio::time::sleep(Duration::from_millis(250)));
+                    // Registers the waker; a fresh sleep is never ready at once.
+                    let _ = sleep.as_mut().poll(cx);
+                    self.backoff = Some(sleep);
+                    return Poll::Pending;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The peer gave up before we accepted: only that connection is affected.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// Out of file descriptors or memory: wait and try again rather than stop serving.
+fn is_resource_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }

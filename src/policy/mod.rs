@@ -1,19 +1,19 @@
-//! STUB: to be implemented.
+//! The Postfix policy-delegation front-end (`check_policy_service`): translation only.
+//!
+//! - [`codec`]: the wire format, pure and incremental (no I/O).
+//! - [`request`]: a request's attributes → [`crate::model::Transaction`]; a
+//!   [`crate::model::Decision`] → an access(5) action.
+//! - [`server`]: the accept loop and one task per MTA connection.
+//! - [`loadgen`]: a client that loads a policy server, for `mailwarden bench policy`.
+//!
+//! No rule logic lives here: every decision comes from [`crate::checker::Checker`].
 
-use crate::checker::Checker;
-use crate::net::Listener;
-use std::sync::Arc;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+pub mod codec;
+pub mod loadgen;
+pub mod request;
+mod server;
 
-/// Serves connections until `shutdown` is cancelled. Each connection runs as a task on
-/// `sessions`, which the daemon drains on shutdown.
-pub async fn serve(
-    listener: Listener,
-    checker: Arc<Checker>,
-    shutdown: CancellationToken,
-    sessions: TaskTracker,
-) -> std::io::Result<()> {
-    let _ = (listener, checker, sessions);
-    shutdown.cancelled().await;
-    Ok(())
-}
+pub use server::serve;
+
+#[cfg(test)]
+mod tests;

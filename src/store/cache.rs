@@ -4,23 +4,47 @@
 //! "not found" answers. Writes made through this process (the admin API) invalidate the
 //! affected entries at once, so a suspension takes effect for the next RCPT. Each store call
 //! is bounded by `store.timeout`; a timeout or error is a `StoreFailure` for the engine.
+//!
+//! An invalidation also wins over lookups already in flight: each table carries a
+//! generation, bumped by every invalidation, and a lookup stores what it read only if the
+//! generation did not move while it was reading. Otherwise a lookup that read "active" just
+//! before a suspension could put "active" back into the cache for a whole TTL.
+//!
+//! Times come from `tokio::time`, so tests drive expiry with a paused clock.
 
 use super::{Account, Org, Store, StoreError};
 use crate::engine::{AddressFacts, Lookup, StoreFailure};
 use crate::model::Address;
 use std::{
     collections::HashMap,
+    hash::Hash,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
+use tokio::time::Instant;
 
 pub struct CachedDirectory {
     store: Arc<dyn Store>,
     ttl: Duration,
     max_entries: usize,
     timeout: Duration,
-    orgs: Mutex<HashMap<String, (Instant, Option<Org>)>>,
-    accounts: Mutex<HashMap<Address, (Instant, Option<Account>)>>,
+    orgs: Mutex<Table<String, Option<Org>>>,
+    accounts: Mutex<Table<Address, Option<Account>>>,
+}
+
+/// One cache table: entries with the time they were read, and the invalidation generation.
+struct Table<K, V> {
+    generation: u64,
+    entries: HashMap<K, (Instant, V)>,
+}
+
+impl<K, V> Default for Table<K, V> {
+    fn default() -> Self {
+        Table {
+            generation: 0,
+            entries: HashMap::new(),
+        }
+    }
 }
 
 impl CachedDirectory {
@@ -35,8 +59,8 @@ impl CachedDirectory {
             ttl,
             max_entries,
             timeout,
-            orgs: Mutex::new(HashMap::new()),
-            accounts: Mutex::new(HashMap::new()),
+            orgs: Mutex::new(Table::default()),
+            accounts: Mutex::new(Table::default()),
         }
     }
 
@@ -55,14 +79,16 @@ impl CachedDirectory {
     }
 
     async fn org_by_domain(&self, domain: &str) -> Result<Option<Org>, StoreFailure> {
-        if let Some(hit) = fresh(&self.orgs, domain, self.ttl) {
-            return Ok(hit);
-        }
+        let generation = match fresh(&self.orgs, domain, self.ttl) {
+            Ok(hit) => return Ok(hit),
+            Err(generation) => generation,
+        };
         let org = self.bounded(self.store.get_org_by_domain(domain)).await?;
         insert(
             &self.orgs,
             domain.to_owned(),
             org.clone(),
+            generation,
             self.max_entries,
             self.ttl,
         );
@@ -70,14 +96,16 @@ impl CachedDirectory {
     }
 
     async fn account(&self, addr: &Address) -> Result<Option<Account>, StoreFailure> {
-        if let Some(hit) = fresh(&self.accounts, addr, self.ttl) {
-            return Ok(hit);
-        }
+        let generation = match fresh(&self.accounts, addr, self.ttl) {
+            Ok(hit) => return Ok(hit),
+            Err(generation) => generation,
+        };
         let account = self.bounded(self.store.get_account(addr)).await?;
         insert(
             &self.accounts,
             addr.clone(),
             account.clone(),
+            generation,
             self.max_entries,
             self.ttl,
         );
@@ -100,37 +128,56 @@ impl CachedDirectory {
 
     /// Forgets one account (after a change to it).
     pub fn invalidate_account(&self, addr: &Address) {
-        self.accounts.lock().unwrap().remove(addr);
+        let mut accounts = lock(&self.accounts);
+        accounts.generation += 1;
+        accounts.entries.remove(addr);
     }
 
     /// Forgets everything (after an organisation change, or on reload).
     pub fn invalidate_all(&self) {
-        self.orgs.lock().unwrap().clear();
-        self.accounts.lock().unwrap().clear();
+        for_table(&self.orgs);
+        for_table(&self.accounts);
+        fn for_table<K, V>(table: &Mutex<Table<K, V>>) {
+            let mut table = lock(table);
+            table.generation += 1;
+            table.entries.clear();
+        }
     }
 }
 
-fn fresh<K, Q, V>(map: &Mutex<HashMap<K, (Instant, V)>>, key: &Q, ttl: Duration) -> Option<V>
+/// The tables hold plain data that is consistent after any panic: poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The fresh cached value, or (on a miss) the generation a fill must match.
+fn fresh<K, Q, V>(table: &Mutex<Table<K, V>>, key: &Q, ttl: Duration) -> Result<V, u64>
 where
-    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
-    Q: std::hash::Hash + Eq + ?Sized,
+    K: std::borrow::Borrow<Q> + Hash + Eq,
+    Q: Hash + Eq + ?Sized,
     V: Clone,
 {
-    let map = map.lock().unwrap();
-    match map.get(key) {
-        Some((at, v)) if at.elapsed() < ttl => Some(v.clone()),
-        _ => None,
+    let table = lock(table);
+    match table.entries.get(key) {
+        Some((at, v)) if at.elapsed() < ttl => Ok(v.clone()),
+        _ => Err(table.generation),
     }
 }
 
-fn insert<K: std::hash::Hash + Eq, V>(
-    map: &Mutex<HashMap<K, (Instant, V)>>,
+/// Stores what a lookup read, unless an invalidation happened since it started.
+fn insert<K: Hash + Eq, V>(
+    table: &Mutex<Table<K, V>>,
     key: K,
     v: V,
+    generation: u64,
     max: usize,
     ttl: Duration,
 ) {
-    let mut map = map.lock().unwrap();
+    let mut table = lock(table);
+    if table.generation != generation {
+        return;
+    }
+    let map = &mut table.entries;
     if map.len() >= max {
         // Bounded memory: drop expired entries, and everything if that is not enough.
         map.retain(|_, (at, _)| at.elapsed() < ttl);
@@ -139,4 +186,261 @@ fn insert<K: std::hash::Hash + Eq, V>(
         }
     }
     map.insert(key, (Instant::now(), v));
+}
+
+#[cfg(test)]
+mod tests {
+    //! The cache against the real SQLite store, with tokio's clock paused: expiry is driven by
+    //! `tokio::time::advance`, and a store that never answers times out at once (auto-advance).
+
+    use super::*;
+    use crate::store::contract::{account, addr, org};
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{AccountStatus, OrgStatus, StatusChange, StoreResult};
+    use async_trait::async_trait;
+    use tempfile::TempDir;
+    use tokio::sync::{Notify, RwLock};
+    use tokio::time::advance;
+
+    const TTL: Duration = Duration::from_secs(60);
+    const TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// A file-backed SQLite store with `mpt` and an active `champa@mpt.gov.la`.
+    async fn sqlite() -> (Arc<SqliteStore>, TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db").to_str().unwrap().to_owned();
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.create_org(&org("mpt")).await.unwrap();
+        store
+            .create_account(&account("champa@mpt.gov.la", "mpt"))
+            .await
+            .unwrap();
+        (Arc::new(store), dir, path)
+    }
+
+    fn cache(store: Arc<dyn Store>) -> CachedDirectory {
+        CachedDirectory::new(store, TTL, 1000, TIMEOUT)
+    }
+
+    fn suspend(at: i64) -> StatusChange<AccountStatus> {
+        StatusChange {
+            status: AccountStatus::Suspended,
+            reason: None,
+            at,
+        }
+    }
+
+    async fn status(c: &CachedDirectory, a: &str) -> Option<AccountStatus> {
+        c.lookup(&addr(a)).await.unwrap().account.map(|a| a.status)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_behind_the_cache_shows_only_after_the_ttl() {
+        let (store, _dir, _) = sqlite().await;
+        let c = cache(store.clone());
+        let champa = "champa@mpt.gov.la";
+        assert_eq!(status(&c, champa).await, Some(AccountStatus::Active));
+        store
+            .set_account_status(&addr(champa), &suspend(1))
+            .await
+            .unwrap();
+        assert_eq!(status(&c, champa).await, Some(AccountStatus::Active));
+        advance(TTL - Duration::from_secs(1)).await;
+        assert_eq!(status(&c, champa).await, Some(AccountStatus::Active));
+        advance(Duration::from_secs(1)).await;
+        assert_eq!(status(&c, champa).await, Some(AccountStatus::Suspended));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hits_are_served_without_the_store_and_a_broken_store_is_a_failure() {
+        let (store, _dir, path) = sqlite().await;
+        let c = cache(store);
+        let champa = addr("champa@mpt.gov.la");
+        let cached = c.lookup(&champa).await.unwrap();
+        assert!(cached.is_local() && cached.account.is_some());
+
+        // Break the store behind the cache: every query now fails.
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE accounts; DROP TABLE orgs;")
+            .unwrap();
+        assert_eq!(c.lookup(&champa).await, Ok(cached));
+        advance(TTL).await;
+        let err = c.lookup(&champa).await.unwrap_err();
+        assert!(err.0.contains("store unavailable"), "{err:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidate_account_shows_a_change_at_once() {
+        let (store, _dir, _) = sqlite().await;
+        let c = cache(store.clone());
+        let champa = "champa@mpt.gov.la";
+        assert_eq!(status(&c, champa).await, Some(AccountStatus::Active));
+        store
+            .set_account_status(&addr(champa), &suspend(1))
+            .await
+            .unwrap();
+        c.invalidate_account(&addr("Champa@MPT.gov.la"));
+        assert_eq!(status(&c, champa).await, Some(AccountStatus::Suspended));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn not_found_is_cached_until_invalidated() {
+        let (store, _dir, _) = sqlite().await;
+        let c = cache(store.clone());
+        let dara = "dara@mpt.gov.la";
+        assert_eq!(status(&c, dara).await, None);
+        store.create_account(&account(dara, "mpt")).await.unwrap();
+        assert_eq!(status(&c, dara).await, None);
+        c.invalidate_account(&addr(dara));
+        assert_eq!(status(&c, dara).await, Some(AccountStatus::Active));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidate_all_shows_an_organisation_change() {
+        let (store, _dir, _) = sqlite().await;
+        let c = cache(store.clone());
+        let champa = addr("champa@mpt.gov.la");
+        let before = c.lookup(&champa).await.unwrap();
+        assert_eq!(before.org.map(|o| o.status), Some(OrgStatus::Active));
+        let cease = StatusChange {
+            status: OrgStatus::Ceased,
+            reason: None,
+            at: 1,
+        };
+        store.set_org_status("mpt", &cease).await.unwrap();
+        let still = c.lookup(&champa).await.unwrap();
+        assert_eq!(still.org.map(|o| o.status), Some(OrgStatus::Active));
+        c.invalidate_all();
+        let after = c.lookup(&champa).await.unwrap();
+        assert_eq!(after.org.map(|o| o.status), Some(OrgStatus::Ceased));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_foreign_domain_is_not_local() {
+        let (store, _dir, _) = sqlite().await;
+        let c = cache(store);
+        let facts = c.lookup(&addr("someone@example.com")).await.unwrap();
+        assert_eq!(facts, AddressFacts::default());
+        assert!(!facts.is_local());
+    }
+
+    /// The real store, but `get_account` can be held after it has read: it signals
+    /// `reached` and then waits while `gate` is write-locked by the test.
+    struct Gated {
+        inner: Arc<SqliteStore>,
+        gate: RwLock<()>,
+        reached: Notify,
+    }
+
+    #[async_trait]
+    impl Store for Gated {
+        async fn create_org(&self, o: &Org) -> StoreResult<()> {
+            self.inner.create_org(o).await
+        }
+        async fn get_org(&self, code: &str) -> StoreResult<Option<Org>> {
+            self.inner.get_org(code).await
+        }
+        async fn get_org_by_domain(&self, domain: &str) -> StoreResult<Option<Org>> {
+            self.inner.get_org_by_domain(domain).await
+        }
+        async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
+            self.inner.list_orgs().await
+        }
+        async fn set_org_status(
+            &self,
+            code: &str,
+            change: &StatusChange<OrgStatus>,
+        ) -> StoreResult<(Org, Org)> {
+            self.inner.set_org_status(code, change).await
+        }
+        async fn create_account(&self, a: &Account) -> StoreResult<()> {
+            self.inner.create_account(a).await
+        }
+        async fn create_accounts(&self, a: &[Account]) -> StoreResult<()> {
+            self.inner.create_accounts(a).await
+        }
+        async fn get_account(&self, a: &Address) -> StoreResult<Option<Account>> {
+            let read = self.inner.get_account(a).await;
+            self.reached.notify_one();
+            let _pass = self.gate.read().await;
+            read
+        }
+        async fn list_accounts(&self, org: Option<&str>) -> StoreResult<Vec<Account>> {
+            self.inner.list_accounts(org).await
+        }
+        async fn set_account_status(
+            &self,
+            a: &Address,
+            change: &StatusChange<AccountStatus>,
+        ) -> StoreResult<(Account, Account)> {
+            self.inner.set_account_status(a, change).await
+        }
+        async fn taken_locals(&self, d: &str, l: &[String]) -> StoreResult<Vec<String>> {
+            self.inner.taken_locals(d, l).await
+        }
+        async fn ping(&self) -> StoreResult<()> {
+            self.inner.ping().await
+        }
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+    }
+
+    async fn gated() -> (Arc<Gated>, TempDir) {
+        let (inner, dir, _) = sqlite().await;
+        let store = Arc::new(Gated {
+            inner,
+            gate: RwLock::new(()),
+            reached: Notify::new(),
+        });
+        (store, dir)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_does_not_answer_is_a_failure_after_the_timeout() {
+        let (store, _dir) = gated().await;
+        let c = cache(store.clone());
+        let _closed = store.gate.write().await;
+        let started = Instant::now();
+        let err = c.lookup(&addr("champa@mpt.gov.la")).await.unwrap_err();
+        assert!(err.0.contains("did not answer within 1s"), "{err:?}");
+        assert_eq!(started.elapsed(), TIMEOUT);
+        // Nothing was cached from the abandoned lookup.
+        drop(_closed);
+        assert_eq!(
+            status(&c, "champa@mpt.gov.la").await,
+            Some(AccountStatus::Active)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidation_wins_over_a_lookup_in_flight() {
+        let (store, _dir) = gated().await;
+        let c = Arc::new(cache(store.clone()));
+        let champa = addr("champa@mpt.gov.la");
+
+        // A lookup reads "active" from the store and is held before it can cache it ...
+        let closed = store.gate.write().await;
+        let in_flight = tokio::spawn({
+            let (c, champa) = (c.clone(), champa.clone());
+            async move { c.lookup(&champa).await }
+        });
+        store.reached.notified().await;
+        // ... while the admin suspends the account and invalidates it.
+        store
+            .set_account_status(&champa, &suspend(1))
+            .await
+            .unwrap();
+        c.invalidate_account(&champa);
+        drop(closed);
+        let stale = in_flight.await.unwrap().unwrap();
+        assert_eq!(stale.account.map(|a| a.status), Some(AccountStatus::Active));
+
+        // The next lookup must see the suspension, not the value read before it.
+        assert_eq!(
+            status(&c, "champa@mpt.gov.la").await,
+            Some(AccountStatus::Suspended)
+        );
+    }
 }

@@ -1,1 +1,755 @@
-//! STUB: the store contract suite.
+//! The store contract: one test suite every backend must pass.
+//!
+//! Each check is an `async fn(Harness)` below. A backend runs them all with
+//!
+//! ```ignore
+//! async fn harness() -> Harness { /* a fresh, empty store and a peer on the same data */ }
+//! crate::store::contract::store_contract_tests!(harness);
+//! ```
+//!
+//! which expands to one `#[tokio::test]` per check, so a failure names the broken rule.
+//!
+//! Ordering contract: lists are ordered by key as text (`code`; the address as
+//! `local@domain`), i.e. byte order of the lower-case strings.
+
+use super::*;
+use crate::model::Address;
+use std::any::Any;
+use tokio::sync::Barrier;
+
+/// What a check gets: a fresh, empty store, and a peer instance on the same data.
+pub struct Harness {
+    pub store: Arc<dyn Store>,
+    /// A second, independently opened instance on the same data: what another daemon (or
+    /// another node) would have. Used to race two registrars.
+    pub peer: Arc<dyn Store>,
+    /// Whatever must live as long as the test (a temporary directory, a server).
+    _keep: Box<dyn Any + Send>,
+}
+
+impl Harness {
+    pub fn new(store: Arc<dyn Store>, peer: Arc<dyn Store>, keep: impl Any + Send) -> Harness {
+        Harness {
+            store,
+            peer,
+            _keep: Box::new(keep),
+        }
+    }
+}
+
+/// Expands to one `#[tokio::test]` per contract check, each on a fresh harness from
+/// `$harness` (an async fn returning [`Harness`]).
+macro_rules! store_contract_tests {
+    ($harness:path) => {
+        $crate::store::contract::store_contract_tests!(@each $harness;
+            org_roundtrip,
+            org_lookups_ignore_case,
+            org_conflicts_on_code_or_domain,
+            list_orgs_is_ordered_by_code,
+            org_status_change_returns_before_and_after,
+            org_status_change_of_unknown_is_not_found,
+            account_roundtrip,
+            account_needs_its_organisation,
+            account_names_are_unique_ignoring_case,
+            bulk_import_inserts_all,
+            bulk_import_with_a_taken_name_inserts_nothing,
+            bulk_import_with_an_internal_duplicate_inserts_nothing,
+            bulk_import_with_a_missing_organisation_inserts_nothing,
+            list_accounts_filters_and_orders,
+            account_status_change_returns_before_and_after,
+            account_status_change_of_unknown_is_not_found,
+            taken_locals_reports_registered_candidates,
+            ping_answers,
+            peer_sees_committed_writes,
+            racing_registrations_of_one_name_have_one_winner,
+            two_registrars_racing_have_one_winner,
+            two_registrars_racing_for_an_organisation_have_one_winner,
+            bulk_import_racing_a_registration_is_all_or_nothing,
+        );
+    };
+    (@each $harness:path; $($check:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $check() {
+                $crate::store::contract::$check($harness().await).await;
+            }
+        )+
+    };
+}
+pub(crate) use store_contract_tests;
+
+// ---------------------------------------------------------------------------------------
+// Fixtures
+
+pub fn org(code: &str) -> Org {
+    Org {
+        code: code.into(),
+        name: format!("Organisation {code}"),
+        domain: format!("{code}.gov.la"),
+        status: OrgStatus::Active,
+        status_reason: None,
+        created_at: 1_700_000_000,
+        status_changed_at: 1_700_000_000,
+    }
+}
+
+pub fn addr(s: &str) -> Address {
+    Address::parse(s).unwrap()
+}
+
+pub fn account(address: &str, org: &str) -> Account {
+    Account {
+        address: addr(address),
+        org: org.into(),
+        kind: AccountKind::Person,
+        status: AccountStatus::Active,
+        status_reason: None,
+        display_name: None,
+        created_at: 1_700_000_100,
+        status_changed_at: 1_700_000_100,
+        quota_bytes: None,
+    }
+}
+
+async fn with_orgs(s: &dyn Store, codes: &[&str]) {
+    for code in codes {
+        s.create_org(&org(code)).await.unwrap();
+    }
+}
+
+fn addresses(accounts: &[Account]) -> Vec<String> {
+    accounts.iter().map(|a| a.address.to_string()).collect()
+}
+
+#[track_caller]
+fn assert_conflict<T: std::fmt::Debug>(r: StoreResult<T>, what: &str, name: &str) {
+    match r {
+        Err(StoreError::Conflict { what: w, name: n }) if w == what && n == name => {}
+        other => panic!("expected Conflict {{ {what}, {name} }}, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_not_found<T: std::fmt::Debug>(r: StoreResult<T>, what: &str, name: &str) {
+    match r {
+        Err(StoreError::NotFound { what: w, name: n }) if w == what && n == name => {}
+        other => panic!("expected NotFound {{ {what}, {name} }}, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Organisations
+
+pub async fn org_roundtrip(h: Harness) {
+    let s = &*h.store;
+    assert_eq!(s.get_org("mpt").await.unwrap(), None);
+    let mpt = Org {
+        status: OrgStatus::Ceased,
+        status_reason: Some("merged into MTC".into()),
+        status_changed_at: 1_700_000_500,
+        ..org("mpt")
+    };
+    s.create_org(&mpt).await.unwrap();
+    assert_eq!(s.get_org("mpt").await.unwrap(), Some(mpt.clone()));
+    assert_eq!(
+        s.get_org_by_domain("mpt.gov.la").await.unwrap(),
+        Some(mpt.clone())
+    );
+    assert_eq!(s.get_org("mof").await.unwrap(), None);
+    assert_eq!(s.get_org_by_domain("mof.gov.la").await.unwrap(), None);
+    // The code is not a domain and vice versa.
+    assert_eq!(s.get_org_by_domain("mpt").await.unwrap(), None);
+    assert_eq!(s.get_org("mpt.gov.la").await.unwrap(), None);
+}
+
+pub async fn org_lookups_ignore_case(h: Harness) {
+    let s = &*h.store;
+    s.create_org(&Org {
+        code: "MPT".into(),
+        domain: "MPT.Gov.La".into(),
+        ..org("mpt")
+    })
+    .await
+    .unwrap();
+    let stored = s.get_org("mpt").await.unwrap().expect("stored");
+    assert_eq!(
+        (stored.code.as_str(), stored.domain.as_str()),
+        ("mpt", "mpt.gov.la")
+    );
+    assert_eq!(s.get_org("Mpt").await.unwrap(), Some(stored.clone()));
+    assert_eq!(
+        s.get_org_by_domain("mpt.GOV.la").await.unwrap(),
+        Some(stored)
+    );
+}
+
+pub async fn org_conflicts_on_code_or_domain(h: Harness) {
+    let s = &*h.store;
+    s.create_org(&org("mpt")).await.unwrap();
+    let same_code = Org {
+        domain: "other.gov.la".into(),
+        name: "Impostor".into(),
+        ..org("mpt")
+    };
+    assert_conflict(s.create_org(&same_code).await, "organisation", "mpt");
+    let same_code_other_case = Org {
+        code: "MPT".into(),
+        ..same_code
+    };
+    assert_conflict(
+        s.create_org(&same_code_other_case).await,
+        "organisation",
+        "mpt",
+    );
+    let same_domain = Org {
+        domain: "MPT.gov.la".into(),
+        ..org("xyz")
+    };
+    assert_conflict(
+        s.create_org(&same_domain).await,
+        "organisation",
+        "mpt.gov.la",
+    );
+    // Nothing of the refused registrations was stored.
+    assert_eq!(s.list_orgs().await.unwrap(), vec![org("mpt")]);
+    assert_eq!(s.get_org("xyz").await.unwrap(), None);
+    assert_eq!(s.get_org_by_domain("other.gov.la").await.unwrap(), None);
+}
+
+pub async fn list_orgs_is_ordered_by_code(h: Harness) {
+    let s = &*h.store;
+    assert_eq!(s.list_orgs().await.unwrap(), vec![]);
+    with_orgs(s, &["mpt", "moh", "mof", "pmo"]).await;
+    let codes: Vec<_> = s
+        .list_orgs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.code)
+        .collect();
+    assert_eq!(codes, ["mof", "moh", "mpt", "pmo"]);
+}
+
+pub async fn org_status_change_returns_before_and_after(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt", "mof"]).await;
+    let change = StatusChange {
+        status: OrgStatus::Ceased,
+        reason: Some("dissolved by decree 12".into()),
+        at: 1_800_000_000,
+    };
+    let (before, after) = s.set_org_status("MPT", &change).await.unwrap();
+    assert_eq!(before, org("mpt"));
+    let expected = Org {
+        status: OrgStatus::Ceased,
+        status_reason: Some("dissolved by decree 12".into()),
+        status_changed_at: 1_800_000_000,
+        ..org("mpt")
+    };
+    assert_eq!(after, expected);
+    assert_eq!(s.get_org("mpt").await.unwrap(), Some(expected.clone()));
+    assert_eq!(s.get_org("mof").await.unwrap(), Some(org("mof")));
+
+    // Back again: before is the ceased record, the reason is cleared.
+    let restore = StatusChange {
+        status: OrgStatus::Active,
+        reason: None,
+        at: 1_800_000_100,
+    };
+    let (before, after) = s.set_org_status("mpt", &restore).await.unwrap();
+    assert_eq!(before, expected);
+    assert_eq!(
+        after,
+        Org {
+            status_changed_at: 1_800_000_100,
+            ..org("mpt")
+        }
+    );
+}
+
+pub async fn org_status_change_of_unknown_is_not_found(h: Harness) {
+    let s = &*h.store;
+    let change = StatusChange {
+        status: OrgStatus::Ceased,
+        reason: None,
+        at: 1,
+    };
+    assert_not_found(
+        s.set_org_status("nope", &change).await,
+        "organisation",
+        "nope",
+    );
+    assert_eq!(s.list_orgs().await.unwrap(), vec![]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Accounts
+
+pub async fn account_roundtrip(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt"]).await;
+    let full = Account {
+        kind: AccountKind::Position,
+        status: AccountStatus::Suspended,
+        status_reason: Some("on leave".into()),
+        display_name: Some("ຈຳປາ Director General".into()),
+        status_changed_at: 1_700_000_200,
+        quota_bytes: Some(10 << 30),
+        ..account("dg-cabinet@mpt.gov.la", "mpt")
+    };
+    let bare = Account {
+        kind: AccountKind::Unit,
+        status: AccountStatus::Pending,
+        quota_bytes: Some(0),
+        ..account("cabinet@mpt.gov.la", "mpt")
+    };
+    s.create_account(&full).await.unwrap();
+    s.create_account(&bare).await.unwrap();
+    assert_eq!(s.get_account(&full.address).await.unwrap(), Some(full));
+    assert_eq!(s.get_account(&bare.address).await.unwrap(), Some(bare));
+    assert_eq!(
+        s.get_account(&addr("nobody@mpt.gov.la")).await.unwrap(),
+        None
+    );
+    // Lookups with any spelling find the record.
+    assert!(
+        s.get_account(&addr("CABINET@Mpt.Gov.La"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+pub async fn account_needs_its_organisation(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt"]).await;
+    assert_not_found(
+        s.create_account(&account("champa@mof.gov.la", "mof")).await,
+        "organisation",
+        "mof",
+    );
+    assert_eq!(s.list_accounts(None).await.unwrap(), vec![]);
+}
+
+pub async fn account_names_are_unique_ignoring_case(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt"]).await;
+    let first = Account {
+        display_name: Some("Champa, first".into()),
+        ..account("Champa@MPT.gov.la", "mpt")
+    };
+    s.create_account(&first).await.unwrap();
+    let second = Account {
+        display_name: Some("Champa, second".into()),
+        ..account("champa@mpt.gov.la", "mpt")
+    };
+    assert_conflict(
+        s.create_account(&second).await,
+        "account",
+        "champa@mpt.gov.la",
+    );
+    // First come, first served: the first record stands.
+    let stored = s.get_account(&addr("CHAMPA@mpt.gov.la")).await.unwrap();
+    assert_eq!(stored, Some(first));
+    assert_eq!(s.list_accounts(None).await.unwrap().len(), 1);
+}
+
+pub async fn bulk_import_inserts_all(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt", "mof"]).await;
+    s.create_accounts(&[]).await.unwrap();
+    let batch = vec![
+        account("champa@mpt.gov.la", "mpt"),
+        account("dara@mof.gov.la", "mof"),
+        Account {
+            kind: AccountKind::Unit,
+            ..account("cabinet@mpt.gov.la", "mpt")
+        },
+    ];
+    s.create_accounts(&batch).await.unwrap();
+    let mut expected = batch.clone();
+    expected.sort_by_key(|a| a.address.to_string());
+    assert_eq!(s.list_accounts(None).await.unwrap(), expected);
+}
+
+pub async fn bulk_import_with_a_taken_name_inserts_nothing(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt"]).await;
+    s.create_account(&account("dara@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+    let batch = [
+        account("anousone@mpt.gov.la", "mpt"),
+        account("DARA@mpt.gov.la", "mpt"),
+        account("somchai@mpt.gov.la", "mpt"),
+    ];
+    assert_conflict(
+        s.create_accounts(&batch).await,
+        "account",
+        "dara@mpt.gov.la",
+    );
+    assert_eq!(
+        addresses(&s.list_accounts(None).await.unwrap()),
+        ["dara@mpt.gov.la"]
+    );
+}
+
+pub async fn bulk_import_with_an_internal_duplicate_inserts_nothing(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt"]).await;
+    let batch = [
+        account("anousone@mpt.gov.la", "mpt"),
+        account("somchai@mpt.gov.la", "mpt"),
+        account("Anousone@MPT.gov.la", "mpt"),
+        account("zz@mpt.gov.la", "mpt"),
+    ];
+    assert_conflict(
+        s.create_accounts(&batch).await,
+        "account",
+        "anousone@mpt.gov.la",
+    );
+    assert_eq!(s.list_accounts(None).await.unwrap(), vec![]);
+}
+
+pub async fn bulk_import_with_a_missing_organisation_inserts_nothing(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt"]).await;
+    let batch = [
+        account("anousone@mpt.gov.la", "mpt"),
+        account("dara@mof.gov.la", "mof"),
+    ];
+    assert_not_found(s.create_accounts(&batch).await, "organisation", "mof");
+    assert_eq!(s.list_accounts(None).await.unwrap(), vec![]);
+}
+
+pub async fn list_accounts_filters_and_orders(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt", "mof"]).await;
+    assert_eq!(s.list_accounts(None).await.unwrap(), vec![]);
+    for (a, o) in [
+        ("somchai@mpt.gov.la", "mpt"),
+        ("dara@mof.gov.la", "mof"),
+        ("a.b@mpt.gov.la", "mpt"),
+        ("a@mpt.gov.la", "mpt"),
+        ("cabinet@mpt.gov.la", "mpt"),
+    ] {
+        s.create_account(&account(a, o)).await.unwrap();
+    }
+    assert_eq!(
+        addresses(&s.list_accounts(Some("mpt")).await.unwrap()),
+        [
+            "a.b@mpt.gov.la",
+            "a@mpt.gov.la",
+            "cabinet@mpt.gov.la",
+            "somchai@mpt.gov.la"
+        ]
+    );
+    assert_eq!(
+        addresses(&s.list_accounts(Some("MOF")).await.unwrap()),
+        ["dara@mof.gov.la"]
+    );
+    assert_eq!(s.list_accounts(Some("pmo")).await.unwrap(), vec![]);
+    assert_eq!(
+        addresses(&s.list_accounts(None).await.unwrap()),
+        [
+            "a.b@mpt.gov.la",
+            "a@mpt.gov.la",
+            "cabinet@mpt.gov.la",
+            "dara@mof.gov.la",
+            "somchai@mpt.gov.la"
+        ]
+    );
+}
+
+pub async fn account_status_change_returns_before_and_after(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt"]).await;
+    let champa = Account {
+        display_name: Some("Champa".into()),
+        quota_bytes: Some(1 << 30),
+        ..account("champa@mpt.gov.la", "mpt")
+    };
+    s.create_account(&champa).await.unwrap();
+    s.create_account(&account("dara@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+
+    let suspend = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: Some("ticket 42".into()),
+        at: 1_800_000_000,
+    };
+    let (before, after) = s
+        .set_account_status(&addr("Champa@mpt.gov.la"), &suspend)
+        .await
+        .unwrap();
+    assert_eq!(before, champa);
+    let suspended = Account {
+        status: AccountStatus::Suspended,
+        status_reason: Some("ticket 42".into()),
+        status_changed_at: 1_800_000_000,
+        ..champa.clone()
+    };
+    assert_eq!(after, suspended);
+    assert_eq!(
+        s.get_account(&champa.address).await.unwrap(),
+        Some(suspended.clone())
+    );
+    // Others untouched.
+    assert_eq!(
+        s.get_account(&addr("dara@mpt.gov.la")).await.unwrap(),
+        Some(account("dara@mpt.gov.la", "mpt"))
+    );
+
+    let withdraw = StatusChange {
+        status: AccountStatus::Withdrawn,
+        reason: None,
+        at: 1_800_000_100,
+    };
+    let (before, after) = s
+        .set_account_status(&champa.address, &withdraw)
+        .await
+        .unwrap();
+    assert_eq!(before, suspended);
+    assert_eq!(
+        after,
+        Account {
+            status: AccountStatus::Withdrawn,
+            status_reason: None,
+            status_changed_at: 1_800_000_100,
+            ..champa
+        }
+    );
+}
+
+pub async fn account_status_change_of_unknown_is_not_found(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt"]).await;
+    let change = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: None,
+        at: 1,
+    };
+    assert_not_found(
+        s.set_account_status(&addr("ghost@mpt.gov.la"), &change)
+            .await,
+        "account",
+        "ghost@mpt.gov.la",
+    );
+    assert_eq!(s.list_accounts(None).await.unwrap(), vec![]);
+}
+
+pub async fn taken_locals_reports_registered_candidates(h: Harness) {
+    let s = &*h.store;
+    with_orgs(s, &["mpt", "mof"]).await;
+    for (a, o) in [
+        ("champa@mpt.gov.la", "mpt"),
+        ("champa.k@mpt.gov.la", "mpt"),
+        ("champa2@mof.gov.la", "mof"),
+    ] {
+        s.create_account(&account(a, o)).await.unwrap();
+    }
+    let candidates: Vec<String> = ["Champa", "champa.k", "champa2", "champa.s", "bad local"]
+        .map(String::from)
+        .into();
+    assert_eq!(
+        s.taken_locals("mpt.gov.la", &candidates).await.unwrap(),
+        ["Champa", "champa.k"]
+    );
+    assert_eq!(
+        s.taken_locals("MOF.gov.la", &candidates).await.unwrap(),
+        ["champa2"]
+    );
+    assert_eq!(
+        s.taken_locals("pmo.gov.la", &candidates).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        s.taken_locals("mpt.gov.la", &[]).await.unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+pub async fn ping_answers(h: Harness) {
+    h.store.ping().await.unwrap();
+    with_orgs(&*h.store, &["mpt"]).await;
+    h.store.ping().await.unwrap();
+    assert!(!h.store.kind().is_empty());
+}
+
+pub async fn peer_sees_committed_writes(h: Harness) {
+    with_orgs(&*h.store, &["mpt"]).await;
+    assert_eq!(h.peer.get_org("mpt").await.unwrap(), Some(org("mpt")));
+    h.peer
+        .create_account(&account("champa@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+    let change = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: None,
+        at: 5,
+    };
+    h.store
+        .set_account_status(&addr("champa@mpt.gov.la"), &change)
+        .await
+        .unwrap();
+    let seen = h
+        .peer
+        .get_account(&addr("champa@mpt.gov.la"))
+        .await
+        .unwrap();
+    assert_eq!(seen.map(|a| a.status), Some(AccountStatus::Suspended));
+}
+
+// ---------------------------------------------------------------------------------------
+// Races (R4: first come, first served, atomically)
+
+const RACERS: usize = 16;
+
+/// Spellings of one name that differ only in case.
+fn spelling(i: usize) -> String {
+    let name: String = "champa@mpt.gov.la"
+        .chars()
+        .enumerate()
+        .map(|(k, c)| {
+            if (i >> (k % 4)) & 1 == 1 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
+        })
+        .collect();
+    name
+}
+
+/// Runs `RACERS` registrations of the same name (in different case), all released at
+/// once; registrar `i` uses `stores[i % stores.len()]`. Returns the index of each winner.
+async fn race_for_champa(stores: &[Arc<dyn Store>]) -> Vec<usize> {
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            let barrier = barrier.clone();
+            let candidate = Account {
+                display_name: Some(format!("registrar {i}")),
+                ..account(&spelling(i), "mpt")
+            };
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.create_account(&candidate).await
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(()) => winners.push(i),
+            Err(e) => assert_conflict::<()>(Err(e), "account", "champa@mpt.gov.la"),
+        }
+    }
+    winners
+}
+
+pub async fn racing_registrations_of_one_name_have_one_winner(h: Harness) {
+    with_orgs(&*h.store, &["mpt"]).await;
+    let winners = race_for_champa(std::slice::from_ref(&h.store)).await;
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let stored = h.store.get_account(&addr("champa@mpt.gov.la")).await;
+    assert_eq!(
+        stored.unwrap().and_then(|a| a.display_name),
+        Some(format!("registrar {}", winners[0]))
+    );
+    assert_eq!(h.store.list_accounts(None).await.unwrap().len(), 1);
+}
+
+pub async fn two_registrars_racing_have_one_winner(h: Harness) {
+    with_orgs(&*h.store, &["mpt"]).await;
+    let winners = race_for_champa(&[h.store.clone(), h.peer.clone()]).await;
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let expected = Some(format!("registrar {}", winners[0]));
+    for s in [&h.store, &h.peer] {
+        let stored = s.get_account(&addr("champa@mpt.gov.la")).await.unwrap();
+        assert_eq!(stored.and_then(|a| a.display_name), expected);
+        assert_eq!(s.list_accounts(None).await.unwrap().len(), 1);
+    }
+}
+
+pub async fn two_registrars_racing_for_an_organisation_have_one_winner(h: Harness) {
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let store = [&h.store, &h.peer][i % 2].clone();
+            let barrier = barrier.clone();
+            // Half race on the code, half on the domain (with another code).
+            let candidate = Org {
+                name: format!("registrar {i}"),
+                code: if i % 4 < 2 {
+                    "mpt".into()
+                } else {
+                    format!("x{i}")
+                },
+                domain: "mpt.gov.la".into(),
+                ..org("mpt")
+            };
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.create_org(&candidate).await
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(()) => winners.push(i),
+            Err(StoreError::Conflict {
+                what: "organisation",
+                ..
+            }) => {}
+            Err(e) => panic!("registrar {i}: expected a conflict, got {e:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let orgs = h.peer.list_orgs().await.unwrap();
+    assert_eq!(orgs.len(), 1);
+    assert_eq!(orgs[0].name, format!("registrar {}", winners[0]));
+}
+
+pub async fn bulk_import_racing_a_registration_is_all_or_nothing(h: Harness) {
+    with_orgs(&*h.store, &["mpt"]).await;
+    let batch: Vec<Account> = (0..50)
+        .map(|i| account(&format!("user{i:02}@mpt.gov.la"), "mpt"))
+        .collect();
+    let single = Account {
+        display_name: Some("single".into()),
+        ..account("USER25@mpt.gov.la", "mpt")
+    };
+    let barrier = Arc::new(Barrier::new(2));
+    let bulk = {
+        let (store, barrier, batch) = (h.store.clone(), barrier.clone(), batch.clone());
+        tokio::spawn(async move {
+            barrier.wait().await;
+            store.create_accounts(&batch).await
+        })
+    };
+    let one = {
+        let (store, barrier) = (h.peer.clone(), barrier.clone());
+        tokio::spawn(async move {
+            barrier.wait().await;
+            store.create_account(&single).await
+        })
+    };
+    let (bulk, one) = (bulk.await.unwrap(), one.await.unwrap());
+    let stored = h.store.list_accounts(None).await.unwrap();
+    match (bulk, one) {
+        (Ok(()), one) => {
+            assert_conflict(one, "account", "user25@mpt.gov.la");
+            assert_eq!(stored, batch);
+        }
+        (bulk, Ok(())) => {
+            assert_conflict(bulk, "account", "user25@mpt.gov.la");
+            assert_eq!(addresses(&stored), ["user25@mpt.gov.la"]);
+            assert_eq!(stored[0].display_name.as_deref(), Some("single"));
+        }
+        other => panic!("expected exactly one winner, got {other:?}"),
+    }
+}

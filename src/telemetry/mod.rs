@@ -4,7 +4,7 @@
 
 mod metrics;
 
-pub use metrics::Metrics;
+pub use metrics::{ConnectionGuard, Metrics};
 
 use crate::config::LogConfig;
 use crate::model::{Decision, Protocol, Stage, Transaction};

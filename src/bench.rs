@@ -1,0 +1,298 @@
+//! `mailwarden bench`: direct protocol load against a freshly started daemon on the embedded
+//! store, with the daemon's own CPU time per check read from /proc. Build with `--release`.
+//!
+//! The daemon runs as a child process (this same binary, `run`), so its CPU time is its own:
+//! the load generator's CPU is reported separately.
+
+use mailwarden::config::ListenAddr;
+use mailwarden::model::Address;
+use mailwarden::policy::loadgen::{self, LoadReport, LoadSpec};
+use mailwarden::store::{
+    Account, AccountKind, AccountStatus, Org, OrgStatus, Store, sqlite::SqliteStore,
+};
+use std::{path::Path, process::Stdio, time::Duration};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Which front-end to load: policy, milter or both (one after the other).
+    #[arg(long, default_value = "both")]
+    pub protocol: String,
+    /// Accounts registered in the directory (every tenth one suspended).
+    #[arg(long, default_value_t = 10_000)]
+    pub accounts: usize,
+    /// Concurrent connections (like Postfix smtpd processes).
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Requests (policy) or transactions (milter) per connection.
+    #[arg(long, default_value_t = 5_000)]
+    pub requests: usize,
+    /// Recipients per milter transaction.
+    #[arg(long, default_value_t = 1)]
+    pub rcpts: usize,
+    /// Rounds per protocol (the best and median rounds are reported).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+/// CPU seconds (user + system, all threads) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> std::io::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of stat(5); index 11 and 12 after the name.
+    // /proc reports them in USER_HZ, which is 100 on Linux for every architecture.
+    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
+}
+
+fn own_cpu() -> f64 {
+    cpu_seconds(std::process::id()).unwrap_or(0.0)
+}
+
+struct Child {
+    child: std::process::Child,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+async fn seed(db: &Path, accounts: usize) -> anyhow::Result<Vec<String>> {
+    let store = SqliteStore::open(db.to_str().unwrap()).await?;
+    let now = chrono::Utc::now().timestamp();
+    store
+        .create_org(&Org {
+            code: "mpt".into(),
+            name: "Ministry of Posts and Telecommunications".into(),
+            domain: "mpt.gov.la".into(),
+            status: OrgStatus::Active,
+            status_reason: None,
+            created_at: now,
+            status_changed_at: now,
+        })
+        .await?;
+    let mut rows = Vec::with_capacity(accounts + 1);
+    let mut recipients = Vec::with_capacity(accounts + accounts / 4);
+    for i in 0..=accounts {
+        let address: Address = format!("user{i}@mpt.gov.la").parse()?;
+        let status = if i % 10 == 9 {
+            AccountStatus::Suspended
+        } else {
+            AccountStatus::Active
+        };
+        recipients.push(address.to_string());
+        if i % 4 == 0 {
+            recipients.push(format!("someone{i}@example.org"));
+        }
+        rows.push(Account {
+            address,
+            org: "mpt".into(),
+            kind: AccountKind::Person,
+            status,
+            status_reason: None,
+            display_name: None,
+            created_at: now,
+            status_changed_at: now,
+            quota_bytes: None,
+        });
+    }
+    store.create_accounts(&rows).await?;
+    Ok(recipients)
+}
+
+fn start_daemon(dir: &Path) -> anyhow::Result<(Child, serde_json::Value)> {
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nmilter_listen = \"inet:127.0.0.1:0\"\npolicy_listen = \"inet:127.0.0.1:0\"\n\
+             [store]\nurl = \"sqlite:{db}\"\n[admin]\nlisten = \"\"\naudit_log = \"{audit}\"\n\
+             [log]\nlevel = \"warn\"\n",
+            db = dir.join("bench.db").display(),
+            audit = dir.join("audit.jsonl").display()
+        ),
+    )?;
+    let ready = dir.join("ready.json");
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .spawn()?;
+    let child = Child { child };
+    for _ in 0..500 {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            return Ok((child, serde_json::from_str(&text)?));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("the daemon did not become ready within 10s")
+}
+
+struct Round {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    daemon_cpu_per_op: f64,
+    client_cpu_per_op: f64,
+    ops: u64,
+}
+
+fn print_round(label: &str, r: &Round) {
+    println!(
+        "{label:<8} {:>9.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  daemon CPU {:>7.4} ms/op  loadgen CPU {:>7.4} ms/op  ({} ops)",
+        r.rate,
+        r.p50.as_secs_f64() * 1e3,
+        r.p99.as_secs_f64() * 1e3,
+        r.daemon_cpu_per_op * 1e3,
+        r.client_cpu_per_op * 1e3,
+        r.ops
+    );
+}
+
+fn summarize(label: &str, mut rounds: Vec<Round>) {
+    rounds.sort_by(|a, b| a.daemon_cpu_per_op.total_cmp(&b.daemon_cpu_per_op));
+    let median = &rounds[rounds.len() / 2];
+    print_round(&format!("{label} median"), median);
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    println!(
+        "seeding {} accounts; {} connections x {} requests, {} round(s)",
+        args.accounts, args.connections, args.requests, args.rounds
+    );
+    let recipients = seed(&dir.join("bench.db"), args.accounts).await?;
+    let (child, bound) = start_daemon(&dir)?;
+    let pid = child.child.id();
+    let addr = |k: &str| -> anyhow::Result<ListenAddr> {
+        bound[k]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("daemon has no {k} listener"))?
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))
+    };
+    let protocols: Vec<&str> = match args.protocol.as_str() {
+        "both" => vec!["policy", "milter"],
+        "policy" => vec!["policy"],
+        "milter" => vec!["milter"],
+        other => anyhow::bail!("--protocol {other:?}: expected policy, milter or both"),
+    };
+    for proto in protocols {
+        let target = addr(proto)?;
+        let mut rounds = Vec::new();
+        // One short warm-up round fills the cache and the connection pools.
+        let warm = args.requests.min(500);
+        for round in 0..=args.rounds {
+            let n = if round == 0 { warm } else { args.requests };
+            let (d0, c0) = (cpu_seconds(pid)?, own_cpu());
+            let report = match proto {
+                "policy" => policy_round(&target, &recipients, args.connections, n).await?,
+                _ => milter_round(&target, &recipients, args.connections, n, args.rcpts).await?,
+            };
+            let (d1, c1) = (cpu_seconds(pid)?, own_cpu());
+            if round == 0 {
+                continue;
+            }
+            let ops = report.answered.max(1);
+            let r = Round {
+                rate: report.rate(),
+                p50: report.p50,
+                p99: report.p99,
+                daemon_cpu_per_op: (d1 - d0) / ops as f64,
+                client_cpu_per_op: (c1 - c0) / ops as f64,
+                ops: report.answered,
+            };
+            print_round(&format!("{proto} #{round}"), &r);
+            rounds.push(r);
+        }
+        summarize(proto, rounds);
+    }
+    drop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("mailwarden-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+struct Report {
+    answered: u64,
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Report {
+    fn rate(&self) -> f64 {
+        self.answered as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+async fn policy_round(
+    target: &ListenAddr,
+    recipients: &[String],
+    connections: usize,
+    requests: usize,
+) -> anyhow::Result<Report> {
+    let spec = LoadSpec {
+        target: target.clone(),
+        connections,
+        requests_per_connection: requests,
+        recipients: recipients.to_vec(),
+        sender: "user0@mpt.gov.la".into(),
+        timeout: Duration::from_secs(5),
+    };
+    let r: LoadReport = loadgen::run(&spec).await?;
+    if !r.failures.is_empty() {
+        anyhow::bail!(
+            "policy load failed: {:?}",
+            &r.failures[..r.failures.len().min(3)]
+        );
+    }
+    Ok(Report {
+        answered: r.answered,
+        elapsed: r.elapsed,
+        p50: r.p50,
+        p99: r.p99,
+    })
+}
+
+async fn milter_round(
+    target: &ListenAddr,
+    recipients: &[String],
+    connections: usize,
+    transactions: usize,
+    rcpts: usize,
+) -> anyhow::Result<Report> {
+    use mailwarden::milter::loadgen as mload;
+    let rcpt: Vec<&str> = recipients
+        .iter()
+        .take(rcpts.max(1))
+        .map(String::as_str)
+        .collect();
+    let mut spec = mload::LoadSpec::new(target.clone(), "user0@mpt.gov.la", &rcpt);
+    spec.connections = connections;
+    spec.transactions = transactions;
+    spec.timeout = Duration::from_secs(5);
+    let r = mload::run(&spec).await?;
+    if r.failed_connections > 0 {
+        anyhow::bail!("milter load failed: {:?}", r.first_error);
+    }
+    Ok(Report {
+        answered: r.transactions,
+        elapsed: r.elapsed,
+        p50: r.p50,
+        p99: r.p99,
+    })
+}

@@ -1,0 +1,344 @@
+//! indymilter callbacks: thin adapters. Each one extracts its arguments and macros, updates
+//! the [`Session`], asks the checker at the stages that have rules (MAIL, RCPT), and turns
+//! the decision into a milter status. An unexpected failure tempfails the message, logged
+//! with its queue id; it never lets the message through unchecked.
+
+use super::negotiate::Features;
+use super::session::{CallbackError, Session};
+use crate::checker::Checker;
+use crate::model::{Action, Decision, Protocol, Reply, Transaction};
+use crate::telemetry;
+use futures_util::FutureExt as _;
+use indymilter::{
+    Actions, Callbacks, Context, EomContext, NegotiateContext, ProtoOpts, SetErrorReply as _,
+    SmtpReply, SocketInfo, Status,
+};
+use std::{ffi::CString, future::Future, panic::AssertUnwindSafe, sync::Arc};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// What every callback of every connection shares.
+pub(crate) struct Shared {
+    pub checker: Arc<Checker>,
+    pub features: Features,
+    /// Cancelled when the daemon stops: new messages are refused from then on.
+    pub shutdown: CancellationToken,
+    /// One token per message in flight; the shutdown drain waits for them.
+    pub messages: TaskTracker,
+}
+
+pub(crate) fn build(shared: Arc<Shared>) -> Callbacks<Session> {
+    let s = shared;
+    Callbacks::new()
+        .on_negotiate({
+            let s = s.clone();
+            move |cx, actions, opts| Box::pin(negotiate(s.clone(), cx, actions, opts))
+        })
+        .on_connect({
+            let s = s.clone();
+            move |cx, hostname, socket| Box::pin(connect(s.clone(), cx, hostname, socket))
+        })
+        .on_helo({
+            let s = s.clone();
+            move |cx, name| Box::pin(helo(s.clone(), cx, name))
+        })
+        .on_mail({
+            let s = s.clone();
+            move |cx, args| Box::pin(mail(s.clone(), cx, args))
+        })
+        .on_rcpt({
+            let s = s.clone();
+            move |cx, args| Box::pin(rcpt(s.clone(), cx, args))
+        })
+        .on_data({
+            let s = s.clone();
+            move |cx| Box::pin(data(s.clone(), cx))
+        })
+        .on_header({
+            let s = s.clone();
+            move |cx, name, value| Box::pin(header(s.clone(), cx, name, value))
+        })
+        .on_eoh({
+            let s = s.clone();
+            move |cx| Box::pin(eoh(s.clone(), cx))
+        })
+        .on_body({
+            let s = s.clone();
+            move |cx, chunk| Box::pin(body(s.clone(), cx, chunk.len()))
+        })
+        .on_eom({
+            let s = s.clone();
+            move |cx| Box::pin(eom(s.clone(), cx))
+        })
+        .on_abort(|cx| Box::pin(abort(cx)))
+        .on_close(|cx| Box::pin(close(cx)))
+}
+
+/// The session of this connection, created on first use (normally at negotiation).
+fn session<'a>(s: &Shared, data: &'a mut Option<Session>) -> &'a mut Session {
+    data.get_or_insert_with(|| Session::new(s.checker.metrics.connection(Protocol::Milter)))
+}
+
+async fn negotiate(
+    s: Arc<Shared>,
+    cx: &mut NegotiateContext<Session>,
+    mta_actions: Actions,
+    mta_opts: ProtoOpts,
+) -> Status {
+    match s.features.negotiate(mta_actions, mta_opts) {
+        Ok(n) => {
+            cx.requested_actions = n.actions;
+            cx.requested_opts = n.opts;
+            cx.requested_macros = n.macros;
+            session(&s, &mut cx.data);
+            Status::Continue
+        }
+        Err(e) => {
+            // Any status but Continue ends the connection; the MTA applies its default action.
+            telemetry::record_protocol_error(&s.checker.metrics, Protocol::Milter, &e);
+            Status::Reject
+        }
+    }
+}
+
+async fn connect(
+    s: Arc<Shared>,
+    cx: &mut Context<Session>,
+    hostname: CString,
+    socket: SocketInfo,
+) -> Status {
+    let ip = match socket {
+        SocketInfo::Inet(addr) => Some(addr.ip()),
+        SocketInfo::Unix(_) | SocketInfo::Unknown => None,
+    };
+    session(&s, &mut cx.data).connect(&hostname.to_string_lossy(), ip, &cx.macros);
+    Status::Continue
+}
+
+async fn helo(s: Arc<Shared>, cx: &mut Context<Session>, name: CString) -> Status {
+    session(&s, &mut cx.data).helo(&name.to_string_lossy(), &cx.macros);
+    Status::Continue
+}
+
+async fn mail(s: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+    let sess = session(&s, &mut cx.data);
+    if s.shutdown.is_cancelled() {
+        // Draining: no new message starts; the client retries (another instance, or us
+        // after the restart). RFC 3463 X.3.2: system not accepting network messages.
+        sess.end_message();
+        let reply = Reply::new(
+            421,
+            "4.3.2",
+            "Service shutting down, please try again later",
+        );
+        return answer(&mut cx.reply, &Action::Tempfail(reply), &sess.tx);
+    }
+    if let Err(e) = sess.mail(&strings(args), &cx.macros) {
+        return internal_error(sess, &mut cx.reply, "mail", &e);
+    }
+    match guarded(s.checker.check_mail(&sess.tx)).await {
+        Ok(d) => {
+            let status = answer(&mut cx.reply, &d.action, &sess.tx);
+            if status == Status::Continue {
+                sess.message_started(s.messages.token());
+            }
+            status
+        }
+        Err(e) => internal_error(sess, &mut cx.reply, "mail", &e),
+    }
+}
+
+async fn rcpt(s: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+    let sess = session(&s, &mut cx.data);
+    if sess.message_failed() {
+        return failed_message(sess, &mut cx.reply);
+    }
+    let rcpt = match sess.rcpt(&strings(args), &cx.macros) {
+        Ok(Some(rcpt)) => rcpt,
+        // Not a directory name (`<postmaster>`): no rule applies.
+        Ok(None) => return Status::Continue,
+        Err(e) => return internal_error(sess, &mut cx.reply, "rcpt", &e),
+    };
+    if !sess.has_room_for_rcpt() {
+        // A memory bound, far above any MTA's recipient limit. RFC 5321 §4.5.3.1.10.
+        let reply = Reply::new(452, "4.5.3", "Too many recipients");
+        return answer(&mut cx.reply, &Action::Tempfail(reply), &sess.tx);
+    }
+    match guarded(s.checker.check_rcpt(&sess.tx, &rcpt)).await {
+        Ok(d) => {
+            // A refusal concerns this recipient only; the message goes on for the others.
+            let status = answer(&mut cx.reply, &d.action, &sess.tx);
+            if status == Status::Continue {
+                sess.accept_rcpt(rcpt);
+            }
+            status
+        }
+        Err(e) => internal_error(sess, &mut cx.reply, "rcpt", &e),
+    }
+}
+
+async fn data(s: Arc<Shared>, cx: &mut Context<Session>) -> Status {
+    let sess = session(&s, &mut cx.data);
+    sess.refresh(&cx.macros);
+    if sess.message_failed() {
+        return failed_message(sess, &mut cx.reply);
+    }
+    Status::Continue
+}
+
+async fn header(
+    s: Arc<Shared>,
+    cx: &mut Context<Session>,
+    name: CString,
+    value: CString,
+) -> Status {
+    let sess = session(&s, &mut cx.data);
+    sess.header(name.as_bytes().len(), value.as_bytes().len());
+    Status::Continue
+}
+
+async fn eoh(s: Arc<Shared>, cx: &mut Context<Session>) -> Status {
+    session(&s, &mut cx.data).refresh(&cx.macros);
+    Status::Continue
+}
+
+async fn body(s: Arc<Shared>, cx: &mut Context<Session>, len: usize) -> Status {
+    session(&s, &mut cx.data).body(len);
+    Status::Continue
+}
+
+async fn eom(s: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {
+    let sess = session(&s, &mut cx.data);
+    sess.end_of_message(&cx.macros, s.features.body);
+    // End-of-message rules (DKIM signing with `cx.actions`) plug in here.
+    let status = if sess.message_failed() {
+        failed_message(sess, &mut cx.reply)
+    } else {
+        Status::Continue
+    };
+    sess.end_message();
+    status
+}
+
+async fn abort(cx: &mut Context<Session>) -> Status {
+    if let Some(sess) = cx.data.as_mut() {
+        sess.end_message();
+    }
+    Status::Continue
+}
+
+async fn close(cx: &mut Context<Session>) -> Status {
+    cx.data = None;
+    Status::Continue
+}
+
+fn strings(args: Vec<CString>) -> Vec<String> {
+    args.iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Runs a checker call; a panic inside it becomes an error for this message only.
+async fn guarded(fut: impl Future<Output = Decision>) -> Result<Decision, CallbackError> {
+    AssertUnwindSafe(fut).catch_unwind().await.map_err(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        CallbackError::Internal(msg)
+    })
+}
+
+/// Maps the checker's action to a milter status, with the rule's reply.
+fn answer(reply: &mut SmtpReply, action: &Action, tx: &Transaction) -> Status {
+    match action {
+        Action::Continue => Status::Continue,
+        Action::Reject(r) => {
+            set_reply(reply, r, tx);
+            Status::Reject
+        }
+        Action::Tempfail(r) => {
+            set_reply(reply, r, tx);
+            Status::Tempfail
+        }
+    }
+}
+
+fn set_reply(reply: &mut SmtpReply, r: &Reply, tx: &Transaction) {
+    let code = r.code.to_string();
+    if let Err(e) = reply.set_error_reply(&code, Some(r.enhanced), [reply_text(&r.text)]) {
+        // Still a refusal: the MTA uses its generic text for the same class of reply.
+        tracing::warn!(
+            queue_id = tx.queue_id.as_deref().unwrap_or("-"),
+            "reply \"{r}\" not accepted by the milter library: {e}"
+        );
+    }
+}
+
+/// Postfix and Sendmail treat `%` in milter reply text as an escape: double it. The
+/// protocol allows 980 bytes per line.
+pub(crate) fn reply_text(text: &str) -> String {
+    const MAX: usize = 980;
+    let mut out = String::with_capacity(text.len().min(MAX));
+    let mut buf = [0; 4];
+    for c in text.chars() {
+        let piece: &str = if c == '%' {
+            "%%"
+        } else {
+            c.encode_utf8(&mut buf)
+        };
+        if out.len() + piece.len() > MAX {
+            break;
+        }
+        out.push_str(piece);
+    }
+    out
+}
+
+fn internal_error(
+    sess: &mut Session,
+    reply: &mut SmtpReply,
+    stage: &'static str,
+    err: &CallbackError,
+) -> Status {
+    sess.fail_message();
+    tracing::error!(
+        queue_id = sess.tx.queue_id.as_deref().unwrap_or("-"),
+        client = %sess.tx.client_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+        stage,
+        "milter callback failed: {err}; message tempfailed"
+    );
+    failed_message(sess, reply)
+}
+
+/// Every stage of a message that hit an internal error answers `451 4.3.0`.
+fn failed_message(sess: &Session, reply: &mut SmtpReply) -> Status {
+    answer(
+        reply,
+        &Action::Tempfail(Reply::store_unavailable()),
+        &sess.tx,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_text_escapes_percent_and_fits_one_line() {
+        assert_eq!(reply_text("100% sure"), "100%% sure");
+        let long = reply_text(&"%".repeat(600));
+        assert_eq!(long.len(), 980);
+        assert!(long.chars().all(|c| c == '%'));
+        let s = reply_text(&"é".repeat(1000));
+        assert!(s.len() <= 980 && s.is_char_boundary(s.len()));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_check_is_an_error_not_a_crash() {
+        let r = guarded(async { panic!("boom") }).await;
+        assert_eq!(r, Err(CallbackError::Internal("boom".into())));
+        let ok = guarded(async { Decision::pass() }).await;
+        assert_eq!(ok, Ok(Decision::pass()));
+    }
+}

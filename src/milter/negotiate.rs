@@ -1,0 +1,200 @@
+//! What the milter asks of the MTA at negotiation: actions, skipped stages, macros per stage.
+
+use indymilter::{Actions, MacroStage, ProtoOpts};
+use std::{collections::HashMap, ffi::CString};
+
+/// Message modifications requested at end of message: none yet. The DKIM signer (R6) adds
+/// `Actions::ADD_HEADER` here (it covers both `add_header` and `insert_header`).
+pub const ACTIONS: Actions = Actions::empty();
+
+/// What this build needs from the MTA. Stages not needed are skipped at negotiation, which
+/// saves one round trip per header or body chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// End-of-message actions to request (see [`ACTIONS`]).
+    pub actions: Actions,
+    /// Receive each header and the end of headers. Needed by header rules (R7, R8, R19) and
+    /// by the DKIM signer.
+    pub headers: bool,
+    /// Receive the body chunks. Needed by the DKIM signer (body hash) and content scanning.
+    pub body: bool,
+}
+
+impl Default for Features {
+    /// What the rules implemented today need: envelope stages only.
+    fn default() -> Self {
+        Features {
+            actions: ACTIONS,
+            headers: false,
+            body: false,
+        }
+    }
+}
+
+/// The answer to the MTA's offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    pub actions: Actions,
+    pub opts: ProtoOpts,
+    pub macros: HashMap<MacroStage, CString>,
+}
+
+/// The MTA cannot do something this milter needs; the connection is refused and the MTA
+/// applies its `milter_default_action`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the MTA does not offer the milter actions this build needs: {missing:?}")]
+pub struct Unsupported {
+    pub missing: Actions,
+}
+
+impl Features {
+    /// Answers the MTA's offer of actions and protocol options.
+    ///
+    /// indymilter starts `requested_actions` as everything the MTA offered; this assigns the
+    /// exact set instead, so nothing is requested that is not used.
+    pub fn negotiate(
+        &self,
+        mta_actions: Actions,
+        mta_opts: ProtoOpts,
+    ) -> Result<Negotiated, Unsupported> {
+        if !mta_actions.contains(self.actions) {
+            return Err(Unsupported {
+                missing: self.actions - mta_actions,
+            });
+        }
+        let mut actions = self.actions;
+        // Sendmail honours per-stage macro lists only from milters that request this;
+        // Postfix reads the lists either way.
+        if mta_actions.contains(Actions::REQUEST_MACROS) {
+            actions |= Actions::REQUEST_MACROS;
+        }
+        let mut skip = ProtoOpts::NO_UNKNOWN;
+        if !self.headers {
+            skip |= ProtoOpts::NO_HEADER | ProtoOpts::NO_EOH;
+        }
+        if !self.body {
+            skip |= ProtoOpts::NO_BODY;
+        }
+        // Ask to skip only what the MTA can skip; a stage it sends anyway is just ignored.
+        let opts = skip & mta_opts;
+        Ok(Negotiated {
+            actions,
+            opts,
+            macros: self.macros(),
+        })
+    }
+
+    /// Macros requested per stage.
+    ///
+    /// Once a milter sends any list, Postfix replaces *all* its `milter_*_macros` defaults:
+    /// stages not listed get no macros at all. So every stage read here is listed, and the
+    /// queue id `i` is asked at every message stage (Postfix assigns it at MAIL, RCPT or DATA
+    /// depending on `smtpd_delay_open_until_valid_rcpt`). Connect and HELO come before any
+    /// queue id exists, so `i` is not asked there.
+    fn macros(&self) -> HashMap<MacroStage, CString> {
+        let mut m: HashMap<MacroStage, CString> = [
+            (MacroStage::Connect, c"{client_addr} {client_name}"),
+            (MacroStage::Helo, c"{tls_version}"),
+            (
+                MacroStage::Mail,
+                c"i {auth_authen} {mail_addr} {tls_version}",
+            ),
+            (MacroStage::Rcpt, c"i {rcpt_addr}"),
+            (MacroStage::Data, c"i"),
+            (MacroStage::Eom, c"i"),
+        ]
+        .into_iter()
+        .map(|(stage, list)| (stage, list.to_owned()))
+        .collect();
+        if self.headers {
+            m.insert(MacroStage::Eoh, c"i".to_owned());
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What Postfix 3.x offers (milter_protocol = 6).
+    fn postfix_actions() -> Actions {
+        Actions::all()
+    }
+
+    #[test]
+    fn default_skips_headers_body_and_unknown_and_requests_no_modifications() {
+        let n = Features::default()
+            .negotiate(postfix_actions(), ProtoOpts::all())
+            .unwrap();
+        assert_eq!(n.actions, Actions::REQUEST_MACROS);
+        assert_eq!(
+            n.opts,
+            ProtoOpts::NO_UNKNOWN | ProtoOpts::NO_HEADER | ProtoOpts::NO_EOH | ProtoOpts::NO_BODY
+        );
+        assert!(
+            !n.opts.contains(ProtoOpts::NO_DATA),
+            "DATA carries the queue id"
+        );
+        assert!(!n.macros.contains_key(&MacroStage::Eoh));
+    }
+
+    #[test]
+    fn every_message_stage_asks_for_the_queue_id() {
+        let n = Features {
+            headers: true,
+            ..Features::default()
+        }
+        .negotiate(postfix_actions(), ProtoOpts::all())
+        .unwrap();
+        for stage in [
+            MacroStage::Mail,
+            MacroStage::Rcpt,
+            MacroStage::Data,
+            MacroStage::Eoh,
+            MacroStage::Eom,
+        ] {
+            let list = n.macros[&stage].to_str().unwrap();
+            assert!(list.split(' ').any(|m| m == "i"), "{stage:?}: {list}");
+        }
+        assert!(
+            n.macros[&MacroStage::Mail]
+                .to_str()
+                .unwrap()
+                .contains("{auth_authen}")
+        );
+        assert!(
+            n.macros[&MacroStage::Helo]
+                .to_str()
+                .unwrap()
+                .contains("{tls_version}")
+        );
+        assert!(!n.opts.contains(ProtoOpts::NO_HEADER));
+    }
+
+    #[test]
+    fn body_switch_and_dkim_actions() {
+        let dkim = Features {
+            actions: Actions::ADD_HEADER,
+            headers: true,
+            body: true,
+        };
+        let n = dkim.negotiate(postfix_actions(), ProtoOpts::all()).unwrap();
+        assert_eq!(n.actions, Actions::ADD_HEADER | Actions::REQUEST_MACROS);
+        assert_eq!(n.opts, ProtoOpts::NO_UNKNOWN);
+
+        let err = dkim
+            .negotiate(Actions::ADD_RCPT, ProtoOpts::all())
+            .unwrap_err();
+        assert_eq!(err.missing, Actions::ADD_HEADER);
+    }
+
+    #[test]
+    fn only_skips_what_the_mta_offers() {
+        let n = Features::default()
+            .negotiate(Actions::empty(), ProtoOpts::NO_BODY | ProtoOpts::NO_HEADER)
+            .unwrap();
+        assert_eq!(n.opts, ProtoOpts::NO_BODY | ProtoOpts::NO_HEADER);
+        assert_eq!(n.actions, Actions::empty());
+    }
+}

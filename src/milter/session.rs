@@ -1,0 +1,400 @@
+//! Per-connection state: the [`Transaction`] the callbacks fill stage by stage.
+//!
+//! Everything here works on plain values (strings, addresses, a [`MacroSource`]) so it can be
+//! tested without a socket; `callbacks.rs` does the indymilter plumbing. No rule logic lives
+//! here: the checker decides, this only records what the MTA said.
+
+use crate::model::{Address, Protocol, Sender, Transaction};
+use crate::telemetry::ConnectionGuard;
+use std::{ffi::CStr, net::IpAddr};
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+/// Read access to the macros the MTA sent (indymilter's `Macros` in production).
+pub trait MacroSource {
+    /// The value of macro `name` (`c"i"`, `c"{auth_authen}"`), if the MTA defined it.
+    fn macro_value(&self, name: &CStr) -> Option<String>;
+}
+
+impl MacroSource for indymilter::Macros {
+    fn macro_value(&self, name: &CStr) -> Option<String> {
+        self.get(name).map(|v| v.to_string_lossy().into_owned())
+    }
+}
+
+/// Most recipients kept for one message. Postfix's own `smtpd_recipient_limit` defaults to
+/// 1000; this only bounds memory against a misbehaving peer. Past it, recipients are tempfailed.
+pub const MAX_RECIPIENTS: usize = 10_000;
+
+/// Longest macro or HELO value kept (longer values are cut, never rejected: they are for logs
+/// and matching, and the MTA already enforces its own limits).
+const MAX_VALUE_LEN: usize = 255;
+
+/// Malformed input from the MTA inside one message. The callback tempfails the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallbackError {
+    #[error("MAIL command without a sender address")]
+    NoSender,
+    #[error("RCPT command without a recipient address")]
+    NoRecipient,
+    #[error("rule evaluation failed unexpectedly: {0}")]
+    Internal(String),
+}
+
+/// One MTA connection.
+pub struct Session {
+    pub tx: Transaction,
+    /// Held while a message is between MAIL and end of message; shutdown waits for these.
+    in_flight: Option<TaskTrackerToken>,
+    /// An internal error hit this message: every later stage of it answers tempfail.
+    failed: bool,
+    /// Header and body bytes seen, when those stages are negotiated.
+    measured: u64,
+    /// Queue id of the previous message on this connection (see [`Session::refresh`]).
+    previous_queue_id: Option<String>,
+    _open: ConnectionGuard,
+}
+
+impl Session {
+    pub fn new(open: ConnectionGuard) -> Session {
+        Session {
+            tx: Transaction::new(Protocol::Milter),
+            in_flight: None,
+            failed: false,
+            measured: 0,
+            previous_queue_id: None,
+            _open: open,
+        }
+    }
+
+    /// CONNECT: the client's address from the socket information, else `{client_addr}`; its
+    /// name from `{client_name}`, else the connect hostname unless it is Postfix's
+    /// "unknown" form (`[192.0.2.1]`).
+    pub fn connect(&mut self, hostname: &str, socket_ip: Option<IpAddr>, m: &impl MacroSource) {
+        self.tx = Transaction::new(Protocol::Milter);
+        self.end_message();
+        self.tx.client_addr = socket_ip.or_else(|| {
+            m.macro_value(c"{client_addr}")
+                .and_then(|a| a.trim().parse::<IpAddr>().ok())
+        });
+        self.tx.client_name = m
+            .macro_value(c"{client_name}")
+            .and_then(|n| clean(&n))
+            .filter(|n| !is_unknown_name(n))
+            .or_else(|| clean(hostname).filter(|n| !is_unknown_name(n)));
+    }
+
+    /// HELO/EHLO. Postfix sends it again after STARTTLS, with the TLS macros set.
+    pub fn helo(&mut self, name: &str, m: &impl MacroSource) {
+        self.tx.helo = clean(name);
+        self.tx.tls_version = m.macro_value(c"{tls_version}").and_then(|v| clean(&v));
+    }
+
+    /// MAIL: starts a new message. `args[0]` is the address (`<a@b>` or `<>`), the rest are
+    /// ESMTP parameters; `{mail_addr}` stands in when the address argument is missing.
+    pub fn mail(&mut self, args: &[String], m: &impl MacroSource) -> Result<(), CallbackError> {
+        self.end_message();
+        self.refresh(m);
+        if let Some(user) = m.macro_value(c"{auth_authen}").and_then(|u| clean(&u)) {
+            self.tx.sasl_username = Some(user);
+        }
+        if let Some(v) = m.macro_value(c"{tls_version}").and_then(|v| clean(&v)) {
+            self.tx.tls_version = Some(v);
+        }
+        let raw = args
+            .first()
+            .cloned()
+            .or_else(|| m.macro_value(c"{mail_addr}"))
+            .ok_or(CallbackError::NoSender)?;
+        self.tx.sender = Some(Sender::parse(&raw));
+        self.tx.size = args.iter().skip(1).find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.eq_ignore_ascii_case("SIZE").then(|| v.parse().ok())?
+        });
+        Ok(())
+    }
+
+    /// Marks the message as in flight (after MAIL was accepted) so a shutdown waits for it.
+    pub fn message_started(&mut self, token: TaskTrackerToken) {
+        self.in_flight = Some(token);
+    }
+
+    /// RCPT: the recipient to judge. `Ok(None)` for an address that cannot be a directory
+    /// name (`<postmaster>` without a domain): no rule applies to it.
+    pub fn rcpt(
+        &mut self,
+        args: &[String],
+        m: &impl MacroSource,
+    ) -> Result<Option<Address>, CallbackError> {
+        self.refresh(m);
+        let raw = args
+            .first()
+            .cloned()
+            .or_else(|| m.macro_value(c"{rcpt_addr}"))
+            .ok_or(CallbackError::NoRecipient)?;
+        Ok(Sender::parse(&raw).address().cloned())
+    }
+
+    /// Records a recipient the checker let through.
+    pub fn accept_rcpt(&mut self, rcpt: Address) {
+        self.tx.recipients.push(rcpt);
+    }
+
+    /// Whether another recipient may be kept (see [`MAX_RECIPIENTS`]).
+    pub fn has_room_for_rcpt(&self) -> bool {
+        self.tx.recipients.len() < MAX_RECIPIENTS
+    }
+
+    /// Picks up the queue id (`i`) where the MTA sends it; Postfix assigns it at MAIL or
+    /// later depending on `smtpd_delay_open_until_valid_rcpt`.
+    ///
+    /// indymilter (like libmilter) keeps a stage's macros until the MTA sends new ones for
+    /// that stage, and Postfix's empty macro list for a stage is not understood as "none".
+    /// So at the next MAIL the previous message's `i` can still be visible. A queue id names
+    /// one message, so the previous message's id is never taken for the current one.
+    pub fn refresh(&mut self, m: &impl MacroSource) {
+        if let Some(id) = m.macro_value(c"i").and_then(|i| clean(&i)) {
+            if self.previous_queue_id.as_ref() != Some(&id) {
+                self.tx.queue_id = Some(id);
+            }
+        }
+    }
+
+    /// One header (only when headers are negotiated): counted for the measured size.
+    pub fn header(&mut self, name_len: usize, value_len: usize) {
+        // "name:" + value + CRLF
+        self.measured += (name_len + 1 + value_len + 2) as u64;
+    }
+
+    /// One body chunk (only when the body is negotiated): counted for the measured size.
+    pub fn body(&mut self, len: usize) {
+        self.measured += len as u64;
+    }
+
+    /// End of message: the measured size replaces the declared one when it was measured.
+    pub fn end_of_message(&mut self, m: &impl MacroSource, measured: bool) {
+        self.refresh(m);
+        if measured {
+            self.tx.size = Some(self.measured);
+        }
+    }
+
+    /// Ends the current message (EOM answered, ABORT, new MAIL): per-message state is cleared,
+    /// the connection's (client, HELO, TLS) kept.
+    pub fn end_message(&mut self) {
+        if let Some(id) = self.tx.queue_id.take() {
+            self.previous_queue_id = Some(id);
+        }
+        self.tx.reset_message();
+        self.in_flight = None;
+        self.failed = false;
+        self.measured = 0;
+    }
+
+    pub fn fail_message(&mut self) {
+        self.failed = true;
+    }
+
+    pub fn message_failed(&self) -> bool {
+        self.failed
+    }
+}
+
+/// Postfix sends `[addr]` (or `unknown`) as the name of a client without reverse DNS.
+fn is_unknown_name(n: &str) -> bool {
+    n.starts_with('[') || n.eq_ignore_ascii_case("unknown")
+}
+
+/// Values go into logs: no control characters, bounded length, empty means absent.
+pub(crate) fn clean(s: &str) -> Option<String> {
+    let s: String = s
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_VALUE_LEN)
+        .collect();
+    (!s.is_empty()).then_some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Metrics;
+    use std::collections::HashMap;
+
+    struct Map(HashMap<&'static str, &'static str>);
+
+    impl MacroSource for Map {
+        fn macro_value(&self, name: &CStr) -> Option<String> {
+            self.0.get(name.to_str().unwrap()).map(|v| v.to_string())
+        }
+    }
+
+    fn macros(pairs: &[(&'static str, &'static str)]) -> Map {
+        Map(pairs.iter().copied().collect())
+    }
+
+    fn session(metrics: &Metrics) -> Session {
+        Session::new(metrics.connection(Protocol::Milter))
+    }
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn connect_prefers_socket_address_and_skips_unknown_names() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        let m = macros(&[("{client_addr}", "198.51.100.9")]);
+        s.connect("[192.0.2.1]", Some("192.0.2.1".parse().unwrap()), &m);
+        assert_eq!(s.tx.client_addr, Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(s.tx.client_name, None);
+
+        // No usable socket (Unix-domain or unknown family): the macro stands in.
+        s.connect("mx.example.org", None, &m);
+        assert_eq!(s.tx.client_addr, Some("198.51.100.9".parse().unwrap()));
+        assert_eq!(s.tx.client_name.as_deref(), Some("mx.example.org"));
+
+        let m = macros(&[("{client_name}", "relay.mpt.gov.la")]);
+        s.connect("ignored.example", None, &m);
+        assert_eq!(s.tx.client_name.as_deref(), Some("relay.mpt.gov.la"));
+        assert_eq!(s.tx.client_addr, None);
+    }
+
+    #[test]
+    fn mail_captures_sender_auth_tls_queue_id_and_size() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.helo("client.example", &macros(&[("{tls_version}", "TLSv1.3")]));
+        let m = macros(&[("i", "4XyZ1"), ("{auth_authen}", "champa")]);
+        s.mail(
+            &args(&["<Champa@MPT.gov.la>", "SIZE=2048", "BODY=8BITMIME"]),
+            &m,
+        )
+        .unwrap();
+        assert_eq!(
+            s.tx.sender.as_ref().unwrap().address().unwrap().to_string(),
+            "champa@mpt.gov.la"
+        );
+        assert_eq!(s.tx.queue_id.as_deref(), Some("4XyZ1"));
+        assert_eq!(s.tx.sasl_username.as_deref(), Some("champa"));
+        assert_eq!(s.tx.tls_version.as_deref(), Some("TLSv1.3"));
+        assert_eq!(s.tx.helo.as_deref(), Some("client.example"));
+        assert_eq!(s.tx.size, Some(2048));
+    }
+
+    #[test]
+    fn mail_address_falls_back_to_macro_and_missing_is_an_error() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.mail(&[], &macros(&[("{mail_addr}", "a@mof.gov.la")]))
+            .unwrap();
+        assert_eq!(
+            s.tx.sender.as_ref().unwrap().address().unwrap().to_string(),
+            "a@mof.gov.la"
+        );
+        assert_eq!(s.mail(&[], &macros(&[])), Err(CallbackError::NoSender));
+        s.mail(&args(&["<>"]), &macros(&[])).unwrap();
+        assert_eq!(s.tx.sender, Some(Sender::Null));
+    }
+
+    #[test]
+    fn rcpt_refreshes_queue_id_and_parses_address() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.mail(&args(&["<a@mpt.gov.la>"]), &macros(&[])).unwrap();
+        assert_eq!(s.tx.queue_id, None);
+        let r = s
+            .rcpt(&args(&["<B@MPT.gov.la>"]), &macros(&[("i", "Q1")]))
+            .unwrap();
+        assert_eq!(r.unwrap().to_string(), "b@mpt.gov.la");
+        assert_eq!(s.tx.queue_id.as_deref(), Some("Q1"));
+        assert_eq!(s.rcpt(&args(&["<postmaster>"]), &macros(&[])), Ok(None));
+        assert_eq!(
+            s.rcpt(&[], &macros(&[("{rcpt_addr}", "c@mpt.gov.la")]))
+                .unwrap()
+                .unwrap()
+                .to_string(),
+            "c@mpt.gov.la"
+        );
+        assert_eq!(s.rcpt(&[], &macros(&[])), Err(CallbackError::NoRecipient));
+    }
+
+    #[test]
+    fn end_message_keeps_connection_state() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.connect(
+            "mx.example.org",
+            Some("192.0.2.7".parse().unwrap()),
+            &macros(&[]),
+        );
+        s.helo("mx.example.org", &macros(&[("{tls_version}", "TLSv1.2")]));
+        s.mail(&args(&["<a@mpt.gov.la>"]), &macros(&[("i", "Q1")]))
+            .unwrap();
+        s.accept_rcpt("b@mpt.gov.la".parse().unwrap());
+        s.fail_message();
+        s.end_message();
+        assert_eq!(s.tx.queue_id, None);
+        assert_eq!(s.tx.sender, None);
+        assert!(s.tx.recipients.is_empty());
+        assert!(!s.message_failed());
+        assert_eq!(s.tx.client_addr, Some("192.0.2.7".parse().unwrap()));
+        assert_eq!(s.tx.helo.as_deref(), Some("mx.example.org"));
+        assert_eq!(s.tx.tls_version.as_deref(), Some("TLSv1.2"));
+    }
+
+    #[test]
+    fn previous_message_queue_id_is_not_reused() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        let q1 = macros(&[("i", "Q1")]);
+        s.mail(&args(&["<a@mpt.gov.la>"]), &q1).unwrap();
+        assert_eq!(s.tx.queue_id.as_deref(), Some("Q1"));
+        s.end_message();
+        s.end_message(); // Postfix's ABORT after end of message
+        // Stale MAIL-stage macros still say Q1.
+        s.mail(&args(&["<a@mpt.gov.la>"]), &q1).unwrap();
+        assert_eq!(s.tx.queue_id, None);
+        s.rcpt(&args(&["<b@mpt.gov.la>"]), &macros(&[("i", "Q2")]))
+            .unwrap();
+        assert_eq!(s.tx.queue_id.as_deref(), Some("Q2"));
+    }
+
+    #[test]
+    fn measured_size_counts_headers_and_body() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.mail(&args(&["<a@mpt.gov.la>", "SIZE=10"]), &macros(&[]))
+            .unwrap();
+        s.header(4, 11); // "From: a@mpt.gov.la" style: 4 + 1 + 11 + 2
+        s.body(100);
+        s.end_of_message(&macros(&[("i", "Q9")]), true);
+        assert_eq!(s.tx.size, Some(118));
+        assert_eq!(s.tx.queue_id.as_deref(), Some("Q9"));
+    }
+
+    #[test]
+    fn values_are_cleaned_for_logs() {
+        assert_eq!(clean("  a\r\nb\u{7}c "), Some("abc".into()));
+        assert_eq!(clean("\n"), None);
+        assert_eq!(clean(&"x".repeat(1000)).unwrap().len(), MAX_VALUE_LEN);
+    }
+
+    #[test]
+    fn connection_gauge_follows_session_lifetime() {
+        let metrics = Metrics::new();
+        let s = session(&metrics);
+        assert!(
+            metrics
+                .encode()
+                .contains(r#"mailwarden_connections_open{protocol="milter"} 1"#)
+        );
+        drop(s);
+        assert!(
+            metrics
+                .encode()
+                .contains(r#"mailwarden_connections_open{protocol="milter"} 0"#)
+        );
+    }
+}

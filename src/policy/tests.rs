@@ -1,0 +1,684 @@
+//! Conversations with the policy server as Postfix would have them: the server runs on
+//! 127.0.0.1 port 0 with a real `Checker` over a real SQLite store on a temp file; the test
+//! scripts the MTA side. A thin wrapper injects store faults where a test needs one.
+
+use super::codec::Request;
+use super::loadgen::{self, Client, LoadSpec};
+use crate::checker::Checker;
+use crate::config::{Config, ListenAddr};
+use crate::model::Address;
+use crate::net::Listener;
+use crate::store::cache::CachedDirectory;
+use crate::store::{sqlite::SqliteStore, *};
+use crate::telemetry::Metrics;
+use async_trait::async_trait;
+use std::{sync::Arc, time::Duration};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+// ---- the directory: a real SQLite store on a temp file -----------------------------------
+
+/// What to inject between the checker and the SQLite store.
+#[derive(Clone)]
+enum Fault {
+    None,
+    /// Every lookup fails, as when the store is down.
+    Down,
+    /// Lookups of one domain wait until released, to catch a request mid-decision.
+    Gate(Arc<Gate>),
+}
+
+struct Gate {
+    domain: String,
+    entered: Notify,
+    release: Semaphore,
+}
+
+/// Delegates to the real store, injecting `fault` into the lookups the mail path makes.
+struct Faulty {
+    inner: Arc<dyn Store>,
+    fault: Fault,
+}
+
+fn down() -> StoreError {
+    StoreError::Unavailable("test store is down".into())
+}
+
+#[async_trait]
+impl Store for Faulty {
+    async fn create_org(&self, org: &Org) -> StoreResult<()> {
+        self.inner.create_org(org).await
+    }
+    async fn get_org(&self, code: &str) -> StoreResult<Option<Org>> {
+        self.inner.get_org(code).await
+    }
+    async fn get_org_by_domain(&self, domain: &str) -> StoreResult<Option<Org>> {
+        match &self.fault {
+            Fault::None => {}
+            Fault::Down => return Err(down()),
+            Fault::Gate(g) if g.domain == domain => {
+                g.entered.notify_one();
+                g.release.acquire().await.unwrap().forget();
+            }
+            Fault::Gate(_) => {}
+        }
+        self.inner.get_org_by_domain(domain).await
+    }
+    async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
+        self.inner.list_orgs().await
+    }
+    async fn set_org_status(
+        &self,
+        code: &str,
+        change: &StatusChange<OrgStatus>,
+    ) -> StoreResult<(Org, Org)> {
+        self.inner.set_org_status(code, change).await
+    }
+    async fn create_account(&self, a: &Account) -> StoreResult<()> {
+        self.inner.create_account(a).await
+    }
+    async fn create_accounts(&self, accounts: &[Account]) -> StoreResult<()> {
+        self.inner.create_accounts(accounts).await
+    }
+    async fn get_account(&self, address: &Address) -> StoreResult<Option<Account>> {
+        if matches!(self.fault, Fault::Down) {
+            return Err(down());
+        }
+        self.inner.get_account(address).await
+    }
+    async fn list_accounts(&self, org: Option<&str>) -> StoreResult<Vec<Account>> {
+        self.inner.list_accounts(org).await
+    }
+    async fn set_account_status(
+        &self,
+        address: &Address,
+        change: &StatusChange<AccountStatus>,
+    ) -> StoreResult<(Account, Account)> {
+        self.inner.set_account_status(address, change).await
+    }
+    async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>> {
+        self.inner.taken_locals(domain, locals).await
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.inner.ping().await
+    }
+    fn kind(&self) -> &'static str {
+        "faulty"
+    }
+}
+
+fn org(code: &str, status: OrgStatus) -> Org {
+    Org {
+        code: code.into(),
+        name: format!("Organisation {code}"),
+        domain: format!("{code}.gov.la"),
+        status,
+        status_reason: None,
+        created_at: 0,
+        status_changed_at: 0,
+    }
+}
+
+fn account(addr: &str, status: AccountStatus) -> Account {
+    let address: Address = addr.parse().unwrap();
+    Account {
+        org: address.domain().split('.').next().unwrap().to_owned(),
+        address,
+        kind: AccountKind::Person,
+        status,
+        status_reason: None,
+        display_name: None,
+        created_at: 0,
+        status_changed_at: 0,
+        quota_bytes: None,
+    }
+}
+
+/// A SQLite directory in `dir`: mpt.gov.la (active) with one account in each status;
+/// old.gov.la has ceased; slow.gov.la is the one a `Fault::Gate` holds.
+async fn directory(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+    let path = dir.path().join("mailwarden.db");
+    let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+    for o in [
+        org("mpt", OrgStatus::Active),
+        org("old", OrgStatus::Ceased),
+        org("slow", OrgStatus::Active),
+    ] {
+        store.create_org(&o).await.unwrap();
+    }
+    store
+        .create_accounts(&[
+            account("champa@mpt.gov.la", AccountStatus::Active),
+            account("somsak@mpt.gov.la", AccountStatus::Suspended),
+            account("gone@mpt.gov.la", AccountStatus::Withdrawn),
+            account("newbie@mpt.gov.la", AccountStatus::Pending),
+            account("boss@old.gov.la", AccountStatus::Active),
+            account("held@slow.gov.la", AccountStatus::Suspended),
+        ])
+        .await
+        .unwrap();
+    Arc::new(store)
+}
+
+// ---- a running server ------------------------------------------------------------------------
+
+struct Server {
+    addr: ListenAddr,
+    checker: Arc<Checker>,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+    serving: tokio::task::JoinHandle<std::io::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Server {
+    async fn start(config_toml: &str, fault: Fault) -> Server {
+        Server::start_on("inet:127.0.0.1:0", config_toml, fault).await
+    }
+
+    async fn start_on(listen: &str, config_toml: &str, fault: Fault) -> Server {
+        let config = Config::from_toml(config_toml).expect("test config is valid");
+        let dir = tempfile::tempdir().unwrap();
+        let store = directory(&dir).await;
+        let store: Arc<dyn Store> = match fault {
+            Fault::None => store,
+            fault => Arc::new(Faulty {
+                inner: store,
+                fault,
+            }),
+        };
+        let directory = CachedDirectory::new(
+            store,
+            config.store.cache_ttl,
+            config.store.cache_size,
+            config.store.timeout,
+        );
+        let checker = Arc::new(Checker::new(config, directory, Arc::new(Metrics::new())));
+        let listener = Listener::bind(&listen.parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let sessions = TaskTracker::new();
+        let serving = tokio::spawn(super::serve(
+            listener,
+            checker.clone(),
+            shutdown.clone(),
+            sessions.clone(),
+        ));
+        Server {
+            addr,
+            checker,
+            shutdown,
+            sessions,
+            serving,
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(&self.addr).await.unwrap()
+    }
+
+    fn metrics(&self) -> String {
+        self.checker.metrics.encode()
+    }
+}
+
+fn rcpt(sender: &str, recipient: &str) -> Request {
+    loadgen::rcpt_request(sender, recipient, 0)
+}
+
+fn at_state(state: &str, sender: &str, recipient: &str) -> Request {
+    Request::from_attrs([
+        ("request", "smtpd_access_policy"),
+        ("protocol_state", state),
+        ("queue_id", "8045F2AB23"),
+        ("client_address", "192.0.2.10"),
+        ("sender", sender),
+        ("recipient", recipient),
+    ])
+}
+
+/// The reply's code words: `DUNNO`, `550 5.2.1`, …
+fn code(action: &str) -> String {
+    let words: Vec<&str> = action.split_whitespace().collect();
+    match words.first() {
+        Some(w) if w.parse::<u16>().is_ok() => words[..2.min(words.len())].join(" "),
+        Some(w) => (*w).to_owned(),
+        None => String::new(),
+    }
+}
+
+/// Reads until the server closes, failing the test if that takes longer than 10 s.
+async fn assert_closed(c: &mut Client) {
+    let closed = tokio::time::timeout(Duration::from_secs(10), c.closed_by_server())
+        .await
+        .expect("server did not close the connection");
+    assert!(closed, "server sent bytes instead of closing");
+}
+
+const DEFAULT: &str = "";
+
+// ---- the tests -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn many_requests_on_one_connection() {
+    let s = Server::start(DEFAULT, Fault::None).await;
+    let mut c = s.client().await;
+    let ext = "someone@example.org";
+    for (recipient, want) in [
+        ("champa@mpt.gov.la", "DUNNO"),
+        ("somsak@mpt.gov.la", "550 5.2.1"),
+        ("gone@mpt.gov.la", "550 5.1.1"),
+        ("boss@old.gov.la", "550 5.1.1"),
+        ("friend@example.org", "DUNNO"),
+        ("unknown@mpt.gov.la", "DUNNO"),
+        ("Somsak@MPT.gov.la", "550 5.2.1"),
+        ("champa@mpt.gov.la", "DUNNO"),
+    ] {
+        let action = c.ask(&rcpt(ext, recipient)).await.unwrap();
+        assert_eq!(code(&action), want, "{recipient}: {action}");
+    }
+    // The reply text says what happened, with the address.
+    let action = c.ask(&rcpt(ext, "somsak@mpt.gov.la")).await.unwrap();
+    assert!(
+        action.starts_with("550 5.2.1 Mailbox <somsak@mpt.gov.la> is suspended"),
+        "{action}"
+    );
+    let m = s.metrics();
+    assert!(
+        m.contains(r#"mailwarden_verdicts_total{rule="R1",stage="rcpt",outcome="reject",protocol="policy"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"mailwarden_connections_open{protocol="policy"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn sender_rules_r9_and_r2() {
+    let s = Server::start(DEFAULT, Fault::None).await;
+    let mut c = s.client().await;
+    let to = "friend@example.org";
+    for (sender, want) in [
+        ("nobody@mpt.gov.la", "553 5.7.1"), // R9: not registered
+        ("newbie@mpt.gov.la", "553 5.7.1"), // R9: pending
+        ("gone@mpt.gov.la", "550 5.7.1"),   // R2: withdrawn
+        ("boss@old.gov.la", "550 5.7.1"),   // R2: ceased organisation
+        ("champa@mpt.gov.la", "DUNNO"),     // active
+        ("somsak@mpt.gov.la", "DUNNO"),     // suspended may still send
+        ("stranger@example.org", "DUNNO"),  // not a local domain
+        ("", "DUNNO"),                      // null sender
+        ("not an address", "DUNNO"),        // unparsable: Postfix's business
+    ] {
+        let action = c.ask(&rcpt(sender, to)).await.unwrap();
+        assert_eq!(code(&action), want, "sender {sender:?}: {action}");
+        let action = c.ask(&at_state("MAIL", sender, "")).await.unwrap();
+        assert_eq!(
+            code(&action),
+            want,
+            "MAIL state, sender {sender:?}: {action}"
+        );
+    }
+    // The sender is judged before the recipient.
+    let action = c
+        .ask(&rcpt("nobody@mpt.gov.la", "somsak@mpt.gov.la"))
+        .await
+        .unwrap();
+    assert_eq!(code(&action), "553 5.7.1", "{action}");
+}
+
+#[tokio::test]
+async fn stages_without_rules_yet_answer_dunno() {
+    let s = Server::start(DEFAULT, Fault::None).await;
+    let mut c = s.client().await;
+    for state in [
+        "CONNECT",
+        "EHLO",
+        "HELO",
+        "DATA",
+        "END-OF-MESSAGE",
+        "VRFY",
+        "ETRN",
+        "SOMETHING-NEW",
+    ] {
+        let action = c
+            .ask(&at_state(state, "nobody@mpt.gov.la", "somsak@mpt.gov.la"))
+            .await
+            .unwrap();
+        assert_eq!(action, "DUNNO", "{state}");
+    }
+    // A recipient Postfix accepted but we cannot parse is left to Postfix.
+    let action = c
+        .ask(&rcpt("champa@mpt.gov.la", "\"odd local\"@mpt.gov.la"))
+        .await
+        .unwrap();
+    assert_eq!(action, "DUNNO");
+}
+
+#[tokio::test]
+async fn monitor_mode_answers_dunno_and_counts_would_reject() {
+    let config = r#"
+[rules.R1]
+mode = "monitor"
+[rules.R9]
+mode = "monitor"
+"#;
+    let s = Server::start(config, Fault::None).await;
+    let mut c = s.client().await;
+    assert_eq!(
+        c.ask(&rcpt("champa@mpt.gov.la", "somsak@mpt.gov.la"))
+            .await
+            .unwrap(),
+        "DUNNO"
+    );
+    assert_eq!(
+        c.ask(&rcpt("nobody@mpt.gov.la", "champa@mpt.gov.la"))
+            .await
+            .unwrap(),
+        "DUNNO"
+    );
+    // R2 is still enforced.
+    assert_eq!(
+        code(
+            &c.ask(&rcpt("champa@mpt.gov.la", "gone@mpt.gov.la"))
+                .await
+                .unwrap()
+        ),
+        "550 5.1.1"
+    );
+    let m = s.metrics();
+    assert!(
+        m.contains(r#"mailwarden_verdicts_total{rule="R1",stage="rcpt",outcome="would_reject",protocol="policy"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"mailwarden_verdicts_total{rule="R9",stage="mail",outcome="would_reject",protocol="policy"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn store_outage_tempfails() {
+    let s = Server::start(DEFAULT, Fault::Down).await;
+    let mut c = s.client().await;
+    let action = c.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap();
+    assert_eq!(code(&action), "451 4.3.0", "{action}");
+}
+
+#[tokio::test]
+async fn garbage_ends_only_that_connection() {
+    let s = Server::start(DEFAULT, Fault::None).await;
+    let mut good = s.client().await;
+    assert_eq!(
+        good.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
+        "DUNNO"
+    );
+    let mut bad = s.client().await;
+    bad.send_raw(b"GET / HTTP/1.1\r\nHost: policy\r\n\r\n")
+        .await
+        .unwrap();
+    assert_closed(&mut bad).await;
+    // The other connection, and new ones, keep working.
+    assert_eq!(
+        code(&good.ask(&rcpt("", "somsak@mpt.gov.la")).await.unwrap()),
+        "550 5.2.1"
+    );
+    let mut fresh = s.client().await;
+    assert_eq!(
+        fresh.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
+        "DUNNO"
+    );
+    let m = s.metrics();
+    assert!(
+        m.contains(r#"mailwarden_protocol_errors_total{protocol="policy"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_request_type_is_a_protocol_error() {
+    let s = Server::start(DEFAULT, Fault::None).await;
+    let mut c = s.client().await;
+    c.send_raw(b"request=junk\nprotocol_state=RCPT\n\n")
+        .await
+        .unwrap();
+    assert_closed(&mut c).await;
+    let mut c = s.client().await;
+    c.send_raw(b"protocol_state=RCPT\nrecipient=a@mpt.gov.la\n\n")
+        .await
+        .unwrap();
+    assert_closed(&mut c).await;
+    assert!(
+        s.metrics()
+            .contains(r#"mailwarden_protocol_errors_total{protocol="policy"} 2"#)
+    );
+}
+
+#[tokio::test]
+async fn oversize_request_closes_the_connection() {
+    let config = "[server]\npolicy_max_request_bytes = 1024\n";
+    let s = Server::start(config, Fault::None).await;
+    let mut c = s.client().await;
+    // A normal request fits.
+    assert_eq!(
+        c.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
+        "DUNNO"
+    );
+    let mut big = b"request=smtpd_access_policy\nprotocol_state=RCPT\nccert_subject=".to_vec();
+    big.extend(std::iter::repeat_n(b'x', 4000));
+    big.extend_from_slice(b"\n\n");
+    // The server may close before it has read everything; a failed write is fine.
+    let _ = c.send_raw(&big).await;
+    assert_closed(&mut c).await;
+    assert!(
+        s.metrics()
+            .contains(r#"mailwarden_protocol_errors_total{protocol="policy"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn too_many_attributes_close_the_connection() {
+    let config = "[server]\npolicy_max_attributes = 10\n";
+    let s = Server::start(config, Fault::None).await;
+    let mut c = s.client().await;
+    // The full Postfix attribute set has 29 attributes.
+    let _ = c
+        .send_raw(&rcpt("", "champa@mpt.gov.la").encode().unwrap())
+        .await;
+    assert_closed(&mut c).await;
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed_after_the_timeout() {
+    let config = "[server]\npolicy_idle_timeout = \"300ms\"\n";
+    let s = Server::start(config, Fault::None).await;
+    let mut c = s.client().await;
+    assert_eq!(
+        c.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
+        "DUNNO"
+    );
+    let start = std::time::Instant::now();
+    assert_closed(&mut c).await;
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "closed after {:?}, before the idle timeout",
+        start.elapsed()
+    );
+    // Idling is not a protocol error.
+    assert!(!s.metrics().contains("mailwarden_protocol_errors_total{"));
+}
+
+#[tokio::test]
+async fn idle_timeout_also_bounds_a_half_sent_request() {
+    let config = "[server]\npolicy_idle_timeout = \"300ms\"\n";
+    let s = Server::start(config, Fault::None).await;
+    let mut c = s.client().await;
+    c.send_raw(b"request=smtpd_access_policy\nprotocol_st")
+        .await
+        .unwrap();
+    assert_closed(&mut c).await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_request_in_flight_finish() {
+    let gate = Arc::new(Gate {
+        domain: "slow.gov.la".into(),
+        entered: Notify::new(),
+        release: Semaphore::new(0),
+    });
+    let s = Server::start(DEFAULT, Fault::Gate(gate.clone())).await;
+    let mut idle = s.client().await;
+    assert_eq!(
+        idle.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
+        "DUNNO"
+    );
+    let mut busy = s.client().await;
+    busy.send_raw(&rcpt("", "held@slow.gov.la").encode().unwrap())
+        .await
+        .unwrap();
+    // The decision is now waiting on the store.
+    gate.entered.notified().await;
+    s.shutdown.cancel();
+    // The accept loop stops and the idle connection is closed ...
+    s.sessions.close();
+    assert_closed(&mut idle).await;
+    // ... while the busy one is still being decided; once the store answers, the MTA gets
+    // its reply, then the connection closes.
+    gate.release.add_permits(1);
+    let action = busy.read_action().await.unwrap();
+    assert_eq!(code(&action), "550 5.2.1", "{action}");
+    assert_closed(&mut busy).await;
+    tokio::time::timeout(Duration::from_secs(10), s.sessions.wait())
+        .await
+        .expect("sessions drained");
+    let mut s = s;
+    tokio::time::timeout(Duration::from_secs(10), &mut s.serving)
+        .await
+        .expect("serve returned")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn no_new_connections_after_shutdown() {
+    let s = Server::start(DEFAULT, Fault::None).await;
+    let addr = s.addr.clone();
+    s.shutdown.cancel();
+    let mut s = s;
+    (&mut s.serving).await.unwrap().unwrap();
+    assert!(Client::connect(&addr).await.is_err());
+}
+
+#[tokio::test]
+async fn max_connections_queues_further_clients() {
+    let config = "[server]\nmax_connections = 1\n";
+    let s = Server::start(config, Fault::None).await;
+    let mut first = s.client().await;
+    assert_eq!(
+        first.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
+        "DUNNO"
+    );
+    // The second client gets through the TCP handshake (listen backlog) but is not served.
+    let mut second = s.client().await;
+    second
+        .send_raw(&rcpt("", "somsak@mpt.gov.la").encode().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), second.read_action())
+            .await
+            .is_err(),
+        "second connection served beyond max_connections"
+    );
+    // Once the first leaves, the second is served.
+    drop(first);
+    let action = tokio::time::timeout(Duration::from_secs(10), second.read_action())
+        .await
+        .expect("second connection served after the first closed")
+        .unwrap();
+    assert_eq!(code(&action), "550 5.2.1");
+}
+
+#[tokio::test]
+async fn serves_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("unix:{}", dir.path().join("policy.sock").display());
+    let s = Server::start_on(&listen, DEFAULT, Fault::None).await;
+    let mut c = s.client().await;
+    assert_eq!(
+        code(&c.ask(&rcpt("", "gone@mpt.gov.la")).await.unwrap()),
+        "550 5.1.1"
+    );
+}
+
+#[tokio::test]
+async fn requests_split_across_writes_and_pipelined() {
+    let s = Server::start(DEFAULT, Fault::None).await;
+    let mut c = s.client().await;
+    let one = rcpt("", "somsak@mpt.gov.la").encode().unwrap();
+    let two = rcpt("", "champa@mpt.gov.la").encode().unwrap();
+    // Byte by byte.
+    for b in &one {
+        c.send_raw(std::slice::from_ref(b)).await.unwrap();
+    }
+    assert_eq!(code(&c.read_action().await.unwrap()), "550 5.2.1");
+    // Two requests in one write: two replies, in order.
+    c.send_raw(&[two.clone(), one.clone()].concat())
+        .await
+        .unwrap();
+    assert_eq!(c.read_action().await.unwrap(), "DUNNO");
+    assert_eq!(code(&c.read_action().await.unwrap()), "550 5.2.1");
+}
+
+#[tokio::test]
+async fn load_generator_gets_every_request_answered() {
+    let s = Server::start(DEFAULT, Fault::None).await;
+    let spec = LoadSpec {
+        target: s.addr.clone(),
+        connections: 4,
+        requests_per_connection: 50,
+        recipients: vec![
+            "champa@mpt.gov.la".into(),
+            "somsak@mpt.gov.la".into(),
+            "friend@example.org".into(),
+            "gone@mpt.gov.la".into(),
+        ],
+        sender: "someone@example.org".into(),
+        timeout: Duration::from_secs(10),
+    };
+    let report = loadgen::run(&spec).await.unwrap();
+    assert_eq!(report.failures, Vec::<String>::new());
+    assert_eq!(report.sent, 200);
+    assert_eq!(report.answered, 200);
+    // Round-robin over four recipients: half pass, half are rejected.
+    assert_eq!(report.actions.get("DUNNO"), Some(&100));
+    assert_eq!(report.actions.get("550"), Some(&100));
+    assert!(report.p50 <= report.p99 && report.p99 <= report.max);
+    assert!(report.max > Duration::ZERO && report.rate() > 0.0);
+}
+
+#[tokio::test]
+async fn load_generator_reports_a_dead_server() {
+    // Bind a port, then free it: nothing listens there.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = ListenAddr::Inet(l.local_addr().unwrap());
+    drop(l);
+    let spec = LoadSpec {
+        target: addr,
+        connections: 2,
+        requests_per_connection: 3,
+        recipients: vec!["a@b.la".into()],
+        sender: String::new(),
+        timeout: Duration::from_secs(5),
+    };
+    let report = loadgen::run(&spec).await.unwrap();
+    assert_eq!(report.answered, 0);
+    assert_eq!(report.failures.len(), 2);
+}

@@ -1,0 +1,943 @@
+//! The admin API over HTTP: auth, every endpoint, R3/R4/R5 errors, audit, cache invalidation,
+//! metrics, TLS.
+
+mod common;
+
+use common::{ADMIN, Api, READ, WRITE};
+use mailwarden::model::{Action, Address, Protocol, Transaction};
+use reqwest::{Method, StatusCode, header};
+use serde_json::{Value, json};
+use std::sync::atomic::Ordering;
+
+fn user(address: &str, kind: &str) -> Value {
+    json!({"address": address, "kind": kind})
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_token_get_401_with_a_challenge() {
+    let api = Api::start().await;
+    let resp = api
+        .http
+        .get(format!("{}/v1/orgs", api.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let challenge = resp.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+    assert!(challenge.starts_with("Bearer"), "{challenge}");
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("Authorization: Bearer")
+    );
+
+    let resp = api
+        .http
+        .get(format!("{}/v1/orgs", api.url))
+        .bearer_auth("not-a-configured-token-at-all")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        resp.headers()[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+
+    // A prefix of a real token is not a token.
+    let (s, _) = api.get("/v1/orgs", &READ[..10]).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    let resp = api
+        .http
+        .get(format!("{}/v1/orgs", api.url))
+        .basic_auth("registrar", Some(WRITE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn scopes_are_ordered_read_write_admin_and_403_names_the_missing_one() {
+    let api = Api::start().await;
+    let (s, b) = api
+        .post("/v1/orgs", READ, json!({"code": "mpt", "name": "MPT"}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert_eq!(b["missing_scope"], "write");
+    assert!(b["error"].as_str().unwrap().contains("auditor"), "{b}");
+    assert!(
+        api.audit().is_empty(),
+        "a refused request writes no audit line"
+    );
+
+    // write includes read
+    let (s, _) = api.get("/v1/orgs", WRITE).await;
+    assert_eq!(s, StatusCode::OK);
+    api.mpt().await;
+    let (s, _) = api
+        .post("/v1/users", WRITE, user("champa@mpt.gov.la", "person"))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    // withdraw and cease need admin
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/withdraw",
+            WRITE,
+            json!({"reason": "left", "confirm": "champa@mpt.gov.la"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(b["missing_scope"], "admin");
+    let (s, b) = api
+        .post(
+            "/v1/orgs/mpt/cease",
+            WRITE,
+            json!({"reason": "merged", "confirm": "mpt"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(b["missing_scope"], "admin");
+    // suspend needs write: read is not enough, admin is
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/suspend",
+            READ,
+            json!({"reason": "x"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(b["missing_scope"], "write");
+    let (s, _) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/suspend",
+            ADMIN,
+            json!({"reason": "x"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_changes_the_accepted_tokens() {
+    let api = Api::start().await;
+    let (s, _) = api.get("/v1/orgs", READ).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut cfg = api.checker.snapshot().config.clone();
+    cfg.admin.tokens.retain(|t| t.name != "auditor");
+    api.checker.replace_config(cfg);
+    let (s, _) = api.get("/v1/orgs", READ).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = api.get("/v1/orgs", WRITE).await;
+    assert_eq!(s, StatusCode::OK);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn organisations_register_show_list_and_cease() {
+    let api = Api::start().await;
+    let (s, b) = api
+        .post(
+            "/v1/orgs",
+            WRITE,
+            json!({"code": "MPT", "name": " Ministry of Posts "}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["code"], "mpt");
+    assert_eq!(b["domain"], "mpt.gov.la");
+    assert_eq!(b["name"], "Ministry of Posts");
+    assert_eq!(b["status"], "active");
+    assert!(chrono::DateTime::parse_from_rfc3339(b["created_at"].as_str().unwrap()).is_ok());
+
+    let (s, b) = api
+        .post(
+            "/v1/orgs",
+            WRITE,
+            json!({"code": "mofa", "name": "Foreign Affairs", "domain": "MOFA.gov.la"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["domain"], "mofa.gov.la");
+
+    // R3: too long, not letters
+    for code in ["ministry", "mp3", ""] {
+        let (s, b) = api
+            .post("/v1/orgs", WRITE, json!({"code": code, "name": "X"}))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{code}: {b}");
+        assert_eq!(b["rule"], "R3");
+        assert!(
+            b["error"].as_str().unwrap().contains("R3 (Art. 8.2)"),
+            "{b}"
+        );
+    }
+    // R4: taken, also in another case
+    let (s, b) = api
+        .post("/v1/orgs", WRITE, json!({"code": "Mpt", "name": "Again"}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    assert_eq!(b["rule"], "R4");
+
+    let (s, b) = api.get("/v1/orgs/MPT", READ).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["code"], "mpt");
+    let (s, b) = api.get("/v1/orgs/nope", READ).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(b["error"].as_str().unwrap().contains("not registered"));
+
+    let (s, b) = api.get("/v1/orgs", READ).await;
+    assert_eq!(s, StatusCode::OK);
+    let codes: Vec<&str> = b["orgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["mofa", "mpt"]);
+
+    // Cease: reason and confirmation required.
+    let (s, b) = api
+        .post("/v1/orgs/mpt/cease", ADMIN, json!({"confirm": "mpt"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b["error"].as_str().unwrap().contains("reason"), "{b}");
+    let (s, b) = api
+        .post("/v1/orgs/mpt/cease", ADMIN, json!({"reason": "merged"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(b["confirm_required"], "mpt");
+    let (s, b) = api
+        .post(
+            "/v1/orgs/mpt/cease",
+            ADMIN,
+            json!({"reason": "merged", "confirm": "mofa"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(api.get("/v1/orgs/mpt", READ).await.1["status"], "active");
+
+    let (s, b) = api
+        .post(
+            "/v1/orgs/mpt/cease",
+            ADMIN,
+            json!({"reason": "merged", "confirm": "mpt"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["status"], "ceased");
+    assert_eq!(b["status_reason"], "merged");
+    let (s, _) = api
+        .post(
+            "/v1/orgs/mpt/cease",
+            ADMIN,
+            json!({"reason": "again", "confirm": "mpt"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+
+    // A ceased organisation takes no new accounts.
+    let (s, b) = api
+        .post("/v1/users", WRITE, user("champa@mpt.gov.la", "person"))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("ceased"));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn accounts_register_with_r3_r5_validation() {
+    let api = Api::start().await;
+    api.mpt().await;
+    let (s, b) = api
+        .post(
+            "/v1/users",
+            WRITE,
+            json!({"address": "Champa@MPT.gov.la", "kind": "person", "name": "Champa Souksavanh", "status": "pending"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["address"], "champa@mpt.gov.la");
+    assert_eq!(b["org"], "mpt");
+    assert_eq!(b["kind"], "person");
+    assert_eq!(b["status"], "pending");
+    assert_eq!(b["name"], "Champa Souksavanh");
+
+    let (s, b) = api
+        .post("/v1/users", WRITE, user("cabinet@mpt.gov.la", "unit"))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(b["status"], "active", "active is the default");
+
+    for bad in [
+        "x..y@mpt.gov.la",
+        "1abc@mpt.gov.la",
+        "abcdefghijklmno@mpt.gov.la",
+        "a+b@mpt.gov.la",
+    ] {
+        let (s, b) = api.post("/v1/users", WRITE, user(bad, "person")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {b}");
+        assert_eq!(b["rule"], "R3");
+        let e = b["error"].as_str().unwrap();
+        assert!(
+            e.contains("R3 (Art. 8.3)") && e.contains("local part"),
+            "{e}"
+        );
+    }
+    let (s, b) = api
+        .post("/v1/users", WRITE, user("boss@mpt.gov.la", "boss"))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(b["rule"], "R5");
+    let (s, b) = api
+        .post(
+            "/v1/users",
+            WRITE,
+            json!({"address": "dg@mpt.gov.la", "kind": "position", "status": "suspended"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b["error"].as_str().unwrap().contains("pending or active"));
+    let (s, b) = api
+        .post("/v1/users", WRITE, user("someone@nowhere.la", "person"))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("register the organisation first")
+    );
+
+    let (s, b) = api.get("/v1/users/CHAMPA@mpt.gov.la", READ).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["kind"], "person");
+    let (s, _) = api.get("/v1/users/nobody@mpt.gov.la", READ).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = api.get("/v1/users/not-an-address", READ).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_taken_name_is_refused_with_free_suggestions() {
+    let api = Api::start().await;
+    api.mpt().await;
+    for a in ["champa@mpt.gov.la", "champa.s@mpt.gov.la"] {
+        let (s, _) = api.post("/v1/users", WRITE, user(a, "person")).await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let audit_before = api.audit().len();
+    let (s, b) = api
+        .post(
+            "/v1/users",
+            WRITE,
+            json!({"address": "CHAMPA@mpt.gov.la", "kind": "person", "name": "Champa Souksavanh"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    assert_eq!(b["rule"], "R4");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("first come, first served")
+    );
+    // champa.s is taken, so it is skipped; three (directory.suggestions) free ones follow.
+    assert_eq!(
+        b["suggestions"],
+        json!([
+            "champa_s@mpt.gov.la",
+            "champa-s@mpt.gov.la",
+            "champa2@mpt.gov.la"
+        ])
+    );
+    assert_eq!(
+        api.audit().len(),
+        audit_before,
+        "no audit line for a refusal"
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn racing_registrations_of_one_name_give_exactly_one_201() {
+    let api = std::sync::Arc::new(Api::start().await);
+    api.mpt().await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let api = api.clone();
+        // Different case on purpose: the same name (Art. 9.3).
+        let addr = if i % 2 == 0 {
+            "somchai@mpt.gov.la"
+        } else {
+            "SomChai@mpt.gov.la"
+        };
+        tasks.push(tokio::spawn(async move {
+            api.post("/v1/users", WRITE, user(addr, "person")).await.0
+        }));
+    }
+    let mut created = 0;
+    let mut conflicts = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::CREATED => created += 1,
+            StatusCode::CONFLICT => conflicts += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((created, conflicts), (1, 15));
+    let creates = api
+        .audit()
+        .iter()
+        .filter(|r| r["action"] == "user.create")
+        .count();
+    assert_eq!(creates, 1);
+    std::sync::Arc::into_inner(api).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn status_changes_follow_the_lifecycle() {
+    let api = Api::start().await;
+    api.mpt().await;
+    let a = "champa@mpt.gov.la";
+    api.post(
+        "/v1/users",
+        WRITE,
+        json!({"address": a, "kind": "person", "status": "pending"}),
+    )
+    .await;
+    let p = |action: &str| format!("/v1/users/{a}/{action}");
+
+    // pending -> restore refused, activate ok
+    let (s, b) = api.post(&p("restore"), WRITE, json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("not suspended"));
+    let (s, b) = api.post(&p("activate"), WRITE, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["status"], "active");
+
+    let (s, b) = api.post(&p("suspend"), WRITE, json!({})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b["error"].as_str().unwrap().contains("reason"));
+    let (s, b) = api
+        .post(&p("suspend"), WRITE, json!({"reason": "on leave"}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["status"], "suspended");
+    assert_eq!(b["status_reason"], "on leave");
+    let (s, _) = api
+        .post(&p("suspend"), WRITE, json!({"reason": "again"}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // restore with an empty body works (reason optional)
+    let resp = api
+        .http
+        .post(format!("{}{}", api.url, p("restore")))
+        .bearer_auth(WRITE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.json::<Value>().await.unwrap()["status"], "active");
+
+    // withdraw: confirmation must name the address
+    let (s, b) = api
+        .post(&p("withdraw"), ADMIN, json!({"reason": "left"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(b["confirm_required"], a);
+    let (s, _) = api
+        .post(
+            &p("withdraw"),
+            ADMIN,
+            json!({"reason": "left", "confirm": "other@mpt.gov.la"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, b) = api
+        .post(
+            &p("withdraw"),
+            ADMIN,
+            json!({"reason": "left", "confirm": a}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["status"], "withdrawn");
+
+    // withdrawal is final
+    for action in ["restore", "activate"] {
+        let (s, b) = api.post(&p(action), WRITE, json!({})).await;
+        assert_eq!(s, StatusCode::CONFLICT);
+        assert!(b["error"].as_str().unwrap().contains("final"), "{b}");
+    }
+    let (s, _) = api.post(&p("suspend"), WRITE, json!({"reason": "x"})).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // and the name stays taken
+    let (s, _) = api.post("/v1/users", WRITE, user(a, "person")).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+
+    let (s, _) = api
+        .post(
+            "/v1/users/nobody@mpt.gov.la/suspend",
+            WRITE,
+            json!({"reason": "x"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = api.post(&p("delete"), ADMIN, json!({})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn changes_reach_the_mail_path_at_once() {
+    let api = Api::start().await;
+    api.mpt().await;
+    let addr = Address::parse("champa@mpt.gov.la").unwrap();
+    let tx = Transaction::new(Protocol::Policy);
+    // Unknown at first (cached as such for an hour), then registered: visible at once.
+    assert_eq!(
+        api.checker.check_rcpt(&tx, &addr).await.action,
+        Action::Continue
+    );
+    api.post("/v1/users", WRITE, user("champa@mpt.gov.la", "person"))
+        .await;
+    assert_eq!(
+        api.checker.check_rcpt(&tx, &addr).await.action,
+        Action::Continue
+    );
+
+    api.post(
+        "/v1/users/champa@mpt.gov.la/suspend",
+        WRITE,
+        json!({"reason": "x"}),
+    )
+    .await;
+    match api.checker.check_rcpt(&tx, &addr).await.action {
+        Action::Reject(r) => assert_eq!((r.code, r.enhanced), (550, "5.2.1")),
+        other => panic!("suspended account still receives: {other:?}"),
+    }
+    api.post("/v1/users/champa@mpt.gov.la/restore", WRITE, json!({}))
+        .await;
+    assert_eq!(
+        api.checker.check_rcpt(&tx, &addr).await.action,
+        Action::Continue
+    );
+
+    // Ceasing the organisation drops every cached entry.
+    api.post(
+        "/v1/orgs/mpt/cease",
+        ADMIN,
+        json!({"reason": "merged", "confirm": "mpt"}),
+    )
+    .await;
+    match api.checker.check_rcpt(&tx, &addr).await.action {
+        Action::Reject(r) => assert_eq!((r.code, r.enhanced), (550, "5.1.1")),
+        other => panic!("ceased organisation still receives: {other:?}"),
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn listing_users_filters_by_org_and_status() {
+    let api = Api::start().await;
+    api.mpt().await;
+    api.post(
+        "/v1/orgs",
+        WRITE,
+        json!({"code": "mofa", "name": "Foreign Affairs"}),
+    )
+    .await;
+    for a in ["b@mpt.gov.la", "a@mpt.gov.la", "c@mofa.gov.la"] {
+        api.post("/v1/users", WRITE, user(a, "person")).await;
+    }
+    api.post(
+        "/v1/users/b@mpt.gov.la/suspend",
+        WRITE,
+        json!({"reason": "x"}),
+    )
+    .await;
+    let addrs = |b: &Value| -> Vec<String> {
+        b["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["address"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, b) = api.get("/v1/users", READ).await;
+    assert_eq!(addrs(&b), ["a@mpt.gov.la", "b@mpt.gov.la", "c@mofa.gov.la"]);
+    let (_, b) = api.get("/v1/users?org=mpt", READ).await;
+    assert_eq!(addrs(&b), ["a@mpt.gov.la", "b@mpt.gov.la"]);
+    let (_, b) = api.get("/v1/users?org=mpt&status=suspended", READ).await;
+    assert_eq!(addrs(&b), ["b@mpt.gov.la"]);
+    let (s, _) = api.get("/v1/users?org=nope", READ).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, b) = api.get("/v1/users?status=asleep", READ).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b["error"].as_str().unwrap().contains("status"));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn import_is_all_or_nothing_and_reports_every_bad_line() {
+    let api = Api::start().await;
+    api.mpt().await;
+    api.post("/v1/users", WRITE, user("taken@mpt.gov.la", "person"))
+        .await;
+    let audit_before = api.audit().len();
+    let rows = json!({"rows": [
+        {"line": 2, "address": "one@mpt.gov.la", "kind": "person", "name": "One"},
+        {"line": 3, "address": "x..y@mpt.gov.la", "kind": "person"},
+        {"line": 4, "address": "two@mpt.gov.la", "kind": "unit", "status": "pending"},
+        {"line": 5, "address": "ONE@mpt.gov.la", "kind": "person"},
+        {"line": 6, "address": "taken@mpt.gov.la", "kind": "person"},
+        {"line": 7, "address": "three@mpt.gov.la", "kind": "chief"},
+        {"line": 8, "address": "four@nowhere.la", "kind": "person"},
+    ]});
+    let (s, b) = api.post("/v1/users/import", WRITE, rows).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was imported")
+    );
+    let lines: Vec<u64> = b["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [3, 5, 6, 7, 8]);
+    let errs: Vec<&str> = b["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["error"].as_str().unwrap())
+        .collect();
+    assert!(errs[0].contains("R3"), "{errs:?}");
+    assert!(errs[1].contains("line 2"), "{errs:?}");
+    assert!(errs[2].contains("already registered"), "{errs:?}");
+    assert!(errs[3].contains("R5"), "{errs:?}");
+    assert!(
+        errs[4].contains("not the domain of a registered organisation"),
+        "{errs:?}"
+    );
+    let (_, b) = api.get("/v1/users", READ).await;
+    assert_eq!(
+        b["users"].as_array().unwrap().len(),
+        1,
+        "nothing imported: {b}"
+    );
+    assert_eq!(api.audit().len(), audit_before);
+
+    let rows = json!({"rows": [
+        {"line": 2, "address": "one@mpt.gov.la", "kind": "person", "name": "One"},
+        {"line": 4, "address": "two@mpt.gov.la", "kind": "unit", "status": "pending"},
+    ]});
+    let (s, b) = api.post("/v1/users/import", WRITE, rows).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["imported"], 2);
+    assert_eq!(
+        api.get("/v1/users/two@mpt.gov.la", READ).await.1["status"],
+        "pending"
+    );
+    let audit = api.audit();
+    assert_eq!(audit.len(), audit_before + 2);
+    assert_eq!(audit[audit_before]["action"], "user.import");
+    assert_eq!(audit[audit_before]["object"], "one@mpt.gov.la");
+
+    let (s, _) = api
+        .post("/v1/users/import", WRITE, json!({"rows": []}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = api
+        .post("/v1/users/import", READ, json!({"rows": []}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn every_change_is_audited_with_actor_before_and_after() {
+    let api = Api::start().await;
+    api.mpt().await;
+    api.post(
+        "/v1/users",
+        WRITE,
+        json!({"address": "champa@mpt.gov.la", "kind": "person"}),
+    )
+    .await;
+    api.post(
+        "/v1/users/champa@mpt.gov.la/suspend",
+        WRITE,
+        json!({"reason": "on leave"}),
+    )
+    .await;
+    api.post(
+        "/v1/users/champa@mpt.gov.la/withdraw",
+        ADMIN,
+        json!({"reason": "left the ministry", "confirm": "champa@mpt.gov.la"}),
+    )
+    .await;
+    // Reads and refusals are not changes.
+    api.get("/v1/users", READ).await;
+    api.post("/v1/users/champa@mpt.gov.la/restore", WRITE, json!({}))
+        .await;
+
+    let audit = api.audit();
+    let actions: Vec<&str> = audit
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["org.create", "user.create", "user.suspend", "user.withdraw"]
+    );
+    for r in &audit {
+        assert!(chrono::DateTime::parse_from_rfc3339(r["time"].as_str().unwrap()).is_ok());
+        assert_eq!(r["client_ip"], "127.0.0.1");
+    }
+    assert_eq!(audit[0]["actor"], "registrar");
+    assert_eq!(audit[0]["object"], "mpt");
+    assert_eq!(audit[1]["before"], Value::Null);
+    assert_eq!(audit[1]["after"]["status"], "active");
+    assert_eq!(audit[2]["before"]["status"], "active");
+    assert_eq!(audit[2]["after"]["status"], "suspended");
+    assert_eq!(audit[2]["reason"], "on leave");
+    assert_eq!(audit[3]["actor"], "security");
+    assert_eq!(audit[3]["object"], "champa@mpt.gov.la");
+    assert_eq!(audit[3]["before"]["status"], "suspended");
+    assert_eq!(audit[3]["after"]["status"], "withdrawn");
+    assert_eq!(audit[3]["reason"], "left the ministry");
+
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(api.audit_path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let text = std::fs::read_to_string(api.audit_path()).unwrap();
+    assert!(
+        !text.contains(WRITE) && !text.contains(ADMIN),
+        "no secrets in the audit log"
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_audit_log_is_reopened() {
+    let api = Api::start().await;
+    api.mpt().await;
+    let rotated = api.dir.path().join("audit.jsonl.1");
+    std::fs::rename(api.audit_path(), &rotated).unwrap();
+    api.post(
+        "/v1/orgs",
+        WRITE,
+        json!({"code": "mofa", "name": "Foreign Affairs"}),
+    )
+    .await;
+    let audit = api.audit();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["object"], "mofa");
+    assert_eq!(std::fs::read_to_string(rotated).unwrap().lines().count(), 1);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn when_the_audit_log_cannot_be_opened_nothing_is_changed() {
+    let api = Api::start_with(|c, dir| {
+        c.admin.audit_log = dir.join("missing-dir").join("audit.jsonl");
+    })
+    .await;
+    let (s, b) = api
+        .post("/v1/orgs", WRITE, json!({"code": "mpt", "name": "MPT"}))
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{b}");
+    let e = b["error"].as_str().unwrap();
+    assert!(
+        e.contains("admin.audit_log") && e.contains("nothing was changed"),
+        "{e}"
+    );
+    let (s, _) = api.get("/v1/orgs/mpt", READ).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_audit_write_after_the_change_is_a_500_that_says_the_change_stands() {
+    // /dev/full opens fine and fails every write with ENOSPC: the disk-full case.
+    let api = Api::start_with(|c, _| c.admin.audit_log = "/dev/full".into()).await;
+    let (s, b) = api
+        .post("/v1/orgs", WRITE, json!({"code": "mpt", "name": "MPT"}))
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{b}");
+    assert_eq!(b["changed"], true);
+    assert_eq!(b["result"]["code"], "mpt");
+    assert!(
+        b["error"].as_str().unwrap().contains("the change was made"),
+        "{b}"
+    );
+    // The store has no undo: the organisation exists.
+    let (s, _) = api.get("/v1/orgs/mpt", READ).await;
+    assert_eq!(s, StatusCode::OK);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_json_is_a_400_naming_the_field() {
+    let api = Api::start().await;
+    api.mpt().await;
+    let (s, b) = api
+        .post("/v1/users", WRITE, json!({"address": "a@mpt.gov.la"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b["error"].as_str().unwrap().contains("kind"), "{b}");
+    let (s, b) = api
+        .post("/v1/orgs", WRITE, json!({"code": 5, "name": "x"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b["error"].as_str().unwrap().contains("code"), "{b}");
+    let (s, b) = api
+        .post(
+            "/v1/users/a@mpt.gov.la/withdraw",
+            ADMIN,
+            json!({"reason": "x", "confrim": "a@mpt.gov.la"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b["error"].as_str().unwrap().contains("confrim"), "{b}");
+    let resp = api
+        .http
+        .post(format!("{}/v1/orgs", api.url))
+        .bearer_auth(WRITE)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        resp.json::<Value>().await.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("malformed JSON")
+    );
+    let (s, b) = api.call(Method::GET, "/v2/nothing", Some(READ), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(b["error"].is_string());
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_openmetrics_and_count_admin_requests() {
+    let api = Api::start().await;
+    api.call(Method::GET, "/v1/orgs", None, None).await;
+    api.get("/v1/orgs", READ).await;
+    let resp = api
+        .http
+        .get(format!("{}/metrics", api.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()[header::CONTENT_TYPE],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains(r#"mailwarden_admin_requests_total{result="unauthorized"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"mailwarden_admin_requests_total{result="ok"} 1"#),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"));
+    api.stop().await;
+
+    let api = Api::start_with(|c, _| c.admin.metrics_require_token = true).await;
+    let (s, _) = api.call(Method::GET, "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, b) = api.get("/metrics", READ).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        b.as_str()
+            .unwrap()
+            .contains("mailwarden_admin_requests_total")
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn healthz_and_store_outages() {
+    let api = Api::start().await;
+    let (s, b) = api.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["store"], "up");
+    api.store.down.store(true, Ordering::SeqCst);
+    let (s, b) = api.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(b["store"], "down");
+    let (s, b) = api
+        .post("/v1/orgs", WRITE, json!({"code": "mpt", "name": "MPT"}))
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("nothing was changed"));
+    assert!(api.audit().is_empty());
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn serves_https_when_a_certificate_is_configured() {
+    let api = Api::start_with(|c, dir| {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+        c.admin.tls_cert = Some(dir.join("cert.pem"));
+        c.admin.tls_key = Some(dir.join("key.pem"));
+    })
+    .await;
+    assert!(api.url.starts_with("https://"));
+    api.mpt().await;
+    let (s, b) = api.get("/v1/orgs/mpt", READ).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+
+    // Plain HTTP to the TLS port gets nowhere.
+    let plain = mailwarden::admin::cli::http_client(None, false).unwrap();
+    let r = plain
+        .get(api.url.replace("https://", "http://") + "/healthz")
+        .send()
+        .await;
+    assert!(r.is_err() || !r.unwrap().status().is_success());
+    // A client that does not trust the certificate refuses it.
+    let untrusting = mailwarden::admin::cli::http_client(None, true).unwrap();
+    assert!(
+        untrusting
+            .get(format!("{}/healthz", api.url))
+            .send()
+            .await
+            .is_err()
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections() {
+    let api = Api::start().await;
+    // Leave a keep-alive connection open in the client's pool, then stop: `stop` asserts
+    // that serve returns and the connection tasks drain.
+    let (s, _) = api.get("/v1/orgs", READ).await;
+    assert_eq!(s, StatusCode::OK);
+    api.stop().await;
+}

@@ -1,0 +1,398 @@
+//! `mailwarden org|user`: the built binary against a spawned admin API.
+
+mod common;
+
+use common::{ADMIN, Api, READ, WRITE};
+use serde_json::Value;
+use std::process::Output;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mailwarden");
+
+async fn run(url: &str, token: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .env("MAILWARDEN_URL", url)
+        .env("MAILWARDEN_TOKEN", token)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("binary runs")
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited")
+}
+
+#[tokio::test]
+async fn org_and_user_commands_round_trip() {
+    let api = Api::start().await;
+    let u = api.url.as_str();
+
+    let o = run(
+        u,
+        WRITE,
+        &["org", "add", "mpt", "--name", "Ministry of Posts"],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("mpt.gov.la"), "{}", out(&o));
+
+    let o = run(u, WRITE, &["org", "add", "ministry", "--name", "X"]).await;
+    assert_eq!(code(&o), 1);
+    assert!(err(&o).contains("R3 (Art. 8.2)"), "{}", err(&o));
+
+    let o = run(
+        u,
+        WRITE,
+        &[
+            "user",
+            "add",
+            "Champa@mpt.gov.la",
+            "--kind",
+            "person",
+            "--name",
+            "Champa Souksavanh",
+        ],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("champa@mpt.gov.la"));
+
+    let o = run(
+        u,
+        WRITE,
+        &[
+            "user",
+            "add",
+            "champa@mpt.gov.la",
+            "--kind",
+            "person",
+            "--name",
+            "Champa Souksavanh",
+        ],
+    )
+    .await;
+    assert_eq!(code(&o), 1);
+    assert!(err(&o).contains("already registered"), "{}", err(&o));
+    assert!(
+        err(&o).contains(
+            "free alternatives: champa.s@mpt.gov.la, champa_s@mpt.gov.la, champa-s@mpt.gov.la"
+        ),
+        "{}",
+        err(&o)
+    );
+
+    let o = run(
+        u,
+        WRITE,
+        &["user", "add", "x..y@mpt.gov.la", "--kind", "unit"],
+    )
+    .await;
+    assert_eq!(code(&o), 1);
+    assert!(err(&o).contains("R3 (Art. 8.3)"), "{}", err(&o));
+
+    let o = run(u, READ, &["user", "list", "--org", "mpt"]).await;
+    assert_eq!(code(&o), 0);
+    let text = out(&o);
+    let mut lines = text.lines();
+    assert!(lines.next().unwrap().starts_with("ADDRESS"), "{text}");
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("champa@mpt.gov.la  person  active"),
+        "{text}"
+    );
+
+    let o = run(u, READ, &["user", "show", "champa@mpt.gov.la", "--json"]).await;
+    assert_eq!(code(&o), 0);
+    let v: Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(v["name"], "Champa Souksavanh");
+
+    let o = run(
+        u,
+        WRITE,
+        &[
+            "user",
+            "suspend",
+            "champa@mpt.gov.la",
+            "--reason",
+            "on leave",
+        ],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("suspended"));
+    let o = run(u, WRITE, &["user", "restore", "champa@mpt.gov.la"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+
+    // Withdrawal: --yes is required (usage error), the token needs admin (3).
+    let o = run(
+        u,
+        ADMIN,
+        &["user", "withdraw", "champa@mpt.gov.la", "--reason", "left"],
+    )
+    .await;
+    assert_eq!(code(&o), 2);
+    assert!(err(&o).contains("--yes"));
+    let o = run(
+        u,
+        WRITE,
+        &[
+            "user",
+            "withdraw",
+            "champa@mpt.gov.la",
+            "--reason",
+            "left",
+            "--yes",
+        ],
+    )
+    .await;
+    assert_eq!(code(&o), 3);
+    assert!(err(&o).contains("admin"), "{}", err(&o));
+    let o = run(
+        u,
+        ADMIN,
+        &[
+            "user",
+            "withdraw",
+            "champa@mpt.gov.la",
+            "--reason",
+            "left",
+            "--yes",
+        ],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let o = run(u, WRITE, &["user", "restore", "champa@mpt.gov.la"]).await;
+    assert_eq!(code(&o), 1);
+    assert!(err(&o).contains("final"));
+
+    let o = run(u, READ, &["org", "list"]).await;
+    assert_eq!(code(&o), 0);
+    assert!(
+        out(&o).contains("mpt   mpt.gov.la  active  Ministry of Posts"),
+        "{}",
+        out(&o)
+    );
+    let o = run(u, ADMIN, &["org", "cease", "mpt", "--reason", "merged"]).await;
+    assert_eq!(code(&o), 2);
+    let o = run(
+        u,
+        ADMIN,
+        &["org", "cease", "mpt", "--reason", "merged", "--yes"],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let o = run(u, READ, &["org", "show", "mpt", "--json"]).await;
+    let v: Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(v["status"], "ceased");
+
+    let o = run(u, READ, &["org", "show", "nope"]).await;
+    assert_eq!(code(&o), 1);
+    assert_eq!(api.audit().len(), 6);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn import_reports_bad_lines_and_imports_nothing() {
+    let api = Api::start().await;
+    api.mpt().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "address,kind,name,status\n\
+         one@mpt.gov.la,person,One,\n\
+         x..y@mpt.gov.la,person,,\n\
+         \n\
+         two@mpt.gov.la,boss,Two,active\n",
+    )
+    .unwrap();
+    let o = run(&api.url, WRITE, &["user", "import", bad.to_str().unwrap()]).await;
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    let e = err(&o);
+    assert!(e.contains("nothing was imported"), "{e}");
+    assert!(e.contains("line 3: local part \"x..y\" is invalid"), "{e}");
+    assert!(
+        e.contains("line 5: account kind \"boss\" is invalid"),
+        "{e}"
+    );
+    assert!(!e.contains("line 2:"), "{e}");
+    assert!(
+        api.get("/v1/users", READ).await.1["users"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    let good = dir.path().join("good.csv");
+    std::fs::write(
+        &good,
+        "address,kind,name,status\none@mpt.gov.la,person,\"Souksavanh, One\",pending\ncabinet@mpt.gov.la,unit,,\n",
+    )
+    .unwrap();
+    let o = run(&api.url, WRITE, &["user", "import", good.to_str().unwrap()]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("imported 2 account(s)"));
+    let (_, v) = api.get("/v1/users/one@mpt.gov.la", READ).await;
+    assert_eq!(v["name"], "Souksavanh, One");
+    assert_eq!(v["status"], "pending");
+
+    let wrong = dir.path().join("wrong.csv");
+    std::fs::write(&wrong, "mail,type\na@mpt.gov.la,unit\n").unwrap();
+    let o = run(
+        &api.url,
+        WRITE,
+        &["user", "import", wrong.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code(&o), 1);
+    assert!(err(&o).contains("address,kind,name,status"));
+    let o = run(
+        &api.url,
+        WRITE,
+        &["user", "import", "/nonexistent/file.csv"],
+    )
+    .await;
+    assert_eq!(code(&o), 2);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn exit_codes_for_usage_unreachable_and_auth() {
+    let api = Api::start().await;
+    // Bad token: 3.
+    let o = run(&api.url, "wrong-token-0000000000", &["org", "list"]).await;
+    assert_eq!(code(&o), 3);
+    assert!(err(&o).contains("unknown or revoked token"));
+    // Clap usage error: 2.
+    let o = run(
+        &api.url,
+        READ,
+        &["user", "add", "a@mpt.gov.la", "--kind", "boss"],
+    )
+    .await;
+    assert_eq!(code(&o), 2);
+    // Clear-text HTTP to a non-loopback host is refused before connecting: 2.
+    let o = run("http://192.0.2.1:8026", READ, &["org", "list"]).await;
+    assert_eq!(code(&o), 2);
+    assert!(err(&o).contains("clear text"), "{}", err(&o));
+    api.stop().await;
+
+    // Nobody listening: 3.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    let o = run(&dead, READ, &["org", "list"]).await;
+    assert_eq!(code(&o), 3);
+    assert!(
+        err(&o).contains("cannot reach the admin API"),
+        "{}",
+        err(&o)
+    );
+
+    let o = tokio::process::Command::new(BIN)
+        .args(["org", "--help"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out(&o).contains("Exit codes:"), "{}", out(&o));
+}
+
+#[tokio::test]
+async fn url_is_derived_from_the_config_and_token_read_from_a_file() {
+    let api = Api::start().await;
+    api.mpt().await;
+    let port = api.url.rsplit(':').next().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mailwarden.toml");
+    // 0.0.0.0 means "this host": the CLI talks to loopback.
+    std::fs::write(&cfg, format!("[admin]\nlisten = \"inet:0.0.0.0:{port}\"\n")).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{READ}\n")).unwrap();
+    let o = tokio::process::Command::new(BIN)
+        .args(["org", "list", "--config", cfg.to_str().unwrap()])
+        .args(["--token-file", token.to_str().unwrap()])
+        .env_remove("MAILWARDEN_URL")
+        .env_remove("MAILWARDEN_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("mpt.gov.la"));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn talks_https_with_a_private_ca() {
+    let api = Api::start_with(|c, dir| {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+        c.admin.tls_cert = Some(dir.join("cert.pem"));
+        c.admin.tls_key = Some(dir.join("key.pem"));
+    })
+    .await;
+    api.mpt().await;
+    let ca = api.dir.path().join("cert.pem");
+    let o = run(
+        &api.url,
+        READ,
+        &["org", "show", "mpt", "--ca-cert", ca.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("mpt.gov.la"));
+    // Without the CA the certificate is not trusted: cannot reach (3).
+    let o = run(&api.url, READ, &["org", "show", "mpt"]).await;
+    assert_eq!(code(&o), 3, "{}", err(&o));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn cli_drives_a_running_daemon_and_the_mail_path_sees_the_change() {
+    use mailwarden::daemon::{Control, Daemon};
+    use mailwarden::model::{Action, Address, Protocol, Transaction};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path());
+    cfg.store.url = format!("sqlite:{}", dir.path().join("mailwarden.db").display());
+    cfg.server.milter_listen = "inet:127.0.0.1:0".into();
+    cfg.server.policy_listen = "inet:127.0.0.1:0".into();
+    cfg.admin.listen = "inet:127.0.0.1:0".into();
+    let daemon = Daemon::start(cfg, None).await.unwrap();
+    let admin = daemon.bound().admin.clone().unwrap();
+    let url = format!("http://{}", admin.strip_prefix("inet:").unwrap());
+    let checker = daemon.checker.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let serving = tokio::spawn(daemon.serve(rx));
+
+    for args in [
+        &["org", "add", "mpt", "--name", "MPT"][..],
+        &["user", "add", "dg-cabinet@mpt.gov.la", "--kind", "position"][..],
+        &[
+            "user",
+            "suspend",
+            "dg-cabinet@mpt.gov.la",
+            "--reason",
+            "audit",
+        ][..],
+    ] {
+        let o = run(&url, WRITE, args).await;
+        assert_eq!(code(&o), 0, "{args:?}: {}", err(&o));
+    }
+    let rcpt = Address::parse("dg-cabinet@mpt.gov.la").unwrap();
+    let d = checker
+        .check_rcpt(&Transaction::new(Protocol::Policy), &rcpt)
+        .await;
+    assert!(matches!(d.action, Action::Reject(_)), "{d:?}");
+
+    tx.send(Control::Shutdown).await.unwrap();
+    serving.await.unwrap().unwrap();
+}

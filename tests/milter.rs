@@ -1,0 +1,588 @@
+//! The milter front-end over the wire: a milter served on 127.0.0.1:0, the MTA side scripted
+//! with `mailwarden::milter::client` or raw bytes.
+
+mod common;
+
+use common::milter::{Logs, Milter, seeded_store};
+use indymilter::{Actions, MacroStage, ProtoOpts};
+use mailwarden::milter::{
+    Features,
+    client::{Message, MtaConnection, Outcome, Status},
+    loadgen::{self, LoadSpec},
+};
+use std::{net::IpAddr, sync::atomic::Ordering, time::Duration};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const CLIENT_IP: &str = "192.0.2.7";
+
+async fn open(m: &Milter) -> MtaConnection {
+    let mut c = MtaConnection::open(&m.addr, TIMEOUT).await.unwrap();
+    let ip: IpAddr = CLIENT_IP.parse().unwrap();
+    assert_eq!(
+        c.connect("mx.example.org", ip, &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(
+        c.helo("mx.example.org", &[("{tls_version}", "TLSv1.3")])
+            .await
+            .unwrap(),
+        Status::Continue
+    );
+    c
+}
+
+fn msg<'a>(sender: &'a str, rcpts: &[&'a str]) -> Message<'a> {
+    Message {
+        sender,
+        recipients: rcpts.to_vec(),
+        headers: vec![("From", "x"), ("Subject", "s")],
+        body: b"hello\r\n",
+        ..Message::default()
+    }
+}
+
+/// The reply text of a refusal, e.g. "550 5.2.1 Mailbox ...".
+fn text(s: &Status) -> String {
+    match s.reply() {
+        Some(r) => r.to_owned(),
+        None => panic!("expected a refusal with a reply, got {s:?}"),
+    }
+}
+
+fn is_reject(s: &Status) -> bool {
+    matches!(s, Status::Reject { .. })
+}
+
+fn is_tempfail(s: &Status) -> bool {
+    matches!(s, Status::Tempfail { .. })
+}
+
+#[tokio::test]
+async fn suspended_recipient_is_refused_550_5_2_1_and_the_other_recipient_accepted() {
+    let m = Milter::spawn("", seeded_store().await).await;
+    let mut c = open(&m).await;
+    let out = c
+        .transaction(&msg(
+            "<champa@mpt.gov.la>",
+            &["<somsak@mpt.gov.la>", "<bounmy@mpt.gov.la>"],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out.mail, Status::Continue);
+    assert!(is_reject(&out.rcpts[0]));
+    assert!(
+        text(&out.rcpts[0]).starts_with("550 5.2.1 Mailbox <somsak@mpt.gov.la> is suspended"),
+        "{}",
+        text(&out.rcpts[0])
+    );
+    assert_eq!(out.rcpts[1], Status::Continue);
+    assert_eq!(
+        out.eom,
+        Some(Status::Continue),
+        "the message goes on for bounmy"
+    );
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn withdrawn_and_ceased_recipients_are_refused_550_5_1_1() {
+    let m = Milter::spawn("", seeded_store().await).await;
+    let mut c = open(&m).await;
+    let out = c
+        .transaction(&msg(
+            "<someone@example.org>",
+            &["<old@mpt.gov.la>", "<vilay@xyz.gov.la>"],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.mail,
+        Status::Continue,
+        "external senders are not judged"
+    );
+    let withdrawn = text(&out.rcpts[0]);
+    assert!(withdrawn.starts_with("550 5.1.1 "), "{withdrawn}");
+    assert!(withdrawn.contains("withdrawn"), "{withdrawn}");
+    let ceased = text(&out.rcpts[1]);
+    assert!(ceased.starts_with("550 5.1.1 "), "{ceased}");
+    assert!(ceased.contains("ceased"), "{ceased}");
+    assert_eq!(
+        out.eom, None,
+        "no recipient left: the MTA does not send DATA"
+    );
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn unregistered_or_pending_sender_is_refused_553_5_7_1_at_mail() {
+    let m = Milter::spawn("", seeded_store().await).await;
+    let mut c = open(&m).await;
+    for sender in ["<nobody@mpt.gov.la>", "<newbie@mpt.gov.la>"] {
+        let out = c
+            .transaction(&msg(sender, &["<bounmy@mpt.gov.la>"]))
+            .await
+            .unwrap();
+        assert!(is_reject(&out.mail), "{sender}: {:?}", out.mail);
+        assert!(
+            text(&out.mail).starts_with("553 5.7.1 "),
+            "{}",
+            text(&out.mail)
+        );
+        assert!(out.rcpts.is_empty());
+    }
+    // A withdrawn name cannot send either (R2).
+    let out = c
+        .transaction(&msg("<old@mpt.gov.la>", &["<bounmy@mpt.gov.la>"]))
+        .await
+        .unwrap();
+    assert!(
+        text(&out.mail).starts_with("550 5.7.1 "),
+        "{}",
+        text(&out.mail)
+    );
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn monitor_mode_continues_and_counts_would_reject() {
+    let cfg = "[rules.R1]\nmode = \"monitor\"\n[rules.R9]\nmode = \"monitor\"\n";
+    let m = Milter::spawn(cfg, seeded_store().await).await;
+    let mut c = open(&m).await;
+    let out = c
+        .transaction(&msg("<nobody@mpt.gov.la>", &["<somsak@mpt.gov.la>"]))
+        .await
+        .unwrap();
+    assert_eq!(out.mail, Status::Continue);
+    assert_eq!(out.rcpts, vec![Status::Continue]);
+    assert_eq!(out.eom, Some(Status::Continue));
+    let metrics = m.checker.metrics.encode();
+    for rule_stage in [r#"rule="R1",stage="rcpt""#, r#"rule="R9",stage="mail""#] {
+        assert!(
+            metrics.contains(&format!(
+                r#"mailwarden_verdicts_total{{{rule_stage},outcome="would_reject",protocol="milter"}} 1"#
+            )),
+            "{metrics}"
+        );
+    }
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn store_outage_tempfails_the_recipient_451_4_3_0() {
+    let store = seeded_store().await;
+    let m = Milter::spawn("", store.clone()).await;
+    let mut c = open(&m).await;
+    assert_eq!(
+        c.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap(),
+        Status::Continue
+    );
+    store.fail.store(true, Ordering::SeqCst);
+    m.checker.directory.invalidate_all();
+    let r = c.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap();
+    assert!(is_tempfail(&r), "{r:?}");
+    assert!(text(&r).starts_with("451 4.3.0 "), "{}", text(&r));
+    c.abort().await.unwrap();
+    // MAIL needs a lookup too (is the sender's domain local?): tempfailed as well.
+    let out = c
+        .transaction(&msg("<someone@example.org>", &["<bounmy@mpt.gov.la>"]))
+        .await
+        .unwrap();
+    assert!(
+        text(&out.mail).starts_with("451 4.3.0 "),
+        "{}",
+        text(&out.mail)
+    );
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn macros_reach_the_decision_log_and_messages_on_one_connection_are_separate() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    let m = Milter::spawn("", seeded_store().await).await;
+    let mut c = open(&m).await;
+
+    // Message 1: queue id known from RCPT on (Postfix's default), one refused recipient.
+    c.mail(&["<champa@mpt.gov.la>"], &[("{auth_authen}", "champa")])
+        .await
+        .unwrap();
+    let r = c
+        .rcpt("<somsak@mpt.gov.la>", &[("i", "QID1")])
+        .await
+        .unwrap();
+    assert!(is_reject(&r));
+    assert_eq!(
+        c.rcpt("<bounmy@mpt.gov.la>", &[("i", "QID1")])
+            .await
+            .unwrap(),
+        Status::Continue
+    );
+    assert_eq!(
+        c.content(&[], b"", &[("i", "QID1")]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(c.eom(&[("i", "QID1")]).await.unwrap(), Status::Continue);
+    c.abort().await.unwrap();
+
+    // Message 2 on the same connection: its own queue id.
+    let out = c
+        .transaction(&Message {
+            queue_id: Some("QID2"),
+            ..msg("<champa@mpt.gov.la>", &["<old@mpt.gov.la>"])
+        })
+        .await
+        .unwrap();
+    assert!(is_reject(&out.rcpts[0]));
+
+    // Message 3: no queue id sent. indymilter (like libmilter) keeps MAIL-stage macros until
+    // the MTA sends new ones, so message 2's `i` is still there: it must not be reused.
+    let out = c
+        .transaction(&msg("<champa@mpt.gov.la>", &["<somsak@mpt.gov.la>"]))
+        .await
+        .unwrap();
+    assert!(is_reject(&out.rcpts[0]));
+
+    let somsak = logs.lines_with("somsak@mpt.gov.la");
+    assert_eq!(somsak.len(), 2, "{}", logs.text());
+    assert!(somsak[0].contains("QID1"), "{}", somsak[0]);
+    assert!(somsak[0].contains(r#"rule="R1""#), "{}", somsak[0]);
+    assert!(somsak[0].contains(CLIENT_IP), "{}", somsak[0]);
+    assert!(!somsak[1].contains("QID"), "stale queue id: {}", somsak[1]);
+    assert!(
+        somsak[1].contains(CLIENT_IP),
+        "connection state kept: {}",
+        somsak[1]
+    );
+    let old = logs.lines_with("old@mpt.gov.la");
+    assert_eq!(old.len(), 1, "{}", logs.text());
+    assert!(
+        old[0].contains("QID2") && !old[0].contains("QID1"),
+        "{}",
+        old[0]
+    );
+    // SASL login names are not logged.
+    assert!(!logs.text().contains("{auth_authen}"));
+
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_panic_below_the_checker_tempfails_that_message_only() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    let store = seeded_store().await;
+    *store.panic_on.lock().unwrap() = Some("bounmy@mpt.gov.la".parse().unwrap());
+    let m = Milter::spawn("", store).await;
+    let mut c = open(&m).await;
+
+    c.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap();
+    let r = c
+        .rcpt("<bounmy@mpt.gov.la>", &[("i", "QIDP")])
+        .await
+        .unwrap();
+    assert!(is_tempfail(&r), "{r:?}");
+    assert!(text(&r).starts_with("451 4.3.0 "));
+    // The rest of that message is tempfailed too, even a recipient that checks fine.
+    let r = c.rcpt("<champa@mpt.gov.la>", &[]).await.unwrap();
+    assert!(is_tempfail(&r), "{r:?}");
+    let d = c.content(&[], b"", &[]).await.unwrap();
+    assert!(is_tempfail(&d), "{d:?}");
+    c.abort().await.unwrap();
+    let failure = logs.lines_with("milter callback failed");
+    assert_eq!(failure.len(), 1, "{}", logs.text());
+    assert!(failure[0].contains("QIDP"), "{}", failure[0]);
+
+    // The connection survives and the next message is judged normally.
+    let out = c
+        .transaction(&msg("<champa@mpt.gov.la>", &["<champa@mpt.gov.la>"]))
+        .await
+        .unwrap();
+    assert_eq!(out.rcpts, vec![Status::Continue]);
+    assert_eq!(out.eom, Some(Status::Continue));
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn negotiation_skips_unneeded_stages_and_asks_for_the_queue_id() {
+    let m = Milter::spawn("", seeded_store().await).await;
+    let c = MtaConnection::open(&m.addr, TIMEOUT).await.unwrap();
+    let opts = c.negotiated_opts();
+    assert!(opts.contains(ProtoOpts::NO_BODY | ProtoOpts::NO_HEADER | ProtoOpts::NO_EOH));
+    assert!(!opts.intersects(
+        ProtoOpts::NO_CONNECT
+            | ProtoOpts::NO_HELO
+            | ProtoOpts::NO_MAIL
+            | ProtoOpts::NO_RCPT
+            | ProtoOpts::NO_DATA
+    ));
+    // No message modification yet; only the per-stage macro lists.
+    assert_eq!(c.negotiated_actions(), Actions::REQUEST_MACROS);
+    for stage in [
+        MacroStage::Mail,
+        MacroStage::Rcpt,
+        MacroStage::Data,
+        MacroStage::Eom,
+    ] {
+        let list = c.requested_macros()[&stage].to_str().unwrap().to_owned();
+        assert!(list.split(' ').any(|x| x == "i"), "{stage:?}: {list}");
+    }
+    c.close().await.unwrap();
+
+    // With the body switch on (what the DKIM signer will need), headers and body flow.
+    let m2 = Milter::spawn_with(
+        "",
+        seeded_store().await,
+        Features {
+            headers: true,
+            body: true,
+            ..Features::default()
+        },
+    )
+    .await;
+    let mut c = open(&m2).await;
+    assert!(!c.negotiated_opts().contains(ProtoOpts::NO_BODY));
+    assert!(!c.negotiated_opts().contains(ProtoOpts::NO_HEADER));
+    let out = c
+        .transaction(&msg("<champa@mpt.gov.la>", &["<bounmy@mpt.gov.la>"]))
+        .await
+        .unwrap();
+    assert_eq!(out.eom, Some(Status::Continue));
+    c.close().await.unwrap();
+    m.stop().await;
+    m2.stop().await;
+}
+
+/// Writes raw bytes on a fresh connection and expects the milter to hang up.
+async fn garbage_is_hung_up(m: &Milter, bytes: &[u8]) {
+    let mailwarden::config::ListenAddr::Inet(addr) = m.addr else {
+        unreachable!()
+    };
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(TIMEOUT, s.read(&mut buf))
+        .await
+        .expect("milter hangs up instead of waiting")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "expected end of stream, got {:?}", &buf[..n]);
+}
+
+#[tokio::test]
+async fn protocol_garbage_ends_only_that_connection() {
+    let m = Milter::spawn("", seeded_store().await).await;
+    let mut a = open(&m).await;
+    assert_eq!(
+        a.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap(),
+        Status::Continue
+    );
+
+    // A 4 GiB length prefix.
+    garbage_is_hung_up(&m, &[0xff, 0xff, 0xff, 0xff, b'O']).await;
+    // A well-framed unknown command.
+    garbage_is_hung_up(&m, &[0, 0, 0, 1, b'Z']).await;
+    // A negotiation too short to parse.
+    garbage_is_hung_up(&m, &[0, 0, 0, 3, b'O', 0, 6]).await;
+
+    // The connection in the middle of a message carries on.
+    assert_eq!(
+        a.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(a.content(&[], b"", &[]).await.unwrap(), Status::Continue);
+    assert_eq!(a.eom(&[]).await.unwrap(), Status::Continue);
+    a.close().await.unwrap();
+    // And new connections are served.
+    let mut b = open(&m).await;
+    let out = b
+        .transaction(&msg("<champa@mpt.gov.la>", &["<somsak@mpt.gov.la>"]))
+        .await
+        .unwrap();
+    assert!(is_reject(&out.rcpts[0]));
+    b.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_message_in_flight_and_refuses_new_ones() {
+    let m = Milter::spawn("", seeded_store().await).await;
+    let mut busy = open(&m).await;
+    let mut idle = open(&m).await;
+    assert_eq!(
+        busy.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert!(
+        m.checker
+            .metrics
+            .encode()
+            .contains(r#"mailwarden_connections_open{protocol="milter"} 2"#)
+    );
+
+    m.shutdown.cancel();
+    m.serve.await.unwrap().unwrap();
+    m.sessions.close();
+
+    // A new message on an open connection is refused with a temporary error.
+    let out = idle
+        .transaction(&msg("<champa@mpt.gov.la>", &["<bounmy@mpt.gov.la>"]))
+        .await
+        .unwrap();
+    assert!(is_tempfail(&out.mail), "{:?}", out.mail);
+    assert!(
+        text(&out.mail).starts_with("421 4.3.2 "),
+        "{}",
+        text(&out.mail)
+    );
+
+    // The message in flight completes normally, recipient checks included.
+    let r = busy.rcpt("<somsak@mpt.gov.la>", &[]).await.unwrap();
+    assert!(text(&r).starts_with("550 5.2.1 "));
+    assert_eq!(
+        busy.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(busy.content(&[], b"", &[]).await.unwrap(), Status::Continue);
+    assert_eq!(busy.eom(&[]).await.unwrap(), Status::Continue);
+
+    // Then every session ends and the drain completes.
+    tokio::time::timeout(TIMEOUT, m.sessions.wait())
+        .await
+        .expect("drain completes once no message is in flight");
+    assert!(
+        m.checker
+            .metrics
+            .encode()
+            .contains(r#"mailwarden_connections_open{protocol="milter"} 0"#)
+    );
+    // The idle connection was closed by the milter.
+    assert!(idle.mail(&["<champa@mpt.gov.la>"], &[]).await.is_err());
+}
+
+#[tokio::test]
+async fn shutdown_with_no_message_in_flight_closes_idle_connections_at_once() {
+    let m = Milter::spawn("", seeded_store().await).await;
+    let mut idle = open(&m).await;
+    let addr = m.addr.clone();
+    let sessions = m.sessions.clone();
+    m.stop().await;
+    assert!(sessions.is_empty());
+    assert!(idle.helo("again", &[]).await.is_err());
+    assert!(MtaConnection::open(&addr, TIMEOUT).await.is_err());
+}
+
+#[tokio::test]
+async fn unix_socket_listener_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: mailwarden::config::ListenAddr =
+        format!("unix:{}", dir.path().join("milter.sock").display())
+            .parse()
+            .unwrap();
+    let listener = mailwarden::net::Listener::bind(&addr).await.unwrap();
+    let checker = common::milter::checker("", seeded_store().await);
+    let m = Milter::serve_on(listener, checker, Features::default());
+    let mut c = open(&m).await;
+    let out: Outcome = c
+        .transaction(&msg(
+            "<champa@mpt.gov.la>",
+            &["<somsak@mpt.gov.la>", "<bounmy@mpt.gov.la>"],
+        ))
+        .await
+        .unwrap();
+    assert!(text(&out.rcpts[0]).starts_with("550 5.2.1 "));
+    assert_eq!(out.eom, Some(Status::Continue));
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn load_generator_runs_full_transactions() {
+    let m = Milter::spawn("", seeded_store().await).await;
+    let mut spec = LoadSpec::new(
+        m.addr.clone(),
+        "champa@mpt.gov.la",
+        &["bounmy@mpt.gov.la", "somsak@mpt.gov.la"],
+    );
+    spec.connections = 3;
+    spec.transactions = 20;
+    let report = loadgen::run(&spec).await.unwrap();
+    assert_eq!(report.transactions, 60);
+    assert_eq!(report.delivered, 60, "{report:?}");
+    assert_eq!(report.refused, 0);
+    assert_eq!(report.failed_connections, 0, "{:?}", report.first_error);
+    assert!(report.p50 <= report.p99 && report.p99 <= report.max);
+    assert!(report.max > Duration::ZERO && report.per_second() > 0.0);
+    // Each message had one refused recipient: 60 R1 rejections were counted.
+    assert!(m.checker.metrics.encode().contains(
+        r#"mailwarden_verdicts_total{rule="R1",stage="rcpt",outcome="reject",protocol="milter"} 60"#
+    ));
+
+    // An unregistered sender: every message refused at MAIL.
+    spec.sender = "nobody@mpt.gov.la".into();
+    spec.connections = 2;
+    spec.transactions = 5;
+    let report = loadgen::run(&spec).await.unwrap();
+    assert_eq!((report.transactions, report.refused), (10, 10));
+
+    // Nothing listening: counted as failed connections, not a crash.
+    let addr = m.addr.clone();
+    m.stop().await;
+    spec.addr = addr;
+    let report = loadgen::run(&spec).await.unwrap();
+    assert_eq!(report.failed_connections, 2);
+    assert_eq!(report.transactions, 0);
+    assert!(report.first_error.is_some());
+}
+
+#[tokio::test]
+async fn the_daemon_drains_the_milter_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("mailwarden.db");
+    let toml = format!(
+        "[server]\nmilter_listen = \"inet:127.0.0.1:0\"\npolicy_listen = \"\"\nshutdown_grace = \"10s\"\n\
+         [admin]\nlisten = \"\"\n[store]\nurl = \"sqlite:{}\"\n",
+        db.display()
+    );
+    let config = mailwarden::config::Config::from_toml(&toml).unwrap();
+    let daemon = mailwarden::Daemon::start(config, None).await.unwrap();
+    common::milter::seed(daemon.checker.directory.store().as_ref()).await;
+    let addr: mailwarden::config::ListenAddr =
+        daemon.bound().milter.as_deref().unwrap().parse().unwrap();
+    let (control, rx) = tokio::sync::mpsc::channel(1);
+    let running = tokio::spawn(daemon.serve(rx));
+
+    let mut idle = MtaConnection::open(&addr, TIMEOUT).await.unwrap();
+    let mut c = MtaConnection::open(&addr, TIMEOUT).await.unwrap();
+    c.connect("mx.example.org", CLIENT_IP.parse().unwrap(), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        c.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap(),
+        Status::Continue
+    );
+    control.send(mailwarden::Control::Shutdown).await.unwrap();
+    // Draining: a new message is refused...
+    let m = idle.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap();
+    assert!(text(&m).starts_with("421 4.3.2 "), "{m:?}");
+    // ...while the message in flight is still judged and finished.
+    let r = c.rcpt("<somsak@mpt.gov.la>", &[]).await.unwrap();
+    assert!(text(&r).starts_with("550 5.2.1 "), "{r:?}");
+    assert_eq!(
+        c.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(c.content(&[], b"", &[]).await.unwrap(), Status::Continue);
+    assert_eq!(c.eom(&[]).await.unwrap(), Status::Continue);
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .expect("daemon stops once the message is done")
+        .unwrap()
+        .unwrap();
+}
