@@ -1,22 +1,374 @@
-//! End to end through real Postfix: a private Postfix instance per test relays to smtp-sink,
-//! and mailwarden is wired in with the operator snippets from `deploy/postfix/`.
+//! End to end through real Postfix: each test runs its own mailwarden process and its own
+//! private Postfix instance (own config, queue and ports) relaying to smtp-sink. mailwarden is
+//! wired in with the operator snippets from `deploy/postfix/`, read from disk, so these tests
+//! prove the exact lines an operator pastes.
+//!
+//! Every rule is checked through both wirings: the policy service (sender rules answer at
+//! RCPT, as Postfix asks the policy service there) and the milter (sender rules answer MAIL).
 //!
 //! Needs root and the Debian packages `postfix` and `swaks` (`.ci/run` installs them).
 
 mod common;
 
+use common::daemon::Mailwarden;
 use common::postfix::{Postfix, Wiring};
-use common::smtp::swaks;
+use common::smtp::{END_MARKER, Session, swaks};
 
-/// The harness itself: Postfix without mailwarden takes a message and the sink receives it
-/// with the envelope intact.
+/// The two ways to wire mailwarden into Postfix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Path {
+    Policy,
+    Milter,
+}
+
+impl Path {
+    fn label(self) -> &'static str {
+        match self {
+            Path::Policy => "policy",
+            Path::Milter => "milter",
+        }
+    }
+}
+
+/// Active sender and recipient.
+const CHAMPA: &str = "champa@mpt.gov.la";
+/// Another active account.
+const SOMSAK: &str = "somsak@mpt.gov.la";
+/// Suspended (R1).
+const CABINET: &str = "cabinet@mpt.gov.la";
+/// Withdrawn (R2).
+const KHAMLA: &str = "khamla@mpt.gov.la";
+/// Active account of an organisation that has ceased (R2).
+const MOF_CABINET: &str = "cabinet@mof.gov.la";
+/// In a local domain, never registered (R9).
+const GHOST: &str = "ghost@mpt.gov.la";
+/// Not a local domain: mailwarden has nothing to say about it.
+const OUTSIDE: &str = "friend@example.org";
+
+/// mailwarden with `rules` and the test directory, and Postfix wired to it along `path`.
+fn setup(path: Path, rules: &str) -> (Mailwarden, Postfix) {
+    let mw = Mailwarden::start(rules);
+    populate(&mw);
+    let wiring = match path {
+        Path::Policy => Wiring::Policy(mw.bound.policy.clone()),
+        Path::Milter => Wiring::Milter(mw.bound.milter.clone()),
+    };
+    (mw, Postfix::start(wiring))
+}
+
+/// The directory, built through the admin CLI as an operator would.
+fn populate(mw: &Mailwarden) {
+    mw.cli_ok(
+        "org",
+        &[
+            "add",
+            "mpt",
+            "--name",
+            "Ministry of Posts and Telecommunications",
+        ],
+    );
+    mw.cli_ok("org", &["add", "mof", "--name", "Ministry of Finance"]);
+    for (addr, kind) in [
+        (CHAMPA, "person"),
+        (SOMSAK, "person"),
+        (CABINET, "unit"),
+        (KHAMLA, "person"),
+        (MOF_CABINET, "unit"),
+    ] {
+        mw.cli_ok("user", &["add", addr, "--kind", kind, "--status", "active"]);
+    }
+    mw.cli_ok("user", &["suspend", CABINET, "--reason", "on leave"]);
+    mw.cli_ok(
+        "user",
+        &["withdraw", KHAMLA, "--reason", "left the ministry", "--yes"],
+    );
+    mw.cli_ok(
+        "org",
+        &["cease", "mof", "--reason", "merged into mpt", "--yes"],
+    );
+}
+
+/// A recipient refused at RCPT with `expected` while a second, active recipient of the same
+/// message is delivered: the refused one never reaches the sink.
+fn refused_recipient(path: Path, rcpt: &str, expected: &str) {
+    let (_mw, pf) = setup(path, "");
+    let sent = swaks(&pf.server, CHAMPA, &[rcpt, OUTSIDE]);
+    let reply = sent.expect_reply(&format!("RCPT TO:<{rcpt}>"));
+    assert!(
+        reply.starts_with(expected),
+        "RCPT {rcpt} via {}: expected {expected}, got {reply:?}\n{}",
+        path.label(),
+        sent.transcript
+    );
+    assert!(
+        sent.expect_reply(&format!("RCPT TO:<{OUTSIDE}>"))
+            .starts_with("250"),
+        "{}",
+        sent.transcript
+    );
+    assert!(sent.queued(), "{}", sent.transcript);
+    let d = pf.wait_delivered(&sent.tag);
+    assert_eq!(
+        d.rcpts,
+        [OUTSIDE],
+        "only the accepted recipient is delivered"
+    );
+}
+
+/// An active local recipient is accepted and delivered.
+fn active_recipient_delivered(path: Path) {
+    let (_mw, pf) = setup(path, "");
+    let sent = swaks(&pf.server, CHAMPA, &[SOMSAK]);
+    assert_eq!(sent.status, Some(0), "{}", sent.transcript);
+    assert!(sent.queued(), "{}", sent.transcript);
+    let d = pf.wait_delivered(&sent.tag);
+    assert_eq!(d.mail_from, CHAMPA);
+    assert_eq!(d.rcpts, [SOMSAK]);
+    assert!(d.text.contains(END_MARKER));
+}
+
+/// An unregistered sender in a local domain may not send (R9): 553 5.7.1, at RCPT through
+/// the policy service, at MAIL through the milter; nothing is delivered.
+fn unregistered_sender_refused(path: Path) {
+    let (_mw, pf) = setup(path, "");
+    let sent = swaks(&pf.server, GHOST, &[OUTSIDE]);
+    let mail = sent.expect_reply("MAIL FROM");
+    let rcpt = sent.reply("RCPT TO");
+    let refusal = match path {
+        Path::Milter => mail.clone(),
+        Path::Policy => {
+            assert!(mail.starts_with("250"), "{}", sent.transcript);
+            rcpt.clone().expect("RCPT sent after MAIL was accepted")
+        }
+    };
+    assert!(
+        refusal.starts_with("553 5.7.1"),
+        "unregistered sender via {}: {refusal:?}\n{}",
+        path.label(),
+        sent.transcript
+    );
+    assert!(!sent.queued(), "{}", sent.transcript);
+    // A registered sender right after goes through: the refusal was about GHOST only.
+    let ok = swaks(&pf.server, CHAMPA, &[OUTSIDE]);
+    assert!(ok.queued(), "{}", ok.transcript);
+    pf.wait_delivered(&ok.tag);
+    assert!(
+        pf.deliveries().iter().all(|d| d.mail_from != GHOST),
+        "nothing from {GHOST} reached the sink"
+    );
+}
+
+/// With R1 in monitor mode the suspended recipient gets its mail, and /metrics counts what
+/// R1 would have done, labelled with the protocol that carried it.
+fn monitor_mode_counts_and_delivers(path: Path) {
+    let (mw, pf) = setup(path, "[rules.R1]\nmode = \"monitor\"\n");
+    let labels = [
+        ("rule", "R1"),
+        ("stage", "rcpt"),
+        ("outcome", "would_reject"),
+        ("protocol", path.label()),
+    ];
+    assert_eq!(mw.sample("mailwarden_verdicts_total", &labels), 0.0);
+    let sent = swaks(&pf.server, CHAMPA, &[CABINET]);
+    assert!(
+        sent.expect_reply(&format!("RCPT TO:<{CABINET}>"))
+            .starts_with("250"),
+        "{}",
+        sent.transcript
+    );
+    let d = pf.wait_delivered(&sent.tag);
+    assert_eq!(d.rcpts, [CABINET]);
+    assert_eq!(
+        mw.sample("mailwarden_verdicts_total", &labels),
+        1.0,
+        "{}",
+        mw.metrics()
+    );
+    // Monitor mode did not refuse anything.
+    let enforced = [
+        ("rule", "R1"),
+        ("stage", "rcpt"),
+        ("outcome", "reject"),
+        ("protocol", path.label()),
+    ];
+    assert_eq!(mw.sample("mailwarden_verdicts_total", &enforced), 0.0);
+}
+
+/// SIGHUP with R1 switched from monitor to enforce applies to the next RCPT of an SMTP
+/// session that stays open across the reload (and with it Postfix's connection to
+/// mailwarden: a lost milter connection would tempfail the rest of the session).
+fn reload_applies_without_dropping_the_session(path: Path) {
+    let (mw, pf) = setup(path, "[rules.R1]\nmode = \"monitor\"\n");
+    let mut s = Session::open(&pf.server);
+    let r = s.command(&format!("MAIL FROM:<{CHAMPA}>"));
+    assert!(r.starts_with("250"), "{}", s.transcript);
+    let r = s.command(&format!("RCPT TO:<{CABINET}>"));
+    assert!(
+        r.starts_with("250"),
+        "monitor mode accepts: {}",
+        s.transcript
+    );
+
+    mw.reload("[rules.R1]\nmode = \"enforce\"\n");
+
+    let r = s.command(&format!("RCPT TO:<{CABINET}>"));
+    assert!(
+        r.starts_with("550 5.2.1"),
+        "enforced after reload via {}: {}",
+        path.label(),
+        s.transcript
+    );
+    let r = s.command(&format!("RCPT TO:<{OUTSIDE}>"));
+    assert!(r.starts_with("250"), "{}", s.transcript);
+    let r = s.command("DATA");
+    assert!(r.starts_with("354"), "{}", s.transcript);
+    let tag = common::smtp::unique_tag();
+    let r = s.command(&format!(
+        "From: <{CHAMPA}>\r\nSubject: reload\r\nX-E2E-Tag: {tag}\r\n\r\n{END_MARKER}\r\n."
+    ));
+    assert!(r.starts_with("250"), "{}", s.transcript);
+    let r = s.command("QUIT");
+    assert!(r.starts_with("221"), "{}", s.transcript);
+    let mut rcpts = pf.wait_delivered(&tag).rcpts;
+    rcpts.sort();
+    // CABINET was accepted before the reload (monitor), OUTSIDE after it.
+    assert_eq!(rcpts, [CABINET, OUTSIDE]);
+    assert!(
+        !pf.maillog().contains("warning: milter")
+            && !pf.maillog().contains("problem talking to server"),
+        "Postfix lost its connection to mailwarden:\n{}",
+        pf.maillog()
+    );
+}
+
 #[test]
 fn bare_postfix_delivers_to_the_sink() {
+    // The harness itself: Postfix without mailwarden takes a message and the sink receives
+    // it with the envelope intact.
     let pf = Postfix::start(Wiring::Bare);
-    let sent = swaks(&pf.server, "champa@mpt.gov.la", &["cabinet@mof.gov.la"]);
+    let sent = swaks(&pf.server, CHAMPA, &[MOF_CABINET]);
     assert!(sent.queued(), "not queued:\n{}", sent.transcript);
     assert_eq!(sent.status, Some(0), "{}", sent.transcript);
     let d = pf.wait_delivered(&sent.tag);
-    assert_eq!(d.mail_from, "champa@mpt.gov.la");
-    assert_eq!(d.rcpts, ["cabinet@mof.gov.la"]);
+    assert_eq!(d.mail_from, CHAMPA);
+    assert_eq!(d.rcpts, [MOF_CABINET]);
+}
+
+#[test]
+fn policy_r1_suspended_recipient_refused() {
+    refused_recipient(Path::Policy, CABINET, "550 5.2.1");
+}
+
+#[test]
+fn milter_r1_suspended_recipient_refused() {
+    refused_recipient(Path::Milter, CABINET, "550 5.2.1");
+}
+
+#[test]
+fn policy_r2_withdrawn_recipient_refused() {
+    refused_recipient(Path::Policy, KHAMLA, "550 5.1.1");
+}
+
+#[test]
+fn milter_r2_withdrawn_recipient_refused() {
+    refused_recipient(Path::Milter, KHAMLA, "550 5.1.1");
+}
+
+#[test]
+fn policy_r2_ceased_organisation_recipient_refused() {
+    refused_recipient(Path::Policy, MOF_CABINET, "550 5.1.1");
+}
+
+#[test]
+fn milter_r2_ceased_organisation_recipient_refused() {
+    refused_recipient(Path::Milter, MOF_CABINET, "550 5.1.1");
+}
+
+#[test]
+fn policy_active_recipient_delivered() {
+    active_recipient_delivered(Path::Policy);
+}
+
+#[test]
+fn milter_active_recipient_delivered() {
+    active_recipient_delivered(Path::Milter);
+}
+
+#[test]
+fn policy_r9_unregistered_sender_refused() {
+    unregistered_sender_refused(Path::Policy);
+}
+
+#[test]
+fn milter_r9_unregistered_sender_refused() {
+    unregistered_sender_refused(Path::Milter);
+}
+
+#[test]
+fn policy_monitor_mode_delivers_and_counts() {
+    monitor_mode_counts_and_delivers(Path::Policy);
+}
+
+#[test]
+fn milter_monitor_mode_delivers_and_counts() {
+    monitor_mode_counts_and_delivers(Path::Milter);
+}
+
+#[test]
+fn policy_reload_applies_to_an_open_session() {
+    reload_applies_without_dropping_the_session(Path::Policy);
+}
+
+#[test]
+fn milter_reload_applies_to_an_open_session() {
+    reload_applies_without_dropping_the_session(Path::Milter);
+}
+
+/// mailwarden down: the policy snippet's default action tempfails the recipient (the client
+/// retries later); nothing is accepted unchecked.
+#[test]
+fn policy_mailwarden_stopped_tempfails() {
+    let (mut mw, pf) = setup(Path::Policy, "");
+    let before = swaks(&pf.server, CHAMPA, &[CHAMPA]);
+    assert!(before.queued(), "{}", before.transcript);
+    pf.wait_delivered(&before.tag);
+
+    mw.stop();
+    let sent = swaks(&pf.server, CHAMPA, &[CHAMPA]);
+    let reply = sent.expect_reply(&format!("RCPT TO:<{CHAMPA}>"));
+    assert!(
+        reply.starts_with("451 4.3.0"),
+        "policy service down: {reply:?}\n{}",
+        sent.transcript
+    );
+    assert!(!sent.queued(), "{}", sent.transcript);
+    assert_eq!(
+        pf.deliveries().len(),
+        1,
+        "only the message sent while it ran"
+    );
+}
+
+/// mailwarden down: milter_default_action = tempfail refuses the transaction temporarily.
+#[test]
+fn milter_mailwarden_stopped_tempfails() {
+    let (mut mw, pf) = setup(Path::Milter, "");
+    let before = swaks(&pf.server, CHAMPA, &[CHAMPA]);
+    assert!(before.queued(), "{}", before.transcript);
+    pf.wait_delivered(&before.tag);
+
+    mw.stop();
+    let sent = swaks(&pf.server, CHAMPA, &[CHAMPA]);
+    let mail = sent.expect_reply("MAIL FROM");
+    assert!(
+        mail.starts_with("451 4.7.1"),
+        "milter down: {mail:?}\n{}",
+        sent.transcript
+    );
+    assert!(!sent.queued(), "{}", sent.transcript);
+    assert_eq!(
+        pf.deliveries().len(),
+        1,
+        "only the message sent while it ran"
+    );
 }
