@@ -98,6 +98,9 @@ impl AuditLog {
             _ => false,
         };
         if !current {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
             let f = OpenOptions::new()
                 .append(true)
                 .create(true)

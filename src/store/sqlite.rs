@@ -184,6 +184,17 @@ where
 }
 
 fn open_writer(path: &str, memory: bool) -> StoreResult<Connection> {
+    if !memory {
+        // First start: create the data directory (e.g. ./var for the quick start).
+        if let Some(dir) = std::path::Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
+        }
+    }
     let mut conn = Connection::open(path)
         .map_err(|e| StoreError::Unavailable(format!("cannot open {path}: {e}")))?;
     configure(&conn)?;
@@ -733,6 +744,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn missing_data_directory_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("var/lib/mailwarden/mw.db");
+        let store = crate::store::open(&format!("sqlite:{}", path.display()))
+            .await
+            .unwrap();
+        store.ping().await.unwrap();
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
     async fn newer_schema_is_refused_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = db_path(&dir);
@@ -774,15 +796,12 @@ mod tests {
     #[tokio::test]
     async fn unopenable_path_is_unavailable() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir
-            .path()
-            .join("no/such/dir/db")
-            .to_str()
-            .unwrap()
-            .to_owned();
+        // A regular file where the data directory should be: neither creatable nor openable.
+        std::fs::write(dir.path().join("not-a-dir"), b"").unwrap();
+        let path = dir.path().join("not-a-dir/db").to_str().unwrap().to_owned();
         let err = SqliteStore::open(&path).await.err().expect("refused");
         match err {
-            StoreError::Unavailable(msg) => assert!(msg.contains(&path), "{msg}"),
+            StoreError::Unavailable(msg) => assert!(msg.contains("not-a-dir"), "{msg}"),
             e => panic!("expected Unavailable, got {e:?}"),
         }
     }
