@@ -148,6 +148,12 @@ fn unregistered_sender_refused(path: Path) {
         sent.transcript
     );
     assert!(!sent.queued(), "{}", sent.transcript);
+    // swaks: 23 = MAIL refused, 24 = no recipient accepted.
+    let expected_exit = match path {
+        Path::Milter => 23,
+        Path::Policy => 24,
+    };
+    assert_eq!(sent.status, Some(expected_exit), "{}", sent.transcript);
     // A registered sender right after goes through: the refusal was about GHOST only.
     let ok = swaks(&pf.server, CHAMPA, &[OUTSIDE]);
     assert!(ok.queued(), "{}", ok.transcript);
@@ -343,6 +349,12 @@ fn policy_mailwarden_stopped_tempfails() {
     );
     assert!(!sent.queued(), "{}", sent.transcript);
     assert_eq!(
+        sent.status,
+        Some(24),
+        "no recipient accepted:\n{}",
+        sent.transcript
+    );
+    assert_eq!(
         pf.deliveries().len(),
         1,
         "only the message sent while it ran"
@@ -366,6 +378,7 @@ fn milter_mailwarden_stopped_tempfails() {
         sent.transcript
     );
     assert!(!sent.queued(), "{}", sent.transcript);
+    assert_eq!(sent.status, Some(23), "MAIL refused:\n{}", sent.transcript);
     assert_eq!(
         pf.deliveries().len(),
         1,

@@ -193,6 +193,11 @@ impl Postfix {
     /// Starts a private instance wired as asked, with its sink; returns once smtpd listens
     /// (`postfix start` waits for the master's initialisation, which binds the port).
     pub fn start(wiring: Wiring) -> Postfix {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "the Postfix end-to-end tests start private Postfix instances and need root; \
+             run `bash .ci/run` (or `cargo test`) as root on a machine with postfix and swaks"
+        );
         let dir = TestDir::new("mw-e2e-postfix-");
         for sub in ["etc", "spool", "data"] {
             std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
