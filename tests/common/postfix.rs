@@ -44,8 +44,18 @@ pub struct Postfix {
     /// `127.0.0.1:PORT` of the instance's smtpd.
     pub server: String,
     master_pid: u32,
-    sink: Child,
+    sink: Sink,
     dir: TestDir,
+}
+
+/// The smtp-sink process; killed when dropped (also when Postfix fails to start).
+struct Sink(Child);
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn snippet(wiring: &Wiring) -> String {
@@ -141,7 +151,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 }
 
 /// Starts smtp-sink on a free port; retries when another process took the port first.
-fn start_sink(dir: &TestDir) -> (Child, u16) {
+fn start_sink(dir: &TestDir) -> (Sink, u16) {
     let sink_bin = find_program("smtp-sink", &["/usr/sbin", "/usr/lib/postfix/sbin"]);
     let dump = dir.join("sink");
     std::fs::create_dir_all(&dump).expect("mkdir sink");
@@ -149,21 +159,23 @@ fn start_sink(dir: &TestDir) -> (Child, u16) {
     for _ in 0..10 {
         let port = free_port();
         let log = std::fs::File::create(dir.join("sink.log")).expect("sink log");
-        let mut child = Command::new(&sink_bin)
-            // smtp-sink refuses to run as root without -u; the dump dir belongs to postfix.
-            .args(["-u", "postfix", "-d"])
-            .arg(dump.join("msg."))
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("64")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", sink_bin.display()));
+        let mut sink = Sink(
+            Command::new(&sink_bin)
+                // smtp-sink refuses to run as root without -u; the dump dir belongs to postfix.
+                .args(["-u", "postfix", "-d"])
+                .arg(dump.join("msg."))
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("64")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", sink_bin.display())),
+        );
         // smtp-sink has no readiness signal: it is ready once it accepts a connection, and
         // it exits at once if the port was taken.
         let up = wait_for("smtp-sink to listen", Duration::from_secs(10), || {
-            if child.try_wait().expect("try_wait").is_some() {
+            if sink.0.try_wait().expect("try_wait").is_some() {
                 return Some(false);
             }
             std::net::TcpStream::connect(("127.0.0.1", port))
@@ -171,7 +183,7 @@ fn start_sink(dir: &TestDir) -> (Child, u16) {
                 .map(|_| true)
         });
         if up {
-            return (child, port);
+            return (sink, port);
         }
     }
     panic!(
@@ -316,7 +328,6 @@ impl Drop for Postfix {
         }
         // SIGTERM makes the master stop its children and exit.
         process::terminate(self.master_pid, Duration::from_secs(10));
-        let _ = self.sink.kill();
-        let _ = self.sink.wait();
+        // Then the sink (a field) is killed, then the directory removed.
     }
 }
