@@ -73,8 +73,6 @@ impl Mailwarden {
             .arg(&config)
             .arg("--ready-file")
             .arg(&ready)
-            // Plain text in the kept log.
-            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup log"))
             .stderr(log_file)
