@@ -757,7 +757,10 @@ async fn a_rotated_audit_log_is_reopened() {
 #[tokio::test]
 async fn when_the_audit_log_cannot_be_opened_nothing_is_changed() {
     let api = Api::start_with(|c, dir| {
-        c.admin.audit_log = dir.join("missing-dir").join("audit.jsonl");
+        // A regular file where the log's directory should be: it can be neither created
+        // nor opened (a missing directory alone would be created on first use).
+        std::fs::write(dir.join("not-a-dir"), b"").unwrap();
+        c.admin.audit_log = dir.join("not-a-dir").join("audit.jsonl");
     })
     .await;
     let (s, b) = api

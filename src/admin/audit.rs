@@ -99,7 +99,15 @@ impl AuditLog {
         };
         if !current {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot create the directory of audit log {} (admin.audit_log): {e}",
+                            path.display()
+                        ),
+                    )
+                })?;
             }
             let f = OpenOptions::new()
                 .append(true)
