@@ -473,16 +473,19 @@ impl Config {
 
 /// Turns a toml parse error into a keyed error with its line number.
 fn toml_error(e: &toml::de::Error, text: &str) -> ConfigError {
-    let line = e
-        .span()
-        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
     let msg = e.message().trim().to_owned();
+    let Some(span) = e.span() else {
+        return ConfigError {
+            key: "(syntax)".into(),
+            reason: msg,
+        };
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
     ConfigError {
-        key: match line {
-            Some(l) => format!("line {l}"),
-            None => "(syntax)".into(),
-        },
-        reason: msg,
+        key: format!("line {line_no}"),
+        reason: format!("{msg}: `{line}`"),
     }
 }
 

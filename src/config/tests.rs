@@ -50,6 +50,13 @@ fn unknown_key_names_the_key_and_line() {
 }
 
 #[test]
+fn duplicate_table_shows_the_offending_line() {
+    let errs = Config::from_toml("[log]\nlevel = \"info\"\n[log]\nlevel = \"warn\"\n").unwrap_err();
+    assert_eq!(errs[0].key, "line 3");
+    assert!(errs[0].reason.contains("`[log]`"), "{}", errs[0].reason);
+}
+
+#[test]
 fn rule_modes_and_durations_parse() {
     let c = Config::from_toml(
         r#"

@@ -138,6 +138,9 @@ pub struct MtaConnection {
     actions: Actions,
     opts: ProtoOpts,
     macros: HashMap<MacroStage, CString>,
+    /// Connection-level macro values (client, HELO, TLS) that the MTA keeps and sends again
+    /// at any later stage whose macro list asks for them, as Postfix does.
+    env: HashMap<String, String>,
 }
 
 impl MtaConnection {
@@ -164,6 +167,7 @@ impl MtaConnection {
             actions: Actions::empty(),
             opts: ProtoOpts::empty(),
             macros: HashMap::new(),
+            env: HashMap::new(),
         };
         c.send(Command::OptNeg(OptNegPayload {
             version: PROTOCOL_VERSION,
@@ -225,16 +229,38 @@ impl MtaConnection {
         macros: Option<(MacroStage, Macros<'_>)>,
         cmd: Command,
     ) -> Result<Status, ClientError> {
+        if let Some((MacroStage::Connect | MacroStage::Helo, m)) = &macros {
+            for (k, v) in m.iter() {
+                self.env.insert(k.to_string(), v.to_string());
+            }
+        }
         if !skip.is_empty() && self.opts.contains(skip) {
             return Ok(Status::Continue);
         }
-        if let Some((stage, m)) = macros.filter(|(_, m)| !m.is_empty()) {
-            let macros = m
+        if let Some((stage, m)) = macros {
+            // The values given for this stage, plus the connection-level ones the milter
+            // asked to see at this stage.
+            let mut pairs: Vec<(String, String)> = m
                 .iter()
-                .flat_map(|(k, v)| [cstring(k), cstring(v)])
+                .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            self.send(Command::DefMacros(MacroPayload { stage, macros }))
-                .await?;
+            if let Some(wanted) = self.macros.get(&stage) {
+                for name in wanted.to_string_lossy().split(' ') {
+                    if let Some(v) = self.env.get(name) {
+                        if !pairs.iter().any(|(k, _)| k == name) {
+                            pairs.push((name.to_owned(), v.clone()));
+                        }
+                    }
+                }
+            }
+            if !pairs.is_empty() {
+                let macros = pairs
+                    .iter()
+                    .flat_map(|(k, v)| [cstring(k), cstring(v)])
+                    .collect();
+                self.send(Command::DefMacros(MacroPayload { stage, macros }))
+                    .await?;
+            }
         }
         self.send(cmd).await?;
         if !noreply.is_empty() && self.opts.contains(noreply) {
@@ -255,6 +281,9 @@ impl MtaConnection {
             hostname: cstring(name),
             socket_info: SocketInfo::Inet(SocketAddr::new(ip, 0)),
         });
+        // Postfix knows these from the connection and sends them wherever they are asked.
+        self.env.insert("{client_addr}".into(), ip.to_string());
+        self.env.insert("{client_name}".into(), name.to_owned());
         self.stage(
             ProtoOpts::NO_CONNECT,
             ProtoOpts::NOREPLY_CONNECT,

@@ -18,6 +18,10 @@ pub struct Features {
     pub headers: bool,
     /// Receive the body chunks. Needed by the DKIM signer (body hash) and content scanning.
     pub body: bool,
+    /// Receive CONNECT and HELO as stages of their own. Needed by rules that judge the HELO
+    /// name (SPF HELO, R7); the client address and TLS state also arrive as macros at MAIL.
+    /// Every stage skipped saves a round trip (and a wake-up of this daemon) per SMTP session.
+    pub connect_helo: bool,
 }
 
 impl Default for Features {
@@ -27,6 +31,7 @@ impl Default for Features {
             actions: ACTIONS,
             headers: false,
             body: false,
+            connect_helo: false,
         }
     }
 }
@@ -68,7 +73,12 @@ impl Features {
         if mta_actions.contains(Actions::REQUEST_MACROS) {
             actions |= Actions::REQUEST_MACROS;
         }
-        let mut skip = ProtoOpts::NO_UNKNOWN;
+        // DATA carries nothing a rule needs (the queue id is asked again at end of message,
+        // which the MTA always sends), so it is never a stage of its own.
+        let mut skip = ProtoOpts::NO_UNKNOWN | ProtoOpts::NO_DATA;
+        if !self.connect_helo {
+            skip |= ProtoOpts::NO_CONNECT | ProtoOpts::NO_HELO;
+        }
         if !self.headers {
             skip |= ProtoOpts::NO_HEADER | ProtoOpts::NO_EOH;
         }
@@ -97,7 +107,7 @@ impl Features {
             (MacroStage::Helo, c"{tls_version}"),
             (
                 MacroStage::Mail,
-                c"i {auth_authen} {mail_addr} {tls_version}",
+                c"i {auth_authen} {mail_addr} {tls_version} {client_addr} {client_name}",
             ),
             (MacroStage::Rcpt, c"i {rcpt_addr}"),
             (MacroStage::Data, c"i"),
@@ -123,20 +133,40 @@ mod tests {
     }
 
     #[test]
-    fn default_skips_headers_body_and_unknown_and_requests_no_modifications() {
+    fn default_skips_every_stage_no_rule_needs_and_requests_no_modifications() {
         let n = Features::default()
             .negotiate(postfix_actions(), ProtoOpts::all())
             .unwrap();
         assert_eq!(n.actions, Actions::REQUEST_MACROS);
         assert_eq!(
             n.opts,
-            ProtoOpts::NO_UNKNOWN | ProtoOpts::NO_HEADER | ProtoOpts::NO_EOH | ProtoOpts::NO_BODY
+            ProtoOpts::NO_UNKNOWN
+                | ProtoOpts::NO_DATA
+                | ProtoOpts::NO_CONNECT
+                | ProtoOpts::NO_HELO
+                | ProtoOpts::NO_HEADER
+                | ProtoOpts::NO_EOH
+                | ProtoOpts::NO_BODY
         );
+        // With CONNECT skipped, the client arrives as macros at MAIL.
+        let mail = n.macros[&MacroStage::Mail].to_str().unwrap();
         assert!(
-            !n.opts.contains(ProtoOpts::NO_DATA),
-            "DATA carries the queue id"
+            mail.contains("{client_addr}") && mail.contains("{client_name}"),
+            "{mail}"
         );
         assert!(!n.macros.contains_key(&MacroStage::Eoh));
+    }
+
+    #[test]
+    fn connect_and_helo_stages_when_a_rule_needs_them() {
+        let n = Features {
+            connect_helo: true,
+            ..Features::default()
+        }
+        .negotiate(postfix_actions(), ProtoOpts::all())
+        .unwrap();
+        assert!(!n.opts.contains(ProtoOpts::NO_CONNECT));
+        assert!(!n.opts.contains(ProtoOpts::NO_HELO));
     }
 
     #[test]
@@ -178,10 +208,11 @@ mod tests {
             actions: Actions::ADD_HEADER,
             headers: true,
             body: true,
+            connect_helo: true,
         };
         let n = dkim.negotiate(postfix_actions(), ProtoOpts::all()).unwrap();
         assert_eq!(n.actions, Actions::ADD_HEADER | Actions::REQUEST_MACROS);
-        assert_eq!(n.opts, ProtoOpts::NO_UNKNOWN);
+        assert_eq!(n.opts, ProtoOpts::NO_UNKNOWN | ProtoOpts::NO_DATA);
 
         let err = dkim
             .negotiate(Actions::ADD_RCPT, ProtoOpts::all())

@@ -100,6 +100,18 @@ impl Session {
         if let Some(v) = m.macro_value(c"{tls_version}").and_then(|v| clean(&v)) {
             self.tx.tls_version = Some(v);
         }
+        // Without a CONNECT stage (skipped unless a rule needs it), the client arrives here.
+        if self.tx.client_addr.is_none() {
+            self.tx.client_addr = m
+                .macro_value(c"{client_addr}")
+                .and_then(|a| a.trim().parse::<IpAddr>().ok());
+        }
+        if self.tx.client_name.is_none() {
+            self.tx.client_name = m
+                .macro_value(c"{client_name}")
+                .and_then(|n| clean(&n))
+                .filter(|n| !is_unknown_name(n));
+        }
         let raw = args
             .first()
             .cloned()

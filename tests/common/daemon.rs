@@ -157,7 +157,8 @@ impl Mailwarden {
         });
     }
 
-    fn pid(&self) -> u32 {
+    /// The daemon's process id (signals; CPU accounting in benchmarks).
+    pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 

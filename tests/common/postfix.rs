@@ -23,6 +23,17 @@ pub enum Wiring {
     Policy(String),
     /// `deploy/postfix/main.cf.milter` with the milter listener's address.
     Milter(String),
+    /// Both snippets: the policy service (first address) and the milter (second).
+    Both(String, String),
+}
+
+/// What the sink does with delivered mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkMode {
+    /// Dump every message to a file (tests read them back).
+    Dump,
+    /// Only count deliveries (benchmarks: no file I/O per message).
+    Count,
 }
 
 /// The address each snippet is written for (mailwarden's defaults); tests replace it.
@@ -61,6 +72,10 @@ impl Drop for Sink {
 fn snippet(wiring: &Wiring) -> String {
     let (file, default, addr) = match wiring {
         Wiring::Bare => return String::new(),
+        Wiring::Both(policy, milter) => {
+            return snippet(&Wiring::Policy(policy.clone()))
+                + &snippet(&Wiring::Milter(milter.clone()));
+        }
         Wiring::Policy(a) => ("main.cf.policy", POLICY_DEFAULT, a),
         Wiring::Milter(a) => ("main.cf.milter", MILTER_DEFAULT, a),
     };
@@ -151,7 +166,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 }
 
 /// Starts smtp-sink on a free port; retries when another process took the port first.
-fn start_sink(dir: &TestDir) -> (Sink, u16) {
+fn start_sink(dir: &TestDir, mode: SinkMode) -> (Sink, u16) {
     let sink_bin = find_program("smtp-sink", &["/usr/sbin", "/usr/lib/postfix/sbin"]);
     let dump = dir.join("sink");
     std::fs::create_dir_all(&dump).expect("mkdir sink");
@@ -159,12 +174,16 @@ fn start_sink(dir: &TestDir) -> (Sink, u16) {
     for _ in 0..10 {
         let port = free_port();
         let log = std::fs::File::create(dir.join("sink.log")).expect("sink log");
+        let mut cmd = Command::new(&sink_bin);
+        // smtp-sink refuses to run as root without -u; the dump dir belongs to postfix.
+        cmd.args(["-u", "postfix"]);
+        match mode {
+            SinkMode::Dump => cmd.arg("-d").arg(dump.join("msg.")),
+            // -c prints "sess=N quit=N mesg=N\r" after every delivery (see sink_count()).
+            SinkMode::Count => cmd.arg("-c"),
+        };
         let mut sink = Sink(
-            Command::new(&sink_bin)
-                // smtp-sink refuses to run as root without -u; the dump dir belongs to postfix.
-                .args(["-u", "postfix", "-d"])
-                .arg(dump.join("msg."))
-                .arg(format!("127.0.0.1:{port}"))
+            cmd.arg(format!("127.0.0.1:{port}"))
                 .arg("64")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("dup"))
@@ -205,6 +224,11 @@ impl Postfix {
     /// Starts a private instance wired as asked, with its sink; returns once smtpd listens
     /// (`postfix start` waits for the master's initialisation, which binds the port).
     pub fn start(wiring: Wiring) -> Postfix {
+        Postfix::start_with(wiring, SinkMode::Dump)
+    }
+
+    /// Like [`start`](Self::start), choosing what the sink does.
+    pub fn start_with(wiring: Wiring, sink_mode: SinkMode) -> Postfix {
         assert!(
             rustix::process::geteuid().is_root(),
             "the Postfix end-to-end tests start private Postfix instances and need root; \
@@ -215,7 +239,7 @@ impl Postfix {
             std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
         }
         chown_postfix(&dir.join("data"));
-        let (sink, sink_port) = start_sink(&dir);
+        let (sink, sink_port) = start_sink(&dir, sink_mode);
         let postfix_bin = find_program("postfix", &["/usr/sbin"]);
         let etc = dir.join("etc");
         std::fs::write(etc.join("main.cf"), main_cf(dir.path(), sink_port, &wiring))
@@ -257,6 +281,17 @@ impl Postfix {
             );
         }
         unreachable!("the loop returns or panics")
+    }
+
+    /// Messages the sink has accepted so far (with [`SinkMode::Count`]).
+    pub fn sink_count(&self) -> u64 {
+        let out = std::fs::read(self.dir.join("sink.log")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&out);
+        text.rsplit("mesg=")
+            .next()
+            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Postfix's own log (smtpd, cleanup, qmgr, smtp lines).
