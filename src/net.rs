@@ -1,8 +1,16 @@
-//! Binding listeners given in Postfix notation.
+//! Binding listeners given in Postfix notation, and the accept loop the policy server and
+//! the admin API share. (The milter's loop belongs to indymilter, which caps connections
+//! itself and takes only a listener from us: see `milter::Accepting`.)
 
 use crate::config::ListenAddr;
-use std::io;
-use tokio::net::{TcpListener, UnixListener};
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again, so the
+/// loop does not spin; the daemon keeps serving the connections it has.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A bound listener, TCP or Unix-domain.
 pub enum Listener {
@@ -38,4 +46,67 @@ impl Listener {
             Listener::Unix(_, p) => Ok(ListenAddr::Unix(p.clone())),
         }
     }
+
+    /// Waits for the next connection.
+    pub async fn accept(&self) -> io::Result<Conn> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.map(|(s, a)| Conn::Tcp(s, a)),
+            Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+        }
+    }
+}
+
+/// An accepted connection; a TCP one with the client's address.
+pub enum Conn {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
+}
+
+/// Accepts connections until `shutdown` is cancelled, and runs `handle(conn, permit)` for
+/// each as a task on `sessions` (which the daemon drains on shutdown).
+///
+/// At most `max_connections` are served at once: a permit is taken *before* accepting, so
+/// further clients wait in the listen backlog; the handler holds the permit for as long as it
+/// serves the connection. A failed accept (a peer that reset first, no file descriptors
+/// left) is logged and retried after a short pause: the loop neither stops nor spins.
+/// `handle` is called in the loop's context (a span it creates has the caller's as parent).
+///
+/// On return the listener is dropped, which closes it: no new connections from then on.
+pub async fn serve_connections<H, F>(
+    listener: Listener,
+    protocol: &'static str,
+    max_connections: usize,
+    shutdown: &CancellationToken,
+    sessions: &TaskTracker,
+    mut handle: H,
+) where
+    H: FnMut(Conn, OwnedSemaphorePermit) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok(conn) => {
+                sessions.spawn(handle(conn, permit));
+            }
+            Err(e) => {
+                tracing::warn!(protocol, "accept failed: {e}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
+        }
+    }
+    tracing::debug!(protocol, "listener closed");
 }

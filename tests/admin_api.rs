@@ -7,7 +7,6 @@ use common::{ADMIN, Api, READ, WRITE};
 use mailwarden::model::{Action, Address, Protocol, Transaction};
 use reqwest::{Method, StatusCode, header};
 use serde_json::{Value, json};
-use std::sync::atomic::Ordering;
 
 fn user(address: &str, kind: &str) -> Value {
     json!({"address": address, "kind": kind})
@@ -888,7 +887,7 @@ async fn healthz_and_store_outages() {
     let (s, b) = api.call(Method::GET, "/healthz", None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(b["store"], "up");
-    api.store.down.store(true, Ordering::SeqCst);
+    api.store.set_down(true);
     let (s, b) = api.call(Method::GET, "/healthz", None, None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(b["store"], "down");
@@ -903,14 +902,7 @@ async fn healthz_and_store_outages() {
 
 #[tokio::test]
 async fn serves_https_when_a_certificate_is_configured() {
-    let api = Api::start_with(|c, dir| {
-        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-        std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
-        c.admin.tls_cert = Some(dir.join("cert.pem"));
-        c.admin.tls_key = Some(dir.join("key.pem"));
-    })
-    .await;
+    let api = Api::start_tls().await;
     assert!(api.url.starts_with("https://"));
     api.mpt().await;
     let (s, b) = api.get("/v1/orgs/mpt", READ).await;

@@ -332,14 +332,7 @@ async fn url_is_derived_from_the_config_and_token_read_from_a_file() {
 
 #[tokio::test]
 async fn talks_https_with_a_private_ca() {
-    let api = Api::start_with(|c, dir| {
-        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-        std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
-        c.admin.tls_cert = Some(dir.join("cert.pem"));
-        c.admin.tls_key = Some(dir.join("key.pem"));
-    })
-    .await;
+    let api = Api::start_tls().await;
     api.mpt().await;
     let ca = api.dir.path().join("cert.pem");
     let o = run(

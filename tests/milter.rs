@@ -3,14 +3,15 @@
 
 mod common;
 
-use common::milter::{Logs, Milter, seeded_store};
+use common::milter::{Logs, Milter};
+use common::store::seeded_store;
 use indymilter::{Actions, MacroStage, ProtoOpts};
 use mailwarden::milter::{
     Features,
     client::{Message, MtaConnection, Outcome, Status},
     loadgen::{self, LoadSpec},
 };
-use std::{net::IpAddr, sync::atomic::Ordering, time::Duration};
+use std::{net::IpAddr, time::Duration};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -181,7 +182,7 @@ async fn store_outage_tempfails_the_recipient_451_4_3_0() {
         c.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap(),
         Status::Continue
     );
-    store.fail.store(true, Ordering::SeqCst);
+    store.set_down(true);
     m.checker.directory.invalidate_all();
     let r = c.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap();
     assert!(is_tempfail(&r), "{r:?}");
@@ -558,7 +559,7 @@ async fn the_daemon_drains_the_milter_on_shutdown() {
     );
     let config = mailwarden::config::Config::from_toml(&toml).unwrap();
     let daemon = mailwarden::Daemon::start(config, None).await.unwrap();
-    common::milter::seed(daemon.checker.directory.store().as_ref()).await;
+    common::store::seed(daemon.checker.directory.store().as_ref()).await;
     let addr: mailwarden::config::ListenAddr =
         daemon.bound().milter.as_deref().unwrap().parse().unwrap();
     let (control, rx) = tokio::sync::mpsc::channel(1);

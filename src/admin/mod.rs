@@ -35,12 +35,11 @@ pub use api::{MAX_IMPORT_ROWS, OrgView, UserView};
 pub use audit::AuditRecord;
 
 use crate::checker::Checker;
-use crate::net::Listener;
+use crate::net::{self, Conn, Listener};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::{io, net::IpAddr, path::Path, sync::Arc, time::Duration};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt as _;
@@ -95,52 +94,25 @@ pub async fn serve(
         }
     };
     let app = router(checker);
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = limit.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = accept(&listener) => a,
-        };
-        let conn = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                // Per-connection failures (reset before accept) and fd exhaustion: keep serving.
-                tracing::warn!("admin API: accept failed: {e}");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+    net::serve_connections(
+        listener,
+        "admin",
+        MAX_CONNECTIONS,
+        &shutdown,
+        &sessions,
+        |conn, permit| {
+            let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
+            async move {
+                let _permit = permit;
+                match conn {
+                    Conn::Tcp(s, a) => connection(s, Peer(Some(a.ip())), tls, app, shutdown).await,
+                    Conn::Unix(s) => connection(s, Peer(None), tls, app, shutdown).await,
                 }
             }
-        };
-        let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
-        sessions.spawn(async move {
-            let _permit = permit;
-            match conn {
-                Accepted::Tcp(s, ip) => connection(s, Peer(Some(ip)), tls, app, shutdown).await,
-                Accepted::Unix(s) => connection(s, Peer(None), tls, app, shutdown).await,
-            }
-        });
-    }
+        },
+    )
+    .await;
     Ok(())
-}
-
-enum Accepted {
-    Tcp(tokio::net::TcpStream, IpAddr),
-    Unix(tokio::net::UnixStream),
-}
-
-async fn accept(listener: &Listener) -> io::Result<Accepted> {
-    match listener {
-        Listener::Tcp(l) => {
-            let (s, a) = l.accept().await?;
-            Ok(Accepted::Tcp(s, a.ip()))
-        }
-        Listener::Unix(l, _) => Ok(Accepted::Unix(l.accept().await?.0)),
-    }
 }
 
 async fn connection<S>(

@@ -10,8 +10,9 @@ use super::codec::{Action, CodecError, Decoder, Limits, Request};
 use super::request::{PolicyRequest, ProtocolState, RequestError, action_for};
 use crate::checker::Checker;
 use crate::model::{self, Protocol};
-use crate::net::Listener;
+use crate::net::{self, Conn, Listener};
 use crate::telemetry;
+use futures_util::future::Either;
 use std::{
     future::Future,
     io,
@@ -20,16 +21,12 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 /// Bytes read from the socket at a time. A whole Postfix request (~1 KiB) fits in one read.
 const READ_CHUNK: usize = 4096;
-
-/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again, so the
-/// loop does not spin; the daemon keeps serving the connections it has.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Serves connections until `shutdown` is cancelled. Each connection runs as a task on
 /// `sessions`, which the daemon drains on shutdown. At most `server.max_connections` (read
@@ -40,57 +37,30 @@ pub async fn serve(
     shutdown: CancellationToken,
     sessions: TaskTracker,
 ) -> io::Result<()> {
-    let max = checker.snapshot().config.server.max_connections.max(1);
-    let permits = Arc::new(Semaphore::new(max));
-    loop {
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-        };
-        let accepted = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            r = accept(&listener) => r,
-        };
-        match accepted {
-            Ok(Conn::Tcp(stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let span = tracing::info_span!("policy", peer = %peer);
-                sessions.spawn(
-                    session(stream, checker.clone(), shutdown.clone(), permit).instrument(span),
-                );
-            }
-            Ok(Conn::Unix(stream)) => {
-                let span = tracing::info_span!("policy", peer = "unix");
-                sessions.spawn(
-                    session(stream, checker.clone(), shutdown.clone(), permit).instrument(span),
-                );
-            }
-            Err(e) => {
-                tracing::warn!(protocol = "policy", "accept failed: {e}");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+    let max = checker.snapshot().config.server.max_connections;
+    net::serve_connections(
+        listener,
+        "policy",
+        max,
+        &shutdown,
+        &sessions,
+        |conn, permit| {
+            let (checker, shutdown) = (checker.clone(), shutdown.clone());
+            match conn {
+                Conn::Tcp(stream, peer) => {
+                    let _ = stream.set_nodelay(true);
+                    let span = tracing::info_span!("policy", peer = %peer);
+                    Either::Left(session(stream, checker, shutdown, permit).instrument(span))
+                }
+                Conn::Unix(stream) => {
+                    let span = tracing::info_span!("policy", peer = "unix");
+                    Either::Right(session(stream, checker, shutdown, permit).instrument(span))
                 }
             }
-        }
-    }
-    // Dropping the listener here closes it: no new connections from now on.
-    tracing::debug!(protocol = "policy", "policy listener closed");
+        },
+    )
+    .await;
     Ok(())
-}
-
-enum Conn {
-    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
-    Unix(tokio::net::UnixStream),
-}
-
-async fn accept(listener: &Listener) -> io::Result<Conn> {
-    match listener {
-        Listener::Tcp(l) => l.accept().await.map(|(s, a)| Conn::Tcp(s, a)),
-        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
-    }
 }
 
 /// How waiting for the next request ended.

@@ -1,174 +1,28 @@
 //! Conversations with the policy server as Postfix would have them: the server runs on
 //! 127.0.0.1 port 0 with a real `Checker` over a real SQLite store on a temp file; the test
-//! scripts the MTA side. A thin wrapper injects store faults where a test needs one.
+//! scripts the MTA side. The store is `store::testing`'s: the directory of its `seed`, and
+//! switches that inject faults where a test needs one.
 
 use super::codec::Request;
 use super::loadgen::{self, Client, LoadSpec};
 use crate::checker::Checker;
 use crate::config::{Config, ListenAddr};
-use crate::model::Address;
 use crate::net::Listener;
 use crate::store::cache::CachedDirectory;
-use crate::store::{sqlite::SqliteStore, *};
+use crate::store::testing::TestStore;
 use crate::telemetry::Metrics;
-use async_trait::async_trait;
 use std::{sync::Arc, time::Duration};
-use tokio::sync::{Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-
-// ---- the directory: a real SQLite store on a temp file -----------------------------------
-
-/// What to inject between the checker and the SQLite store.
-#[derive(Clone)]
-enum Fault {
-    None,
-    /// Every lookup fails, as when the store is down.
-    Down,
-    /// Lookups of one domain wait until released, to catch a request mid-decision.
-    Gate(Arc<Gate>),
-}
-
-struct Gate {
-    domain: String,
-    entered: Notify,
-    release: Semaphore,
-}
-
-/// Delegates to the real store, injecting `fault` into the lookups the mail path makes.
-struct Faulty {
-    inner: Arc<dyn Store>,
-    fault: Fault,
-}
-
-fn down() -> StoreError {
-    StoreError::Unavailable("test store is down".into())
-}
-
-#[async_trait]
-impl Store for Faulty {
-    async fn create_org(&self, org: &Org) -> StoreResult<()> {
-        self.inner.create_org(org).await
-    }
-    async fn get_org(&self, code: &str) -> StoreResult<Option<Org>> {
-        self.inner.get_org(code).await
-    }
-    async fn get_org_by_domain(&self, domain: &str) -> StoreResult<Option<Org>> {
-        match &self.fault {
-            Fault::None => {}
-            Fault::Down => return Err(down()),
-            Fault::Gate(g) if g.domain == domain => {
-                g.entered.notify_one();
-                g.release.acquire().await.unwrap().forget();
-            }
-            Fault::Gate(_) => {}
-        }
-        self.inner.get_org_by_domain(domain).await
-    }
-    async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
-        self.inner.list_orgs().await
-    }
-    async fn set_org_status(
-        &self,
-        code: &str,
-        change: &StatusChange<OrgStatus>,
-    ) -> StoreResult<(Org, Org)> {
-        self.inner.set_org_status(code, change).await
-    }
-    async fn create_account(&self, a: &Account) -> StoreResult<()> {
-        self.inner.create_account(a).await
-    }
-    async fn create_accounts(&self, accounts: &[Account]) -> StoreResult<()> {
-        self.inner.create_accounts(accounts).await
-    }
-    async fn get_account(&self, address: &Address) -> StoreResult<Option<Account>> {
-        if matches!(self.fault, Fault::Down) {
-            return Err(down());
-        }
-        self.inner.get_account(address).await
-    }
-    async fn list_accounts(&self, org: Option<&str>) -> StoreResult<Vec<Account>> {
-        self.inner.list_accounts(org).await
-    }
-    async fn set_account_status(
-        &self,
-        address: &Address,
-        change: &StatusChange<AccountStatus>,
-    ) -> StoreResult<(Account, Account)> {
-        self.inner.set_account_status(address, change).await
-    }
-    async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>> {
-        self.inner.taken_locals(domain, locals).await
-    }
-    async fn ping(&self) -> StoreResult<()> {
-        self.inner.ping().await
-    }
-    fn kind(&self) -> &'static str {
-        "faulty"
-    }
-}
-
-fn org(code: &str, status: OrgStatus) -> Org {
-    Org {
-        code: code.into(),
-        name: format!("Organisation {code}"),
-        domain: format!("{code}.gov.la"),
-        status,
-        status_reason: None,
-        created_at: 0,
-        status_changed_at: 0,
-    }
-}
-
-fn account(addr: &str, status: AccountStatus) -> Account {
-    let address: Address = addr.parse().unwrap();
-    Account {
-        org: address.domain().split('.').next().unwrap().to_owned(),
-        address,
-        kind: AccountKind::Person,
-        status,
-        status_reason: None,
-        display_name: None,
-        created_at: 0,
-        status_changed_at: 0,
-        quota_bytes: None,
-    }
-}
-
-/// A SQLite directory in `dir`: mpt.gov.la (active) with one account in each status;
-/// old.gov.la has ceased; slow.gov.la is the one a `Fault::Gate` holds.
-async fn directory(dir: &tempfile::TempDir) -> Arc<dyn Store> {
-    let path = dir.path().join("mailwarden.db");
-    let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
-    for o in [
-        org("mpt", OrgStatus::Active),
-        org("old", OrgStatus::Ceased),
-        org("slow", OrgStatus::Active),
-    ] {
-        store.create_org(&o).await.unwrap();
-    }
-    store
-        .create_accounts(&[
-            account("champa@mpt.gov.la", AccountStatus::Active),
-            account("somsak@mpt.gov.la", AccountStatus::Suspended),
-            account("gone@mpt.gov.la", AccountStatus::Withdrawn),
-            account("newbie@mpt.gov.la", AccountStatus::Pending),
-            account("boss@old.gov.la", AccountStatus::Active),
-            account("held@slow.gov.la", AccountStatus::Suspended),
-        ])
-        .await
-        .unwrap();
-    Arc::new(store)
-}
 
 // ---- a running server ------------------------------------------------------------------------
 
 struct Server {
     addr: ListenAddr,
     checker: Arc<Checker>,
+    store: Arc<TestStore>,
     shutdown: CancellationToken,
     sessions: TaskTracker,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
-    _dir: tempfile::TempDir,
 }
 
 impl Drop for Server {
@@ -178,23 +32,15 @@ impl Drop for Server {
 }
 
 impl Server {
-    async fn start(config_toml: &str, fault: Fault) -> Server {
-        Server::start_on("inet:127.0.0.1:0", config_toml, fault).await
+    async fn start(config_toml: &str) -> Server {
+        Server::start_on("inet:127.0.0.1:0", config_toml).await
     }
 
-    async fn start_on(listen: &str, config_toml: &str, fault: Fault) -> Server {
+    async fn start_on(listen: &str, config_toml: &str) -> Server {
         let config = Config::from_toml(config_toml).expect("test config is valid");
-        let dir = tempfile::tempdir().unwrap();
-        let store = directory(&dir).await;
-        let store: Arc<dyn Store> = match fault {
-            Fault::None => store,
-            fault => Arc::new(Faulty {
-                inner: store,
-                fault,
-            }),
-        };
+        let store = TestStore::seeded().await;
         let directory = CachedDirectory::new(
-            store,
+            store.clone(),
             config.store.cache_ttl,
             config.store.cache_size,
             config.store.timeout,
@@ -213,10 +59,10 @@ impl Server {
         Server {
             addr,
             checker,
+            store,
             shutdown,
             sessions,
             serving,
-            _dir: dir,
         }
     }
 
@@ -268,7 +114,7 @@ const DEFAULT: &str = "";
 
 #[tokio::test]
 async fn many_requests_on_one_connection() {
-    let s = Server::start(DEFAULT, Fault::None).await;
+    let s = Server::start(DEFAULT).await;
     let mut c = s.client().await;
     let ext = "someone@example.org";
     for (recipient, want) in [
@@ -303,7 +149,7 @@ async fn many_requests_on_one_connection() {
 
 #[tokio::test]
 async fn sender_rules_r9_and_r2() {
-    let s = Server::start(DEFAULT, Fault::None).await;
+    let s = Server::start(DEFAULT).await;
     let mut c = s.client().await;
     let to = "friend@example.org";
     for (sender, want) in [
@@ -336,7 +182,7 @@ async fn sender_rules_r9_and_r2() {
 
 #[tokio::test]
 async fn stages_without_rules_yet_answer_dunno() {
-    let s = Server::start(DEFAULT, Fault::None).await;
+    let s = Server::start(DEFAULT).await;
     let mut c = s.client().await;
     for state in [
         "CONNECT",
@@ -370,7 +216,7 @@ mode = "monitor"
 [rules.R9]
 mode = "monitor"
 "#;
-    let s = Server::start(config, Fault::None).await;
+    let s = Server::start(config).await;
     let mut c = s.client().await;
     assert_eq!(
         c.ask(&rcpt("champa@mpt.gov.la", "somsak@mpt.gov.la"))
@@ -406,7 +252,8 @@ mode = "monitor"
 
 #[tokio::test]
 async fn store_outage_tempfails() {
-    let s = Server::start(DEFAULT, Fault::Down).await;
+    let s = Server::start(DEFAULT).await;
+    s.store.set_down(true);
     let mut c = s.client().await;
     let action = c.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap();
     assert_eq!(code(&action), "451 4.3.0", "{action}");
@@ -414,7 +261,7 @@ async fn store_outage_tempfails() {
 
 #[tokio::test]
 async fn garbage_ends_only_that_connection() {
-    let s = Server::start(DEFAULT, Fault::None).await;
+    let s = Server::start(DEFAULT).await;
     let mut good = s.client().await;
     assert_eq!(
         good.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
@@ -444,7 +291,7 @@ async fn garbage_ends_only_that_connection() {
 
 #[tokio::test]
 async fn wrong_request_type_is_a_protocol_error() {
-    let s = Server::start(DEFAULT, Fault::None).await;
+    let s = Server::start(DEFAULT).await;
     let mut c = s.client().await;
     c.send_raw(b"request=junk\nprotocol_state=RCPT\n\n")
         .await
@@ -464,7 +311,7 @@ async fn wrong_request_type_is_a_protocol_error() {
 #[tokio::test]
 async fn oversize_request_closes_the_connection() {
     let config = "[server]\npolicy_max_request_bytes = 1024\n";
-    let s = Server::start(config, Fault::None).await;
+    let s = Server::start(config).await;
     let mut c = s.client().await;
     // A normal request fits.
     assert_eq!(
@@ -486,7 +333,7 @@ async fn oversize_request_closes_the_connection() {
 #[tokio::test]
 async fn too_many_attributes_close_the_connection() {
     let config = "[server]\npolicy_max_attributes = 10\n";
-    let s = Server::start(config, Fault::None).await;
+    let s = Server::start(config).await;
     let mut c = s.client().await;
     // The full Postfix attribute set has 29 attributes.
     let _ = c
@@ -498,7 +345,7 @@ async fn too_many_attributes_close_the_connection() {
 #[tokio::test]
 async fn idle_connection_is_closed_after_the_timeout() {
     let config = "[server]\npolicy_idle_timeout = \"300ms\"\n";
-    let s = Server::start(config, Fault::None).await;
+    let s = Server::start(config).await;
     let mut c = s.client().await;
     assert_eq!(
         c.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
@@ -518,7 +365,7 @@ async fn idle_connection_is_closed_after_the_timeout() {
 #[tokio::test]
 async fn idle_timeout_also_bounds_a_half_sent_request() {
     let config = "[server]\npolicy_idle_timeout = \"300ms\"\n";
-    let s = Server::start(config, Fault::None).await;
+    let s = Server::start(config).await;
     let mut c = s.client().await;
     c.send_raw(b"request=smtpd_access_policy\nprotocol_st")
         .await
@@ -528,30 +375,26 @@ async fn idle_timeout_also_bounds_a_half_sent_request() {
 
 #[tokio::test]
 async fn shutdown_lets_the_request_in_flight_finish() {
-    let gate = Arc::new(Gate {
-        domain: "slow.gov.la".into(),
-        entered: Notify::new(),
-        release: Semaphore::new(0),
-    });
-    let s = Server::start(DEFAULT, Fault::Gate(gate.clone())).await;
+    let s = Server::start(DEFAULT).await;
+    let held = s.store.hold("somsak@mpt.gov.la").await;
     let mut idle = s.client().await;
     assert_eq!(
         idle.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
         "DUNNO"
     );
     let mut busy = s.client().await;
-    busy.send_raw(&rcpt("", "held@slow.gov.la").encode().unwrap())
+    busy.send_raw(&rcpt("", "somsak@mpt.gov.la").encode().unwrap())
         .await
         .unwrap();
     // The decision is now waiting on the store.
-    gate.entered.notified().await;
+    s.store.reached().await;
     s.shutdown.cancel();
     // The accept loop stops and the idle connection is closed ...
     s.sessions.close();
     assert_closed(&mut idle).await;
     // ... while the busy one is still being decided; once the store answers, the MTA gets
     // its reply, then the connection closes.
-    gate.release.add_permits(1);
+    drop(held);
     let action = busy.read_action().await.unwrap();
     assert_eq!(code(&action), "550 5.2.1", "{action}");
     assert_closed(&mut busy).await;
@@ -568,7 +411,7 @@ async fn shutdown_lets_the_request_in_flight_finish() {
 
 #[tokio::test]
 async fn no_new_connections_after_shutdown() {
-    let s = Server::start(DEFAULT, Fault::None).await;
+    let s = Server::start(DEFAULT).await;
     let addr = s.addr.clone();
     s.shutdown.cancel();
     let mut s = s;
@@ -579,7 +422,7 @@ async fn no_new_connections_after_shutdown() {
 #[tokio::test]
 async fn max_connections_queues_further_clients() {
     let config = "[server]\nmax_connections = 1\n";
-    let s = Server::start(config, Fault::None).await;
+    let s = Server::start(config).await;
     let mut first = s.client().await;
     assert_eq!(
         first.ask(&rcpt("", "champa@mpt.gov.la")).await.unwrap(),
@@ -610,7 +453,7 @@ async fn max_connections_queues_further_clients() {
 async fn serves_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("unix:{}", dir.path().join("policy.sock").display());
-    let s = Server::start_on(&listen, DEFAULT, Fault::None).await;
+    let s = Server::start_on(&listen, DEFAULT).await;
     let mut c = s.client().await;
     assert_eq!(
         code(&c.ask(&rcpt("", "gone@mpt.gov.la")).await.unwrap()),
@@ -620,7 +463,7 @@ async fn serves_a_unix_socket() {
 
 #[tokio::test]
 async fn requests_split_across_writes_and_pipelined() {
-    let s = Server::start(DEFAULT, Fault::None).await;
+    let s = Server::start(DEFAULT).await;
     let mut c = s.client().await;
     let one = rcpt("", "somsak@mpt.gov.la").encode().unwrap();
     let two = rcpt("", "champa@mpt.gov.la").encode().unwrap();
@@ -639,7 +482,7 @@ async fn requests_split_across_writes_and_pipelined() {
 
 #[tokio::test]
 async fn load_generator_gets_every_request_answered() {
-    let s = Server::start(DEFAULT, Fault::None).await;
+    let s = Server::start(DEFAULT).await;
     let spec = LoadSpec {
         target: s.addr.clone(),
         connections: 4,

@@ -194,28 +194,22 @@ mod tests {
     //! `tokio::time::advance`, and a store that never answers times out at once (auto-advance).
 
     use super::*;
-    use crate::store::contract::{account, addr, org};
-    use crate::store::sqlite::SqliteStore;
-    use crate::store::{AccountStatus, OrgStatus, StatusChange, StoreResult};
-    use async_trait::async_trait;
-    use tempfile::TempDir;
-    use tokio::sync::{Notify, RwLock};
+    use crate::store::testing::{TestStore, account, addr, org};
+    use crate::store::{AccountStatus, OrgStatus, StatusChange};
     use tokio::time::advance;
 
     const TTL: Duration = Duration::from_secs(60);
     const TIMEOUT: Duration = Duration::from_secs(1);
 
-    /// A file-backed SQLite store with `mpt` and an active `champa@mpt.gov.la`.
-    async fn sqlite() -> (Arc<SqliteStore>, TempDir, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db").to_str().unwrap().to_owned();
-        let store = SqliteStore::open(&path).await.unwrap();
+    /// The real (file-backed SQLite) store with `mpt` and an active `champa@mpt.gov.la`.
+    async fn sqlite() -> Arc<TestStore> {
+        let store = TestStore::new().await;
         store.create_org(&org("mpt")).await.unwrap();
         store
             .create_account(&account("champa@mpt.gov.la", "mpt"))
             .await
             .unwrap();
-        (Arc::new(store), dir, path)
+        store
     }
 
     fn cache(store: Arc<dyn Store>) -> CachedDirectory {
@@ -236,7 +230,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_change_behind_the_cache_shows_only_after_the_ttl() {
-        let (store, _dir, _) = sqlite().await;
+        let store = sqlite().await;
         let c = cache(store.clone());
         let champa = "champa@mpt.gov.la";
         assert_eq!(status(&c, champa).await, Some(AccountStatus::Active));
@@ -253,14 +247,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn hits_are_served_without_the_store_and_a_broken_store_is_a_failure() {
-        let (store, _dir, path) = sqlite().await;
-        let c = cache(store);
+        let store = sqlite().await;
+        let c = cache(store.clone());
         let champa = addr("champa@mpt.gov.la");
         let cached = c.lookup(&champa).await.unwrap();
         assert!(cached.is_local() && cached.account.is_some());
 
         // Break the store behind the cache: every query now fails.
-        rusqlite::Connection::open(&path)
+        rusqlite::Connection::open(store.path())
             .unwrap()
             .execute_batch("DROP TABLE accounts; DROP TABLE orgs;")
             .unwrap();
@@ -272,7 +266,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn invalidate_account_shows_a_change_at_once() {
-        let (store, _dir, _) = sqlite().await;
+        let store = sqlite().await;
         let c = cache(store.clone());
         let champa = "champa@mpt.gov.la";
         assert_eq!(status(&c, champa).await, Some(AccountStatus::Active));
@@ -286,7 +280,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn not_found_is_cached_until_invalidated() {
-        let (store, _dir, _) = sqlite().await;
+        let store = sqlite().await;
         let c = cache(store.clone());
         let dara = "dara@mpt.gov.la";
         assert_eq!(status(&c, dara).await, None);
@@ -298,7 +292,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn invalidate_all_shows_an_organisation_change() {
-        let (store, _dir, _) = sqlite().await;
+        let store = sqlite().await;
         let c = cache(store.clone());
         let champa = addr("champa@mpt.gov.la");
         let before = c.lookup(&champa).await.unwrap();
@@ -318,96 +312,24 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_foreign_domain_is_not_local() {
-        let (store, _dir, _) = sqlite().await;
+        let store = sqlite().await;
         let c = cache(store);
         let facts = c.lookup(&addr("someone@example.com")).await.unwrap();
         assert_eq!(facts, AddressFacts::default());
         assert!(!facts.is_local());
     }
 
-    /// The real store, but `get_account` can be held after it has read: it signals
-    /// `reached` and then waits while `gate` is write-locked by the test.
-    struct Gated {
-        inner: Arc<SqliteStore>,
-        gate: RwLock<()>,
-        reached: Notify,
-    }
-
-    #[async_trait]
-    impl Store for Gated {
-        async fn create_org(&self, o: &Org) -> StoreResult<()> {
-            self.inner.create_org(o).await
-        }
-        async fn get_org(&self, code: &str) -> StoreResult<Option<Org>> {
-            self.inner.get_org(code).await
-        }
-        async fn get_org_by_domain(&self, domain: &str) -> StoreResult<Option<Org>> {
-            self.inner.get_org_by_domain(domain).await
-        }
-        async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
-            self.inner.list_orgs().await
-        }
-        async fn set_org_status(
-            &self,
-            code: &str,
-            change: &StatusChange<OrgStatus>,
-        ) -> StoreResult<(Org, Org)> {
-            self.inner.set_org_status(code, change).await
-        }
-        async fn create_account(&self, a: &Account) -> StoreResult<()> {
-            self.inner.create_account(a).await
-        }
-        async fn create_accounts(&self, a: &[Account]) -> StoreResult<()> {
-            self.inner.create_accounts(a).await
-        }
-        async fn get_account(&self, a: &Address) -> StoreResult<Option<Account>> {
-            let read = self.inner.get_account(a).await;
-            self.reached.notify_one();
-            let _pass = self.gate.read().await;
-            read
-        }
-        async fn list_accounts(&self, org: Option<&str>) -> StoreResult<Vec<Account>> {
-            self.inner.list_accounts(org).await
-        }
-        async fn set_account_status(
-            &self,
-            a: &Address,
-            change: &StatusChange<AccountStatus>,
-        ) -> StoreResult<(Account, Account)> {
-            self.inner.set_account_status(a, change).await
-        }
-        async fn taken_locals(&self, d: &str, l: &[String]) -> StoreResult<Vec<String>> {
-            self.inner.taken_locals(d, l).await
-        }
-        async fn ping(&self) -> StoreResult<()> {
-            self.inner.ping().await
-        }
-        fn kind(&self) -> &'static str {
-            "gated"
-        }
-    }
-
-    async fn gated() -> (Arc<Gated>, TempDir) {
-        let (inner, dir, _) = sqlite().await;
-        let store = Arc::new(Gated {
-            inner,
-            gate: RwLock::new(()),
-            reached: Notify::new(),
-        });
-        (store, dir)
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_store_that_does_not_answer_is_a_failure_after_the_timeout() {
-        let (store, _dir) = gated().await;
+        let store = sqlite().await;
         let c = cache(store.clone());
-        let _closed = store.gate.write().await;
+        let closed = store.hold("champa@mpt.gov.la").await;
         let started = Instant::now();
         let err = c.lookup(&addr("champa@mpt.gov.la")).await.unwrap_err();
         assert!(err.0.contains("did not answer within 1s"), "{err:?}");
         assert_eq!(started.elapsed(), TIMEOUT);
         // Nothing was cached from the abandoned lookup.
-        drop(_closed);
+        drop(closed);
         assert_eq!(
             status(&c, "champa@mpt.gov.la").await,
             Some(AccountStatus::Active)
@@ -416,17 +338,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn invalidation_wins_over_a_lookup_in_flight() {
-        let (store, _dir) = gated().await;
+        let store = sqlite().await;
         let c = Arc::new(cache(store.clone()));
         let champa = addr("champa@mpt.gov.la");
 
         // A lookup reads "active" from the store and is held before it can cache it ...
-        let closed = store.gate.write().await;
+        let closed = store.hold("champa@mpt.gov.la").await;
         let in_flight = tokio::spawn({
             let (c, champa) = (c.clone(), champa.clone());
             async move { c.lookup(&champa).await }
         });
-        store.reached.notified().await;
+        store.reached().await;
         // ... while the admin suspends the account and invalidates it.
         store
             .set_account_status(&champa, &suspend(1))

@@ -13,7 +13,6 @@
 //! `local@domain`), i.e. byte order of the lower-case strings.
 
 use super::*;
-use crate::model::Address;
 use std::any::Any;
 use tokio::sync::Barrier;
 
@@ -81,35 +80,8 @@ pub(crate) use store_contract_tests;
 // ---------------------------------------------------------------------------------------
 // Fixtures
 
-pub fn org(code: &str) -> Org {
-    Org {
-        code: code.into(),
-        name: format!("Organisation {code}"),
-        domain: format!("{code}.gov.la"),
-        status: OrgStatus::Active,
-        status_reason: None,
-        created_at: 1_700_000_000,
-        status_changed_at: 1_700_000_000,
-    }
-}
-
-pub fn addr(s: &str) -> Address {
-    Address::parse(s).unwrap()
-}
-
-pub fn account(address: &str, org: &str) -> Account {
-    Account {
-        address: addr(address),
-        org: org.into(),
-        kind: AccountKind::Person,
-        status: AccountStatus::Active,
-        status_reason: None,
-        display_name: None,
-        created_at: 1_700_000_100,
-        status_changed_at: 1_700_000_100,
-        quota_bytes: None,
-    }
-}
+// Shared with the other unit tests; re-exported here for the backends' contract runs.
+pub use super::testing::{account, addr, org};
 
 async fn with_orgs(s: &dyn Store, codes: &[&str]) {
     for code in codes {

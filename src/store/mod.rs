@@ -8,6 +8,8 @@ pub mod cache;
 #[cfg(test)]
 pub mod contract;
 pub mod sqlite;
+#[cfg(test)]
+pub mod testing;
 mod types;
 
 pub use types::*;

@@ -1,5 +1,7 @@
-//! Test helpers: the admin API served on 127.0.0.1:0 with a real `Checker` over an
-//! SQLite store (in a temporary directory), and a client for it.
+//! Test helpers: the admin API served on 127.0.0.1:0 with a real `Checker` over the test
+//! store, and a client for it. [`store`] is the one store the in-process tests use (the real
+//! SQLite store behind fault switches) and the directory they seed; [`milter`] serves the
+//! milter over it.
 //!
 //! End to end (`tests/postfix_e2e.rs`): [`daemon`] runs mailwarden as a process, [`postfix`]
 //! a private Postfix instance wired with the `deploy/postfix/` snippets and an SMTP sink,
@@ -9,13 +11,12 @@
 #![allow(dead_code)]
 
 pub mod daemon;
-pub mod flaky;
 pub mod milter;
 pub mod postfix;
 pub mod process;
 pub mod smtp;
+pub mod store;
 
-use flaky::FlakyStore;
 use mailwarden::checker::Checker;
 use mailwarden::config::{Config, ListenAddr, Scope, TokenConfig};
 use mailwarden::net::Listener;
@@ -28,6 +29,7 @@ use std::{
     sync::Arc,
     time::Duration,
 };
+use store::TestStore;
 use tokio::task::JoinHandle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -59,10 +61,41 @@ pub fn config(dir: &Path) -> Config {
     c
 }
 
+/// A checker over `store` (through the directory cache the daemon uses) with `config`.
+pub fn checker(config: Config, store: Arc<TestStore>) -> Arc<Checker> {
+    let directory = CachedDirectory::new(
+        store,
+        config.store.cache_ttl,
+        config.store.cache_size,
+        config.store.timeout,
+    );
+    Arc::new(Checker::new(config, directory, Arc::new(Metrics::new())))
+}
+
+/// Stops a front-end the way the daemon does: cancels `shutdown`, checks that `serve`
+/// returns `Ok`, then drains `sessions`. Each wait is bounded, so a broken shutdown fails the
+/// test instead of hanging it.
+pub async fn stop(
+    shutdown: &CancellationToken,
+    serve: JoinHandle<std::io::Result<()>>,
+    sessions: &TaskTracker,
+) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), serve)
+        .await
+        .expect("serve returns when cancelled")
+        .unwrap()
+        .expect("serve returns Ok on shutdown");
+    sessions.close();
+    tokio::time::timeout(Duration::from_secs(10), sessions.wait())
+        .await
+        .expect("sessions drain");
+}
+
 pub struct Api {
     pub url: String,
     pub checker: Arc<Checker>,
-    pub store: Arc<FlakyStore>,
+    pub store: Arc<TestStore>,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
@@ -82,14 +115,8 @@ impl Api {
         tweak(&mut cfg, dir.path());
         let tls = cfg.admin.tls_cert.is_some();
         let ca = tls.then(|| dir.path().join("cert.pem"));
-        let store = Arc::new(FlakyStore::open(&dir.path().join("mailwarden.db")).await);
-        let directory = CachedDirectory::new(
-            store.clone(),
-            cfg.store.cache_ttl,
-            cfg.store.cache_size,
-            cfg.store.timeout,
-        );
-        let checker = Arc::new(Checker::new(cfg, directory, Arc::new(Metrics::new())));
+        let store = Arc::new(TestStore::new().await);
+        let checker = checker(cfg, store.clone());
         let listener = Listener::bind(&ListenAddr::Inet("127.0.0.1:0".parse().unwrap()))
             .await
             .unwrap();
@@ -117,17 +144,22 @@ impl Api {
         }
     }
 
+    /// Starts the API over HTTPS with a fresh self-signed certificate for 127.0.0.1, which
+    /// `http` trusts; the certificate is `cert.pem` in `dir`.
+    pub async fn start_tls() -> Api {
+        Api::start_with(|c, dir| {
+            let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+            std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+            std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+            c.admin.tls_cert = Some(dir.join("cert.pem"));
+            c.admin.tls_key = Some(dir.join("key.pem"));
+        })
+        .await
+    }
+
     /// Stops the server and checks that it stopped cleanly.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        let res = tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("admin server stops when cancelled");
-        res.unwrap().expect("serve returns Ok on shutdown");
-        self.sessions.close();
-        tokio::time::timeout(Duration::from_secs(10), self.sessions.wait())
-            .await
-            .expect("connections drain");
+        stop(&self.shutdown, self.task, &self.sessions).await;
     }
 
     pub async fn call(

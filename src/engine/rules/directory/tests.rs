@@ -1,39 +1,31 @@
 use crate::config::Config;
 use crate::engine::{AddressFacts, Policy, StoreFailure, check_recipient, check_sender};
 use crate::model::{Action, Address, Protocol, RuleId, Sender, Transaction};
-use crate::store::{Account, AccountKind, AccountStatus, Org, OrgStatus};
+use crate::store::testing::{account_with, org_with};
+use crate::store::{AccountStatus, OrgStatus};
 
-fn org(status: OrgStatus) -> Org {
-    Org {
-        code: "mpt".into(),
-        name: "Ministry of Posts and Telecommunications".into(),
-        domain: "mpt.gov.la".into(),
-        status,
-        status_reason: None,
-        created_at: 0,
-        status_changed_at: 0,
-    }
-}
-
-fn account(addr: &str, status: AccountStatus) -> Account {
-    Account {
-        address: addr.parse().unwrap(),
-        org: "mpt".into(),
-        kind: AccountKind::Person,
-        status,
-        status_reason: None,
-        display_name: None,
-        created_at: 0,
-        status_changed_at: 0,
-        quota_bytes: None,
-    }
-}
-
-fn local(status: AccountStatus) -> AddressFacts {
+/// What a lookup of `champa@mpt.gov.la` finds: `mpt` in `org`, and the account in `account`
+/// (`None`: not registered).
+fn facts(org: OrgStatus, account: Option<AccountStatus>) -> AddressFacts {
     AddressFacts {
-        org: Some(org(OrgStatus::Active)),
-        account: Some(account("champa@mpt.gov.la", status)),
+        org: Some(org_with("mpt", org)),
+        account: account.map(|s| account_with("champa@mpt.gov.la", s)),
     }
+}
+
+/// An account of the active organisation `mpt`, in `status`.
+fn local(status: AccountStatus) -> AddressFacts {
+    facts(OrgStatus::Active, Some(status))
+}
+
+/// An active account of the ceased organisation.
+fn ceased() -> AddressFacts {
+    facts(OrgStatus::Ceased, Some(AccountStatus::Active))
+}
+
+/// A name in the active organisation that is not registered.
+fn unknown() -> AddressFacts {
+    facts(OrgStatus::Active, None)
 }
 
 fn policy(toml: &str) -> Policy {
@@ -46,19 +38,21 @@ fn tx(sender: &str) -> Transaction {
     t
 }
 
-fn rcpt_reply(p: &Policy, facts: AddressFacts) -> Option<String> {
-    let a: Address = "champa@mpt.gov.la".parse().unwrap();
-    match check_recipient(p, &tx("x@example.org"), &a, &Ok(facts)).action {
+/// The reply's codes (`550 5.2.1`), or `None` when the check lets the transaction go on.
+fn codes(action: Action) -> Option<String> {
+    match action {
         Action::Continue => None,
         Action::Reject(r) | Action::Tempfail(r) => Some(format!("{} {}", r.code, r.enhanced)),
     }
 }
 
+fn rcpt_reply(p: &Policy, facts: AddressFacts) -> Option<String> {
+    let a: Address = "champa@mpt.gov.la".parse().unwrap();
+    codes(check_recipient(p, &tx("x@example.org"), &a, &Ok(facts)).action)
+}
+
 fn sender_reply(p: &Policy, facts: AddressFacts) -> Option<String> {
-    match check_sender(p, &tx("champa@mpt.gov.la"), Some(&Ok(facts))).action {
-        Action::Continue => None,
-        Action::Reject(r) | Action::Tempfail(r) => Some(format!("{} {}", r.code, r.enhanced)),
-    }
+    codes(check_sender(p, &tx("champa@mpt.gov.la"), Some(&Ok(facts))).action)
 }
 
 #[test]
@@ -79,22 +73,14 @@ fn r2_withdrawn_recipient_and_ceased_org_are_refused_550_5_1_1() {
         rcpt_reply(&p, local(AccountStatus::Withdrawn)).as_deref(),
         Some("550 5.1.1")
     );
-    let ceased = AddressFacts {
-        org: Some(org(OrgStatus::Ceased)),
-        account: Some(account("champa@mpt.gov.la", AccountStatus::Active)),
-    };
-    assert_eq!(rcpt_reply(&p, ceased).as_deref(), Some("550 5.1.1"));
+    assert_eq!(rcpt_reply(&p, ceased()).as_deref(), Some("550 5.1.1"));
 }
 
 #[test]
 fn non_local_and_unknown_recipients_pass() {
     let p = policy("");
     assert_eq!(rcpt_reply(&p, AddressFacts::default()), None);
-    let unknown = AddressFacts {
-        org: Some(org(OrgStatus::Active)),
-        account: None,
-    };
-    assert_eq!(rcpt_reply(&p, unknown), None);
+    assert_eq!(rcpt_reply(&p, unknown()), None);
 }
 
 #[test]
@@ -104,11 +90,7 @@ fn r2_withdrawn_or_ceased_sender_is_refused_550_5_7_1() {
         sender_reply(&p, local(AccountStatus::Withdrawn)).as_deref(),
         Some("550 5.7.1")
     );
-    let ceased = AddressFacts {
-        org: Some(org(OrgStatus::Ceased)),
-        account: Some(account("champa@mpt.gov.la", AccountStatus::Active)),
-    };
-    assert_eq!(sender_reply(&p, ceased).as_deref(), Some("550 5.7.1"));
+    assert_eq!(sender_reply(&p, ceased()).as_deref(), Some("550 5.7.1"));
 }
 
 #[test]
@@ -118,11 +100,7 @@ fn r9_unknown_or_pending_local_sender_is_refused_553_5_7_1() {
         sender_reply(&p, local(AccountStatus::Pending)).as_deref(),
         Some("553 5.7.1")
     );
-    let unknown = AddressFacts {
-        org: Some(org(OrgStatus::Active)),
-        account: None,
-    };
-    assert_eq!(sender_reply(&p, unknown).as_deref(), Some("553 5.7.1"));
+    assert_eq!(sender_reply(&p, unknown()).as_deref(), Some("553 5.7.1"));
     assert_eq!(sender_reply(&p, local(AccountStatus::Active)), None);
     // A sender outside the local domains is not R9's business.
     assert_eq!(sender_reply(&p, AddressFacts::default()), None);

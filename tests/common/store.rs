@@ -1,0 +1,173 @@
+//! The store every in-process integration test uses: the real `SqliteStore` on a temporary
+//! file behind switches that inject faults, and the directory the mail-path tests seed.
+//!
+//! (The library's unit tests have the same kind of wrapper in `src/store/testing.rs`; test
+//! targets cannot share `#[cfg(test)]` code with the library.)
+
+use async_trait::async_trait;
+use mailwarden::model::Address;
+use mailwarden::store::{
+    Account, AccountKind, AccountStatus, Org, OrgStatus, StatusChange, Store, StoreError,
+    StoreResult, sqlite::SqliteStore,
+};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
+
+/// `SqliteStore` on a temporary file, plus two faults a test can switch on: `down` makes
+/// every call fail as an outage would; `panic_on` makes the lookup of one address panic (a
+/// bug in a lower layer).
+pub struct TestStore {
+    inner: SqliteStore,
+    _dir: tempfile::TempDir,
+    pub down: AtomicBool,
+    pub panic_on: Mutex<Option<Address>>,
+}
+
+impl TestStore {
+    /// An empty store.
+    pub async fn new() -> TestStore {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mailwarden.db");
+        let inner = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        TestStore {
+            inner,
+            _dir: dir,
+            down: AtomicBool::new(false),
+            panic_on: Mutex::new(None),
+        }
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn up(&self) -> StoreResult<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("test store switched off".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for TestStore {
+    async fn create_org(&self, org: &Org) -> StoreResult<()> {
+        self.up()?;
+        self.inner.create_org(org).await
+    }
+    async fn get_org(&self, code: &str) -> StoreResult<Option<Org>> {
+        self.up()?;
+        self.inner.get_org(code).await
+    }
+    async fn get_org_by_domain(&self, domain: &str) -> StoreResult<Option<Org>> {
+        self.up()?;
+        self.inner.get_org_by_domain(domain).await
+    }
+    async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
+        self.up()?;
+        self.inner.list_orgs().await
+    }
+    async fn set_org_status(
+        &self,
+        code: &str,
+        change: &StatusChange<OrgStatus>,
+    ) -> StoreResult<(Org, Org)> {
+        self.up()?;
+        self.inner.set_org_status(code, change).await
+    }
+    async fn create_account(&self, account: &Account) -> StoreResult<()> {
+        self.up()?;
+        self.inner.create_account(account).await
+    }
+    async fn create_accounts(&self, accounts: &[Account]) -> StoreResult<()> {
+        self.up()?;
+        self.inner.create_accounts(accounts).await
+    }
+    async fn get_account(&self, address: &Address) -> StoreResult<Option<Account>> {
+        self.up()?;
+        if self.panic_on.lock().unwrap().as_ref() == Some(address) {
+            panic!("injected failure looking up {address}");
+        }
+        self.inner.get_account(address).await
+    }
+    async fn list_accounts(&self, org: Option<&str>) -> StoreResult<Vec<Account>> {
+        self.up()?;
+        self.inner.list_accounts(org).await
+    }
+    async fn set_account_status(
+        &self,
+        address: &Address,
+        change: &StatusChange<AccountStatus>,
+    ) -> StoreResult<(Account, Account)> {
+        self.up()?;
+        self.inner.set_account_status(address, change).await
+    }
+    async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>> {
+        self.up()?;
+        self.inner.taken_locals(domain, locals).await
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.up()?;
+        self.inner.ping().await
+    }
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+}
+
+// ---- the seeded directory ---------------------------------------------------------------------
+
+/// Organisation `code` (domain `<code>.gov.la`) in `status`.
+pub fn org(code: &str, status: OrgStatus) -> Org {
+    Org {
+        code: code.into(),
+        name: format!("Organisation {code}"),
+        domain: format!("{code}.gov.la"),
+        status,
+        status_reason: None,
+        created_at: 0,
+        status_changed_at: 0,
+    }
+}
+
+/// A person account of the organisation its domain names (`x@mpt.gov.la` belongs to `mpt`).
+pub fn account(addr: &str, status: AccountStatus) -> Account {
+    let address: Address = addr.parse().unwrap();
+    Account {
+        org: address.domain().split('.').next().unwrap().into(),
+        address,
+        kind: AccountKind::Person,
+        status,
+        status_reason: None,
+        display_name: None,
+        created_at: 0,
+        status_changed_at: 0,
+        quota_bytes: None,
+    }
+}
+
+/// `mpt.gov.la` (active): champa, bounmy (active), somsak (suspended), old (withdrawn),
+/// newbie (pending). `xyz.gov.la` (ceased): vilay (active).
+pub async fn seeded_store() -> Arc<TestStore> {
+    let s = Arc::new(TestStore::new().await);
+    seed(s.as_ref()).await;
+    s
+}
+
+/// Registers the test directory in `store`.
+pub async fn seed(s: &dyn Store) {
+    s.create_org(&org("mpt", OrgStatus::Active)).await.unwrap();
+    s.create_org(&org("xyz", OrgStatus::Ceased)).await.unwrap();
+    s.create_accounts(&[
+        account("champa@mpt.gov.la", AccountStatus::Active),
+        account("bounmy@mpt.gov.la", AccountStatus::Active),
+        account("somsak@mpt.gov.la", AccountStatus::Suspended),
+        account("old@mpt.gov.la", AccountStatus::Withdrawn),
+        account("newbie@mpt.gov.la", AccountStatus::Pending),
+        account("vilay@xyz.gov.la", AccountStatus::Active),
+    ])
+    .await
+    .unwrap();
+}

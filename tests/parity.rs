@@ -1,0 +1,466 @@
+//! Protocol parity: the same rule gives the same verdict through both front-ends.
+//!
+//! Every case of [`CASES`] (a sender and a recipient) is run through the policy server and
+//! through the milter, both served in-process on 127.0.0.1:0 over the same seeded store (see
+//! `common::store`), each with its own checker and cache as two daemons would have, and with
+//! the MTA side scripted (`policy::loadgen::Client`, `milter::client`). Both must give the
+//! same reply, to the letter: SMTP code, enhanced status code and text; and both must count
+//! the same verdicts in their metrics.
+//!
+//! **Stage difference.** The milter answers sender rules (R2 for a sender, R9) at MAIL and
+//! recipient rules (R1, R2) at RCPT. Postfix asks the policy service at RCPT (the request
+//! carries the sender too; with `smtpd_delay_reject = yes`, the default, a refusal of MAIL
+//! is given at RCPT anyway), so the policy server judges the sender first, then the
+//! recipient, in that one request. A refused sender is therefore compared as the milter's
+//! MAIL reply against the policy server's RCPT reply: the client gets the same reply, one
+//! command later through policy. The metrics label both with the stage of the rule (`mail`).
+//!
+//! Only MAIL and RCPT are compared: rules that need the message run on the milter path
+//! alone (REQUIREMENTS: "wherever the protocol carries the data"), so each milter
+//! transaction is aborted after RCPT.
+
+mod common;
+
+use common::milter::Milter;
+use common::store::{TestStore, seeded_store};
+use mailwarden::checker::Checker;
+use mailwarden::config::{Config, ListenAddr};
+use mailwarden::milter::client::{MtaConnection, Status};
+use mailwarden::net::Listener;
+use mailwarden::policy::loadgen::{Client, rcpt_request};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
+use tokio::task::JoinHandle;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One transaction and the verdict the rules call for.
+struct Case {
+    sender: &'static str,
+    recipient: &'static str,
+    /// `None`: the transaction goes on. Else the rule, the stage whose rule it is, and the
+    /// reply's codes.
+    refused: Option<(&'static str, &'static str, &'static str)>,
+}
+
+const fn pass(sender: &'static str, recipient: &'static str) -> Case {
+    Case {
+        sender,
+        recipient,
+        refused: None,
+    }
+}
+
+const fn refuse(
+    sender: &'static str,
+    recipient: &'static str,
+    rule: &'static str,
+    stage: &'static str,
+    codes: &'static str,
+) -> Case {
+    Case {
+        sender,
+        recipient,
+        refused: Some((rule, stage, codes)),
+    }
+}
+
+/// The directory (`common::store::seed`): `mpt.gov.la` is active with champa and bounmy
+/// (active), somsak (suspended), old (withdrawn), newbie (pending); `xyz.gov.la` has ceased
+/// (vilay, active). `example.org` is external; `nobody@mpt.gov.la` is not registered.
+const CASES: &[Case] = &[
+    // Nothing to object to.
+    pass("someone@example.org", "champa@mpt.gov.la"),
+    pass("champa@mpt.gov.la", "bounmy@mpt.gov.la"),
+    pass("champa@mpt.gov.la", "friend@example.org"),
+    pass("someone@example.org", "friend@example.org"),
+    pass("", "champa@mpt.gov.la"),
+    // A suspended account may still send (R1 is about receiving).
+    pass("somsak@mpt.gov.la", "friend@example.org"),
+    // Unknown and pending names may receive: R9 is a sender rule.
+    pass("someone@example.org", "nobody@mpt.gov.la"),
+    pass("someone@example.org", "newbie@mpt.gov.la"),
+    // R1: suspended recipient, whoever sends, in any case of letters.
+    refuse(
+        "someone@example.org",
+        "somsak@mpt.gov.la",
+        "R1",
+        "rcpt",
+        "550 5.2.1",
+    ),
+    refuse(
+        "champa@mpt.gov.la",
+        "somsak@mpt.gov.la",
+        "R1",
+        "rcpt",
+        "550 5.2.1",
+    ),
+    refuse("", "somsak@mpt.gov.la", "R1", "rcpt", "550 5.2.1"),
+    refuse(
+        "someone@example.org",
+        "Somsak@MPT.gov.la",
+        "R1",
+        "rcpt",
+        "550 5.2.1",
+    ),
+    // R2, recipient: withdrawn account, account of a ceased organisation.
+    refuse(
+        "someone@example.org",
+        "old@mpt.gov.la",
+        "R2",
+        "rcpt",
+        "550 5.1.1",
+    ),
+    refuse(
+        "someone@example.org",
+        "vilay@xyz.gov.la",
+        "R2",
+        "rcpt",
+        "550 5.1.1",
+    ),
+    // R2, sender: a withdrawn name, or one of a ceased organisation, cannot send.
+    refuse(
+        "old@mpt.gov.la",
+        "bounmy@mpt.gov.la",
+        "R2",
+        "mail",
+        "550 5.7.1",
+    ),
+    refuse(
+        "old@mpt.gov.la",
+        "friend@example.org",
+        "R2",
+        "mail",
+        "550 5.7.1",
+    ),
+    refuse(
+        "vilay@xyz.gov.la",
+        "bounmy@mpt.gov.la",
+        "R2",
+        "mail",
+        "550 5.7.1",
+    ),
+    // R9: a name not registered, or pending, cannot send.
+    refuse(
+        "nobody@mpt.gov.la",
+        "bounmy@mpt.gov.la",
+        "R9",
+        "mail",
+        "553 5.7.1",
+    ),
+    refuse(
+        "newbie@mpt.gov.la",
+        "friend@example.org",
+        "R9",
+        "mail",
+        "553 5.7.1",
+    ),
+    refuse(
+        "Nobody@MPT.gov.la",
+        "bounmy@mpt.gov.la",
+        "R9",
+        "mail",
+        "553 5.7.1",
+    ),
+    // The sender is judged before the recipient.
+    refuse(
+        "nobody@mpt.gov.la",
+        "somsak@mpt.gov.la",
+        "R9",
+        "mail",
+        "553 5.7.1",
+    ),
+    refuse(
+        "old@mpt.gov.la",
+        "vilay@xyz.gov.la",
+        "R2",
+        "mail",
+        "550 5.7.1",
+    ),
+];
+
+/// What the MTA is told: go on, or the full reply (`550 5.2.1 Mailbox ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Refused(String),
+}
+
+impl Verdict {
+    fn codes(&self) -> Option<String> {
+        match self {
+            Verdict::Pass => None,
+            Verdict::Refused(r) => Some(r.split(' ').take(2).collect::<Vec<_>>().join(" ")),
+        }
+    }
+}
+
+// ---- the two front-ends ---------------------------------------------------------------------
+
+/// The policy server on its own listener and checker.
+struct Policy {
+    addr: ListenAddr,
+    checker: Arc<Checker>,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+    serve: JoinHandle<std::io::Result<()>>,
+}
+
+impl Policy {
+    async fn spawn(config_toml: &str, store: Arc<TestStore>) -> Policy {
+        let config = Config::from_toml(config_toml).expect("test config is valid");
+        let checker = common::checker(config, store);
+        let listener = Listener::bind(&"inet:127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, sessions) = (CancellationToken::new(), TaskTracker::new());
+        let serve = tokio::spawn(mailwarden::policy::serve(
+            listener,
+            checker.clone(),
+            shutdown.clone(),
+            sessions.clone(),
+        ));
+        Policy {
+            addr,
+            checker,
+            shutdown,
+            sessions,
+            serve,
+        }
+    }
+
+    async fn stop(self) {
+        common::stop(&self.shutdown, self.serve, &self.sessions).await;
+    }
+}
+
+/// Both front-ends over `store`, with the same config.
+struct Both {
+    policy: Policy,
+    milter: Milter,
+}
+
+impl Both {
+    async fn spawn(config_toml: &str, store: Arc<TestStore>) -> Both {
+        Both {
+            policy: Policy::spawn(config_toml, store.clone()).await,
+            milter: Milter::spawn(config_toml, store).await,
+        }
+    }
+
+    /// Runs every case through both; returns each case's verdict, policy's then milter's.
+    async fn run(&self, cases: &[Case]) -> Vec<(Verdict, Verdict)> {
+        let mut policy = Client::connect(&self.policy.addr).await.unwrap();
+        let mut milter = MtaConnection::open(&self.milter.addr, TIMEOUT)
+            .await
+            .unwrap();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(
+            milter.connect("mx.example.org", ip, &[]).await.unwrap(),
+            Status::Continue
+        );
+        assert_eq!(
+            milter.helo("mx.example.org", &[]).await.unwrap(),
+            Status::Continue
+        );
+        let mut verdicts = Vec::new();
+        for (n, case) in cases.iter().enumerate() {
+            verdicts.push((
+                via_policy(&mut policy, case, n).await,
+                via_milter(&mut milter, case).await,
+            ));
+        }
+        milter.close().await.unwrap();
+        verdicts
+    }
+
+    /// The verdicts each front-end counted: policy's, then milter's.
+    fn counted(&self) -> (Counts, Counts) {
+        (
+            verdict_counts(&self.policy.checker, "policy"),
+            verdict_counts(&self.milter.checker, "milter"),
+        )
+    }
+
+    async fn stop(self) {
+        self.policy.stop().await;
+        self.milter.stop().await;
+    }
+}
+
+/// The policy request Postfix sends at RCPT; the answer's action.
+async fn via_policy(c: &mut Client, case: &Case, n: usize) -> Verdict {
+    let request = rcpt_request(case.sender, case.recipient, n);
+    let action = tokio::time::timeout(TIMEOUT, c.ask(&request))
+        .await
+        .expect("policy server answers")
+        .unwrap();
+    if action == "DUNNO" {
+        return Verdict::Pass;
+    }
+    assert!(
+        action.starts_with(['4', '5']),
+        "{} -> {}: policy action {action:?} is neither DUNNO nor a reply",
+        case.sender,
+        case.recipient
+    );
+    Verdict::Refused(action)
+}
+
+/// MAIL, then RCPT unless MAIL was refused; the first refusal or `Pass`. Then ABORT.
+async fn via_milter(c: &mut MtaConnection, case: &Case) -> Verdict {
+    let (sender, recipient) = (
+        format!("<{}>", case.sender),
+        format!("<{}>", case.recipient),
+    );
+    let mail = c.mail(&[&sender], &[]).await.unwrap();
+    let verdict = match milter_verdict(mail) {
+        Verdict::Pass => milter_verdict(c.rcpt(&recipient, &[]).await.unwrap()),
+        refused => refused,
+    };
+    c.abort().await.unwrap();
+    verdict
+}
+
+fn milter_verdict(s: Status) -> Verdict {
+    match s {
+        Status::Continue => Verdict::Pass,
+        Status::Reject { reply: Some(r) } | Status::Tempfail { reply: Some(r) } => {
+            Verdict::Refused(r)
+        }
+        other => panic!("milter answered {other:?}: neither continue nor a refusal with a reply"),
+    }
+}
+
+/// Verdict counters by labels without `protocol` (`rule="R1",stage="rcpt",outcome="reject"`).
+type Counts = BTreeMap<String, u64>;
+
+fn verdict_counts(checker: &Checker, protocol: &str) -> Counts {
+    let text = checker.metrics.encode();
+    let mut counts = Counts::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("mailwarden_verdicts_total{") else {
+            continue;
+        };
+        let (labels, value) = rest.split_once("} ").expect("a sample line");
+        let mut own = false;
+        let others: Vec<&str> = labels
+            .split(',')
+            .filter(|l| match l.strip_prefix("protocol=") {
+                Some(p) => {
+                    assert_eq!(p, format!("{protocol:?}"), "{line}");
+                    own = true;
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        assert!(own, "no protocol label: {line}");
+        counts.insert(others.join(","), value.parse().expect("a count"));
+    }
+    counts
+}
+
+/// What [`CASES`] must have counted when enforced: one refusal per refused case.
+fn expected_counts(outcome: &str) -> Counts {
+    let mut counts = Counts::new();
+    for (rule, stage, _) in CASES.iter().filter_map(|c| c.refused) {
+        *counts
+            .entry(format!(
+                "rule=\"{rule}\",stage=\"{stage}\",outcome=\"{outcome}\""
+            ))
+            .or_default() += 1;
+    }
+    counts
+}
+
+fn label(case: &Case) -> String {
+    format!("{:?} -> {:?}", case.sender, case.recipient)
+}
+
+// ---- the tests ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn every_rule_gives_the_same_reply_through_policy_and_milter() {
+    let both = Both::spawn("", seeded_store().await).await;
+    let verdicts = both.run(CASES).await;
+    for (case, (policy, milter)) in CASES.iter().zip(&verdicts) {
+        assert_eq!(policy, milter, "{}: policy vs milter", label(case));
+        let want = case.refused.map(|(_, _, codes)| codes.to_owned());
+        assert_eq!(policy.codes(), want, "{}: {policy:?}", label(case));
+        if let (Verdict::Refused(reply), Some((_, stage, _))) = (policy, case.refused) {
+            // The text names the address judged (normalised): the sender's for a sender
+            // rule, else the recipient's.
+            let judged = if stage == "mail" {
+                case.sender
+            } else {
+                case.recipient
+            };
+            let named = format!("<{}>", judged.to_ascii_lowercase());
+            assert!(reply.contains(&named), "{}: {reply}", label(case));
+        }
+    }
+    let (policy, milter) = both.counted();
+    assert_eq!(policy, milter, "verdicts counted: policy vs milter");
+    assert_eq!(policy, expected_counts("reject"));
+    both.stop().await;
+}
+
+#[tokio::test]
+async fn in_monitor_mode_both_pass_and_count_what_they_would_refuse() {
+    let monitor = "[rules.R1]\nmode = \"monitor\"\n\
+                   [rules.R2]\nmode = \"monitor\"\n\
+                   [rules.R9]\nmode = \"monitor\"\n";
+    let both = Both::spawn(monitor, seeded_store().await).await;
+    let verdicts = both.run(CASES).await;
+    for (case, (policy, milter)) in CASES.iter().zip(&verdicts) {
+        assert_eq!(policy, &Verdict::Pass, "{}: policy", label(case));
+        assert_eq!(milter, &Verdict::Pass, "{}: milter", label(case));
+    }
+    let (policy, milter) = both.counted();
+    assert_eq!(policy, milter, "verdicts counted: policy vs milter");
+    // Every refusal of the enforced run is counted as one that would have been made. (More
+    // may be: with the sender let through, its recipient is judged as well.)
+    for (labels, n) in expected_counts("would_reject") {
+        let counted = policy.get(&labels).copied().unwrap_or(0);
+        assert!(counted >= n, "{labels}: {counted} counted, {n} expected");
+    }
+    assert!(
+        policy
+            .keys()
+            .all(|l| l.ends_with("outcome=\"would_reject\"")),
+        "{policy:?}"
+    );
+    both.stop().await;
+}
+
+#[tokio::test]
+async fn a_store_outage_tempfails_451_4_3_0_through_both() {
+    let store = seeded_store().await;
+    let both = Both::spawn("", store.clone()).await;
+    store.set_down(true);
+    let verdicts = both.run(CASES).await;
+    for (case, (policy, milter)) in CASES.iter().zip(&verdicts) {
+        assert_eq!(policy, milter, "{}: policy vs milter", label(case));
+        assert_eq!(
+            policy.codes().as_deref(),
+            Some("451 4.3.0"),
+            "{}: {policy:?}",
+            label(case)
+        );
+    }
+    let (policy, milter) = both.counted();
+    assert_eq!(policy, milter, "verdicts counted: policy vs milter");
+    // One tempfail counted per transaction (under the first rule that needed the store).
+    assert!(
+        policy.keys().all(|l| l.ends_with("outcome=\"tempfail\"")),
+        "{policy:?}"
+    );
+    assert_eq!(
+        policy.values().sum::<u64>(),
+        CASES.len() as u64,
+        "{policy:?}"
+    );
+    both.stop().await;
+}
