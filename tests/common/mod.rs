@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod dkim;
 pub mod flaky;
 pub mod milter;
 pub mod postfix;
