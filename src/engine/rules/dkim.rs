@@ -44,7 +44,7 @@ pub enum NotSigned {
 }
 
 /// The author domain to look up in the directory, when the message is a signing candidate
-/// (R6 active, keys configured, client authenticated or internal); `None` otherwise.
+/// (R6 not off, keys configured, client authenticated or internal); otherwise why not.
 pub fn candidate<'t>(
     policy: &Policy,
     tx: &'t Transaction,
