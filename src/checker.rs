@@ -143,6 +143,14 @@ impl Checker {
                 self.metrics.count_dkim_unsigned_tempfail(d);
             }
         }
+        if let SigningPlan::NotSigned(reason) = &plan {
+            tracing::debug!(
+                queue_id = tx.queue_id.as_deref().unwrap_or("-"),
+                domain = domain.as_deref().unwrap_or("-"),
+                ?reason,
+                "not DKIM-signed"
+            );
+        }
         telemetry::record_decision(
             &self.metrics,
             tx,
