@@ -205,28 +205,37 @@ fn main() {
     let setups = vec![
         Setup {
             name: "bare Postfix",
-            postfix: Postfix::start_with(Wiring::Bare, SinkMode::Count),
+            postfix: Postfix::start_full(Wiring::Bare, "", SinkMode::Count),
             daemon: None,
         },
         Setup {
             name: "postfwd (policy)",
-            postfix: Postfix::start_with(Wiring::Policy(postfwd.addr.clone()), SinkMode::Count),
+            postfix: Postfix::start_full(Wiring::Policy(postfwd.addr.clone()), "", SinkMode::Count),
             daemon: Some((None, "postfwd")),
         },
         Setup {
             name: "mailwarden policy",
-            postfix: Postfix::start_with(Wiring::Policy(mw.bound.policy.clone()), SinkMode::Count),
+            postfix: Postfix::start_full(
+                Wiring::Policy(mw.bound.policy.clone()),
+                "",
+                SinkMode::Count,
+            ),
             daemon: Some((mw_pid, "")),
         },
         Setup {
             name: "mailwarden milter",
-            postfix: Postfix::start_with(Wiring::Milter(mw.bound.milter.clone()), SinkMode::Count),
+            postfix: Postfix::start_full(
+                Wiring::Milter(mw.bound.milter.clone()),
+                "",
+                SinkMode::Count,
+            ),
             daemon: Some((mw_pid, "")),
         },
         Setup {
             name: "mailwarden both",
-            postfix: Postfix::start_with(
+            postfix: Postfix::start_full(
                 Wiring::Both(mw.bound.policy.clone(), mw.bound.milter.clone()),
+                "",
                 SinkMode::Count,
             ),
             daemon: Some((mw_pid, "")),

@@ -3,15 +3,30 @@
 //! the engine stays free of I/O.
 
 use crate::config::Config;
+use crate::dkim::SigningKey;
+use crate::engine::rules::dkim::{self as r6, NotSigned, SigningPlan};
 use crate::engine::{self, Lookup, Policy};
-use crate::model::{Address, Decision, Stage, Transaction};
+use crate::model::{Action, Address, Decision, Stage, Transaction};
 use crate::store::cache::CachedDirectory;
 use crate::telemetry::{self, Metrics};
 use arc_swap::ArcSwap;
 use std::{sync::Arc, time::Instant};
 
-/// An immutable, validated configuration and what is derived from it. Reload swaps the whole
-/// snapshot; a session reads it once per stage.
+/// What the milter does about DKIM for one message (R6), decided once the headers are known.
+#[derive(Debug)]
+pub struct Signing {
+    /// The decision to answer (a tempfail when a local domain has no key).
+    pub decision: Decision,
+    /// The signing domain and its keys (taken from the snapshot in force now: a reload
+    /// during the message does not change them); empty when the message is not signed.
+    pub keys: Vec<Arc<SigningKey>>,
+    pub domain: Option<String>,
+    pub plan: SigningPlan,
+}
+
+/// An immutable, validated configuration and what is derived from it (the DKIM keys are in
+/// `config.dkim.keyring`, loaded with it). Reload swaps the whole snapshot; a session reads
+/// it once per stage.
 pub struct Snapshot {
     pub config: Config,
     pub policy: Policy,
@@ -86,6 +101,96 @@ impl Checker {
             Decision::pass()
         };
         telemetry::record_decision(&self.metrics, tx, Stage::Rcpt, &d, start.elapsed());
+        d
+    }
+
+    /// End of headers (milter): whether and with which keys to sign (R6). Looks up the
+    /// author domain only for signing candidates (authenticated or internal clients).
+    pub async fn check_signing(&self, tx: &Transaction) -> Signing {
+        let start = Instant::now();
+        let snap = self.snapshot();
+        let dkim = &snap.config.dkim;
+        let ring = &dkim.keyring;
+        let internal = dkim.is_internal(tx.client_addr);
+        let (decision, plan, domain) =
+            match r6::candidate(&snap.policy, tx, internal, !ring.is_empty()) {
+                Err(reason) => (Decision::pass(), SigningPlan::NotSigned(reason), None),
+                Ok(domain) => {
+                    let local = match self.directory.org_by_domain(domain).await {
+                        Ok(org) => Ok(org.is_some()),
+                        Err(e) => {
+                            self.metrics.count_store_error("lookup_author_domain");
+                            tracing::warn!(domain, "directory lookup failed: {}", e.0);
+                            Err(e)
+                        }
+                    };
+                    let key_domains: Vec<&str> =
+                        ring.keys().iter().map(|k| k.domain.as_str()).collect();
+                    let (d, p) = r6::decide(&snap.policy, domain, &local, &key_domains);
+                    (d, p, Some(domain.to_owned()))
+                }
+            };
+        let keys = match &plan {
+            SigningPlan::Sign { keys, .. } => {
+                keys.iter().map(|&i| ring.keys()[i].clone()).collect()
+            }
+            SigningPlan::NotSigned(_) => Vec::new(),
+        };
+        if let (Some(d), SigningPlan::NotSigned(NotSigned::Refused), Action::Tempfail(r)) =
+            (&domain, &plan, &decision.action)
+        {
+            if r.enhanced == "4.7.5" {
+                self.metrics.count_dkim_unsigned_tempfail(d);
+            }
+        }
+        if let SigningPlan::NotSigned(reason) = &plan {
+            tracing::debug!(
+                queue_id = tx.queue_id.as_deref().unwrap_or("-"),
+                domain = domain.as_deref().unwrap_or("-"),
+                ?reason,
+                "not DKIM-signed"
+            );
+        }
+        telemetry::record_decision(
+            &self.metrics,
+            tx,
+            Stage::EndOfMessage,
+            &decision,
+            start.elapsed(),
+        );
+        Signing {
+            decision,
+            keys,
+            domain,
+            plan,
+        }
+    }
+
+    /// End of message: signing failed for `domain` (or the header could not be kept): R6
+    /// refuses the message rather than let it leave unsigned.
+    pub fn signing_failed(
+        &self,
+        tx: &Transaction,
+        domain: &str,
+        reason: &dyn std::fmt::Display,
+    ) -> Decision {
+        let snap = self.snapshot();
+        let d = r6::failed(&snap.policy, domain);
+        tracing::error!(
+            queue_id = tx.queue_id.as_deref().unwrap_or("-"),
+            domain,
+            "DKIM signing failed: {reason}"
+        );
+        if matches!(d.action, Action::Tempfail(_)) {
+            self.metrics.count_dkim_unsigned_tempfail(domain);
+        }
+        telemetry::record_decision(
+            &self.metrics,
+            tx,
+            Stage::EndOfMessage,
+            &d,
+            std::time::Duration::ZERO,
+        );
         d
     }
 }

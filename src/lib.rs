@@ -9,6 +9,7 @@
 //! - [`engine`]: pure decisions, one file per rule family; no I/O, no clock.
 //! - [`checker`]: looks up facts, runs the engine, records the decision; what front-ends call.
 //! - [`store`]: the `Store` trait, the embedded SQLite store, the read-through cache.
+//! - [`dkim`]: DKIM signing keys, the streaming per-message signer, key generation (R6).
 //! - [`directory`]: registration rules (R3 address structure, R4 first come first served, R5 kinds).
 //! - [`config`]: file model, validation (every error by key), reload snapshots.
 //! - [`telemetry`]: logging setup, decision events, Prometheus metrics.
@@ -22,6 +23,7 @@ pub mod checker;
 pub mod config;
 pub mod daemon;
 pub mod directory;
+pub mod dkim;
 pub mod engine;
 pub mod milter;
 pub mod model;

@@ -43,6 +43,11 @@ enum Command {
     /// Benchmark the policy and milter front-ends on the embedded store (build with --release):
     /// starts a daemon, loads it, reports rate, p50/p99 latency and the daemon's CPU per check.
     Bench(bench::BenchArgs),
+    /// DKIM keys (R6): generate a signing key and the DNS record that publishes it.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+    },
     /// Manage organisations through the admin API.
     #[command(after_help = cli::EXIT_CODES)]
     Org {
@@ -59,6 +64,62 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Write a new private key (mode 0600, never overwriting) to DIR/DOMAIN.SELECTOR.pem and
+    /// print the DNS TXT record to publish and the [[dkim.keys]] entry for the config.
+    Keygen {
+        /// Signing domain (d=), e.g. mpt.gov.la.
+        domain: String,
+        /// Selector (s=), e.g. 2026a; the record goes to SELECTOR._domainkey.DOMAIN.
+        selector: String,
+        /// rsa (RSA-2048, verified everywhere) or ed25519 (RFC 8463; sign with both during
+        /// the transition: dual signing).
+        #[arg(long, value_enum, default_value = "rsa")]
+        algorithm: KeyAlgorithm,
+        /// Directory for the key file.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeyAlgorithm {
+    Rsa,
+    Ed25519,
+}
+
+fn dkim(command: DkimCommand) -> i32 {
+    match command {
+        DkimCommand::Keygen {
+            domain,
+            selector,
+            algorithm,
+            out,
+        } => {
+            let algorithm = match algorithm {
+                KeyAlgorithm::Rsa => mailwarden::config::DkimAlgorithm::RsaSha256,
+                KeyAlgorithm::Ed25519 => mailwarden::config::DkimAlgorithm::Ed25519Sha256,
+            };
+            match mailwarden::dkim::keygen::keygen(&domain, &selector, algorithm, &out) {
+                Ok(g) => {
+                    eprintln!("wrote {} (mode 0600)", g.key_file.display());
+                    eprintln!(
+                        "publish this DNS record, then add the key to the config and reload:"
+                    );
+                    println!("{}", g.dns_record);
+                    eprintln!("\n{}", g.config_entry);
+                    0
+                }
+                Err(e) => {
+                    eprintln!("mailwarden dkim keygen: {e}");
+                    1
+                }
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -84,6 +145,7 @@ fn main() -> ExitCode {
                     1
                 }
             },
+            Command::Dkim { command } => dkim(command),
             Command::Org { client, command } => cli::org(&client, command).await,
             Command::User { client, command } => cli::user(&client, command).await,
         }

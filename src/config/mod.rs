@@ -4,8 +4,12 @@
 //! `Config::load` reads and validates; on success the caller gets a `Config` that is never
 //! mutated again. A reload builds a new one and swaps it in only when it has no errors.
 
+mod dkim;
 mod listen;
 
+pub use dkim::{
+    DEFAULT_OVERSIGN_HEADERS, DEFAULT_SIGN_HEADERS, DkimAlgorithm, DkimConfig, DkimKeyConfig,
+};
 pub use listen::ListenAddr;
 
 use crate::model::{Mode, RuleId};
@@ -67,7 +71,9 @@ pub struct Config {
     pub directory: DirectoryConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
-    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R9`).
+    /// DKIM signing (R6): keys, signed headers, internal networks.
+    pub dkim: DkimConfig,
+    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`).
     pub rules: BTreeMap<String, RuleConfig>,
 }
 
@@ -267,7 +273,7 @@ pub enum OnError {
 }
 
 /// Rules this build implements; a `[rules.X]` table for anything else is an error.
-pub const KNOWN_RULES: [RuleId; 3] = [RuleId::R1, RuleId::R2, RuleId::R9];
+pub const KNOWN_RULES: [RuleId; 4] = [RuleId::R1, RuleId::R2, RuleId::R6, RuleId::R9];
 
 impl Config {
     /// Reads, parses and validates a config file, reporting every error found.
@@ -285,10 +291,14 @@ impl Config {
         })
     }
 
-    /// Parses and validates TOML text.
+    /// Parses and validates TOML text, and loads the DKIM key files it names (relative
+    /// paths are relative to the working directory).
     pub fn from_toml(text: &str) -> Result<Config, Vec<ConfigError>> {
-        let config: Config = toml::from_str(text).map_err(|e| vec![toml_error(&e, text)])?;
-        let errors = config.validate();
+        let mut config: Config = toml::from_str(text).map_err(|e| vec![toml_error(&e, text)])?;
+        let mut errors = config.validate();
+        if let Err(e) = config.dkim.load_keys() {
+            errors.extend(e);
+        }
         if errors.is_empty() {
             Ok(config)
         } else {
@@ -430,6 +440,7 @@ impl Config {
                 format!("{:?} is not a valid filter: {e}", self.log.level),
             );
         }
+        self.dkim.validate(&mut err);
         for name in self.rules.keys() {
             if !KNOWN_RULES.iter().any(|r| r.as_str() == name) {
                 err(

@@ -134,3 +134,106 @@ fn shipped_quickstart_config_is_valid() {
     assert_eq!(c.store.url, "sqlite:var/mailwarden.db");
     assert_eq!(c.token_secrets().len(), 1);
 }
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/dkim/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn dkim_section_parses_and_loads_keys() {
+    let c = Config::from_toml(&format!(
+        r#"
+        [dkim]
+        expiration = "14d"
+        internal_networks = ["192.0.2.0/24", "2001:db8::/32"]
+        [[dkim.keys]]
+        domain = "mpt.gov.la"
+        selector = "rsa2026"
+        algorithm = "rsa-sha256"
+        key_file = "{}"
+        [[dkim.keys]]
+        domain = "mpt.gov.la"
+        selector = "ed2026"
+        algorithm = "ed25519-sha256"
+        key_file = "{}"
+        "#,
+        fixture("rsa2048-pkcs1.pem"),
+        fixture("ed25519-pkcs8v1.pem")
+    ))
+    .unwrap();
+    assert!(c.dkim.enabled());
+    assert_eq!(c.dkim.keyring.keys().len(), 2);
+    assert_eq!(c.dkim.expiration, Some(Duration::from_secs(14 * 86400)));
+    assert!(c.dkim.is_internal(Some("192.0.2.99".parse().unwrap())));
+    assert!(
+        c.dkim
+            .is_internal(Some("::ffff:192.0.2.1".parse().unwrap()))
+    );
+    assert!(c.dkim.is_internal(Some("2001:db8::25".parse().unwrap())));
+    assert!(!c.dkim.is_internal(Some("198.51.100.1".parse().unwrap())));
+    assert!(!c.dkim.is_internal(None));
+    // From is signed and over-signed by default.
+    let h = c.dkim.signed_header_list();
+    assert_eq!(h.iter().filter(|n| *n == "From").count(), 2);
+    assert!(!Config::from_toml("").unwrap().dkim.enabled());
+}
+
+#[test]
+fn dkim_errors_are_all_reported_with_their_keys() {
+    let errs = Config::from_toml(&format!(
+        r#"
+        [dkim]
+        sign_headers = ["Subject", "Bad Name"]
+        oversign_headers = ["To"]
+        expiration = "10m"
+        [[dkim.keys]]
+        domain = "not_a_domain"
+        selector = "-bad"
+        algorithm = "rsa-sha256"
+        key_file = "{rsa}"
+        [[dkim.keys]]
+        domain = "mpt.gov.la"
+        selector = "s"
+        algorithm = "ed25519-sha256"
+        key_file = "{rsa}"
+        [[dkim.keys]]
+        domain = "mpt.gov.la"
+        selector = "s"
+        algorithm = "rsa-sha256"
+        key_file = "{short}"
+        "#,
+        rsa = fixture("rsa2048-pkcs1.pem"),
+        short = fixture("rsa1024-pkcs8.pem")
+    ))
+    .unwrap_err();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "dkim.sign_headers",
+            "dkim.sign_headers",
+            "dkim.oversign_headers",
+            "dkim.expiration",
+            "dkim.keys[0].domain",
+            "dkim.keys[0].selector",
+            "dkim.keys[2].selector",
+            "dkim.keys[1].key_file",
+            "dkim.keys[2].key_file",
+        ],
+        "{errs:#?}"
+    );
+    assert!(errs[0].reason.contains("must include From"));
+    assert!(errs[6].reason.contains("configured twice"));
+}
+
+#[test]
+fn dkim_bad_algorithm_and_network_name_the_line() {
+    let errs = Config::from_toml("[dkim]\ninternal_networks = [\"10.0.0.0/33\"]\n").unwrap_err();
+    assert_eq!(errs[0].key, "line 2", "{errs:?}");
+    let errs = Config::from_toml(
+        "[[dkim.keys]]\ndomain = \"mpt.gov.la\"\nselector = \"s\"\nalgorithm = \"rsa-sha1\"\nkey_file = \"k\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(errs[0].key, "line 4", "{errs:?}");
+    assert!(errs[0].reason.contains("rsa-sha256"), "{}", errs[0].reason);
+}

@@ -6,6 +6,7 @@ pub mod rules;
 use crate::config::{Config, OnError, RuleConfig};
 use crate::model::{Action, Address, Decision, Mode, Outcome, Reply, RuleId, Stage, Transaction};
 use crate::store::{Account, Org};
+use std::fmt;
 
 /// What the directory says about one address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -82,7 +83,7 @@ impl<'a> Verdicts<'a> {
 
     /// Records that `rule` objects to `subject` with `reply`. The first enforced objection
     /// sets the action; monitored ones are only recorded as "would_…".
-    pub(crate) fn violation(&mut self, rule: RuleId, subject: &Address, reply: Reply) {
+    pub(crate) fn violation(&mut self, rule: RuleId, subject: &dyn fmt::Display, reply: Reply) {
         let mode = self.policy.rule(rule).mode;
         let permanent = reply.is_permanent();
         let kind = match (mode, permanent) {
@@ -108,7 +109,7 @@ impl<'a> Verdicts<'a> {
     }
 
     /// The lookup the rules need failed: each active rule applies its `on_store_error`.
-    pub(crate) fn store_failure(&mut self, rules: &[RuleId], subject: &Address) {
+    pub(crate) fn store_failure(&mut self, rules: &[RuleId], subject: &dyn fmt::Display) {
         for &rule in rules {
             let cfg = self.policy.rule(rule);
             if cfg.mode == Mode::Off {

@@ -6,12 +6,13 @@
 use super::negotiate::Features;
 use super::session::{CallbackError, Session};
 use crate::checker::Checker;
-use crate::model::{Action, Decision, Protocol, Reply, Transaction};
+use crate::dkim::MessageSigner;
+use crate::model::{Action, Protocol, Reply, Transaction};
 use crate::telemetry;
 use futures_util::FutureExt as _;
 use indymilter::{
-    Actions, Callbacks, Context, EomContext, NegotiateContext, ProtoOpts, SetErrorReply as _,
-    SmtpReply, SocketInfo, Status,
+    Actions, Callbacks, Context, ContextActions as _, EomActions, EomContext, NegotiateContext,
+    ProtoOpts, SetErrorReply as _, SmtpReply, SocketInfo, Status,
 };
 use std::{ffi::CString, future::Future, panic::AssertUnwindSafe, sync::Arc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -63,7 +64,7 @@ pub(crate) fn build(shared: Arc<Shared>) -> Callbacks<Session> {
         })
         .on_body({
             let s = s.clone();
-            move |cx, chunk| Box::pin(body(s.clone(), cx, chunk.len()))
+            move |cx, chunk| Box::pin(body(s.clone(), cx, chunk))
         })
         .on_eom({
             let s = s.clone();
@@ -84,12 +85,21 @@ async fn negotiate(
     mta_actions: Actions,
     mta_opts: ProtoOpts,
 ) -> Status {
-    match s.features.negotiate(mta_actions, mta_opts) {
+    // The DKIM signer is switched on per connection by the config in force: a reload that
+    // adds the first key applies to the MTA's next connection.
+    let features = if s.checker.snapshot().config.dkim.enabled() {
+        s.features.with_dkim()
+    } else {
+        s.features
+    };
+    match features.negotiate(mta_actions, mta_opts) {
         Ok(n) => {
+            let content = features.headers && features.body;
+            let leading_space = n.opts.contains(ProtoOpts::LEADING_SPACE);
             cx.requested_actions = n.actions;
             cx.requested_opts = n.opts;
             cx.requested_macros = n.macros;
-            session(&s, &mut cx.data);
+            session(&s, &mut cx.data).negotiated(content, leading_space);
             Status::Continue
         }
         Err(e) => {
@@ -192,31 +202,95 @@ async fn header(
     value: CString,
 ) -> Status {
     let sess = session(&s, &mut cx.data);
-    sess.header(name.as_bytes().len(), value.as_bytes().len());
+    sess.header(name.as_bytes(), value.as_bytes());
     Status::Continue
 }
 
+/// End of headers: R6 decides whether the message is signed (the From domain is known now);
+/// a refusal is answered here, and Postfix gives it after the end of DATA.
 async fn eoh(s: Arc<Shared>, cx: &mut Context<Session>) -> Status {
-    session(&s, &mut cx.data).refresh(&cx.macros);
-    Status::Continue
+    let sess = session(&s, &mut cx.data);
+    sess.refresh(&cx.macros);
+    if sess.message_failed() {
+        return failed_message(sess, &mut cx.reply);
+    }
+    if !sess.sees_content() {
+        return Status::Continue;
+    }
+    let signing = match guarded(s.checker.check_signing(&sess.tx)).await {
+        Ok(signing) => signing,
+        Err(e) => return internal_error(sess, &mut cx.reply, "eoh", &e),
+    };
+    let status = answer(&mut cx.reply, &signing.decision.action, &sess.tx);
+    if status != Status::Continue || signing.keys.is_empty() {
+        return status;
+    }
+    let domain = signing.domain.unwrap_or_default();
+    match sess.start_signing(&domain, &signing.keys) {
+        Ok(()) => Status::Continue,
+        Err(e) => {
+            let d = s.checker.signing_failed(&sess.tx, &domain, &e);
+            answer(&mut cx.reply, &d.action, &sess.tx)
+        }
+    }
 }
 
-async fn body(s: Arc<Shared>, cx: &mut Context<Session>, len: usize) -> Status {
-    session(&s, &mut cx.data).body(len);
+async fn body(s: Arc<Shared>, cx: &mut Context<Session>, chunk: impl AsRef<[u8]>) -> Status {
+    session(&s, &mut cx.data).body(chunk.as_ref());
     Status::Continue
 }
 
 async fn eom(s: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {
     let sess = session(&s, &mut cx.data);
-    sess.end_of_message(&cx.macros, s.features.body);
-    // End-of-message rules (DKIM signing with `cx.actions`) plug in here.
+    let measured = sess.sees_content() || s.features.body;
+    sess.end_of_message(&cx.macros, measured);
     let status = if sess.message_failed() {
         failed_message(sess, &mut cx.reply)
+    } else if let Some((domain, signer)) = sess.take_signer() {
+        sign(&s, sess, &mut cx.reply, &cx.actions, &domain, signer).await
     } else {
         Status::Continue
     };
     sess.end_message();
     status
+}
+
+/// R6 at end of message: finish the signatures and insert them at the top of the header,
+/// or tempfail — a message of a local domain never leaves unsigned.
+async fn sign(
+    s: &Shared,
+    sess: &Session,
+    reply: &mut SmtpReply,
+    actions: &EomActions,
+    domain: &str,
+    signer: MessageSigner,
+) -> Status {
+    let sigs = match signer.finish() {
+        Ok(sigs) => sigs,
+        Err(e) => {
+            let d = s.checker.signing_failed(&sess.tx, domain, &e);
+            return answer(reply, &d.action, &sess.tx);
+        }
+    };
+    for sig in &sigs {
+        let value = sess.inserted_value(&sig.milter_value());
+        if let Err(e) = actions.insert_header(0, "DKIM-Signature", value).await {
+            let d = s.checker.signing_failed(&sess.tx, domain, &e);
+            return answer(reply, &d.action, &sess.tx);
+        }
+    }
+    for sig in &sigs {
+        s.checker
+            .metrics
+            .count_dkim_signed(&sig.domain, &sig.selector, sig.algorithm.as_str());
+    }
+    tracing::info!(
+        queue_id = sess.tx.queue_id.as_deref().unwrap_or("-"),
+        domain,
+        selectors = %sigs.iter().map(|g| format!("{}({})", g.selector, g.algorithm.as_str())).collect::<Vec<_>>().join(","),
+        "DKIM signed"
+    );
+    Status::Continue
 }
 
 async fn abort(cx: &mut Context<Session>) -> Status {
@@ -238,7 +312,7 @@ fn strings(args: Vec<CString>) -> Vec<String> {
 }
 
 /// Runs a checker call; a panic inside it becomes an error for this message only.
-async fn guarded(fut: impl Future<Output = Decision>) -> Result<Decision, CallbackError> {
+async fn guarded<T>(fut: impl Future<Output = T>) -> Result<T, CallbackError> {
     AssertUnwindSafe(fut).catch_unwind().await.map_err(|p| {
         let msg = p
             .downcast_ref::<&str>()
@@ -323,6 +397,7 @@ fn failed_message(sess: &Session, reply: &mut SmtpReply) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Decision;
 
     #[test]
     fn reply_text_escapes_percent_and_fits_one_line() {

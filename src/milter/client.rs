@@ -117,8 +117,9 @@ pub struct Outcome {
     pub mail: Status,
     /// One answer per recipient, in order; empty when MAIL was refused.
     pub rcpts: Vec<Status>,
-    /// The answer at end of message; `None` when the message never got there (MAIL refused,
-    /// no recipient accepted, or refused before end of message).
+    /// The answer at end of message, or the refusal given during DATA, headers or body (the
+    /// MTA answers the end of DATA with it); `None` when no DATA was sent (MAIL refused, no
+    /// recipient accepted).
     pub eom: Option<Status>,
 }
 
@@ -442,6 +443,15 @@ impl MtaConnection {
     /// One whole message: MAIL, every RCPT, then (if a recipient was accepted) the content
     /// and end of message; ABORT at the end, as Postfix does.
     pub async fn transaction(&mut self, msg: &Message<'_>) -> Result<Outcome, ClientError> {
+        Ok(self.transaction_with_actions(msg).await?.0)
+    }
+
+    /// [`transaction`](Self::transaction), also returning the modification requests sent
+    /// before the end-of-message answer (`InsertHeader` for a DKIM signature).
+    pub async fn transaction_with_actions(
+        &mut self,
+        msg: &Message<'_>,
+    ) -> Result<(Outcome, Vec<Reply>), ClientError> {
         let qid: Vec<(&str, &str)> = msg.queue_id.map(|q| ("i", q)).into_iter().collect();
         let mut mail_macros = qid.clone();
         mail_macros.extend(msg.mail_macros.iter().copied());
@@ -453,6 +463,7 @@ impl MtaConnection {
             rcpts: Vec::new(),
             eom: None,
         };
+        let mut actions = Vec::new();
         if out.mail.proceeds() {
             for r in &msg.recipients {
                 out.rcpts.push(self.rcpt(r, &qid).await?);
@@ -460,12 +471,18 @@ impl MtaConnection {
             if out.rcpts.iter().any(Status::proceeds) {
                 let s = self.content(&msg.headers, msg.body, &qid).await?;
                 if s.proceeds() {
-                    out.eom = Some(self.eom(&qid).await?);
+                    let (eom, a) = self.eom_with_actions(&qid).await?;
+                    out.eom = Some(eom);
+                    actions = a;
+                } else {
+                    // Refused during the content (e.g. at end of headers): the MTA gives
+                    // that answer at the end of DATA.
+                    out.eom = Some(s);
                 }
             }
         }
         self.abort().await?;
-        Ok(out)
+        Ok((out, actions))
     }
 
     /// QUIT, then close the socket.

@@ -3,8 +3,9 @@
 use indymilter::{Actions, MacroStage, ProtoOpts};
 use std::{collections::HashMap, ffi::CString};
 
-/// Message modifications requested at end of message: none yet. The DKIM signer (R6) adds
-/// `Actions::ADD_HEADER` here (it covers both `add_header` and `insert_header`).
+/// Message modifications requested at end of message by the envelope rules: none. The DKIM
+/// signer (R6) adds `Actions::ADD_HEADER` (it covers both `add_header` and `insert_header`),
+/// see [`Features::with_dkim`].
 pub const ACTIONS: Actions = Actions::empty();
 
 /// What this build needs from the MTA. Stages not needed are skipped at negotiation, which
@@ -53,6 +54,17 @@ pub struct Unsupported {
 }
 
 impl Features {
+    /// What the DKIM signer (R6) needs on top: every header (to sign them and to know the
+    /// From domain), the body (the body hash) and `ADD_HEADER` (to insert the signature).
+    pub fn with_dkim(self) -> Features {
+        Features {
+            actions: self.actions | Actions::ADD_HEADER,
+            headers: true,
+            body: true,
+            ..self
+        }
+    }
+
     /// Answers the MTA's offer of actions and protocol options.
     ///
     /// indymilter starts `requested_actions` as everything the MTA offered; this assigns the
@@ -86,7 +98,12 @@ impl Features {
             skip |= ProtoOpts::NO_BODY;
         }
         // Ask to skip only what the MTA can skip; a stage it sends anyway is just ignored.
-        let opts = skip & mta_opts;
+        let mut opts = skip & mta_opts;
+        if self.headers {
+            // Header values exactly as in the message, with the space after the colon (and
+            // inserted headers are taken as given: the signer adds that space itself).
+            opts |= ProtoOpts::LEADING_SPACE & mta_opts;
+        }
         Ok(Negotiated {
             actions,
             opts,
@@ -208,11 +225,19 @@ mod tests {
             actions: Actions::ADD_HEADER,
             headers: true,
             body: true,
-            connect_helo: true,
+            connect_helo: false,
         };
         let n = dkim.negotiate(postfix_actions(), ProtoOpts::all()).unwrap();
         assert_eq!(n.actions, Actions::ADD_HEADER | Actions::REQUEST_MACROS);
-        assert_eq!(n.opts, ProtoOpts::NO_UNKNOWN | ProtoOpts::NO_DATA);
+        assert_eq!(
+            n.opts,
+            ProtoOpts::NO_UNKNOWN
+                | ProtoOpts::NO_DATA
+                | ProtoOpts::NO_CONNECT
+                | ProtoOpts::NO_HELO
+                | ProtoOpts::LEADING_SPACE
+        );
+        assert_eq!(Features::default().with_dkim(), dkim);
 
         let err = dkim
             .negotiate(Actions::ADD_RCPT, ProtoOpts::all())

@@ -4,9 +4,10 @@
 //! tested without a socket; `callbacks.rs` does the indymilter plumbing. No rule logic lives
 //! here: the checker decides, this only records what the MTA said.
 
+use crate::dkim::{MessageSigner, SigningKey, signer::append_header};
 use crate::model::{Address, Protocol, Sender, Transaction};
 use crate::telemetry::ConnectionGuard;
-use std::{ffi::CStr, net::IpAddr};
+use std::{ffi::CStr, net::IpAddr, sync::Arc};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// Read access to the macros the MTA sent (indymilter's `Macros` in production).
@@ -24,6 +25,14 @@ impl MacroSource for indymilter::Macros {
 /// Most recipients kept for one message. Postfix's own `smtpd_recipient_limit` defaults to
 /// 1000; this only bounds memory against a misbehaving peer. Past it, recipients are tempfailed.
 pub const MAX_RECIPIENTS: usize = 10_000;
+
+/// Largest header section kept for signing. Postfix keeps at most `header_size_limit`
+/// (100 KiB by default) of a message's headers; this bounds memory per connection when the
+/// MTA is configured otherwise. A message to be signed whose headers exceed it is tempfailed.
+pub const MAX_HEADER_BLOCK: usize = 256 * 1024;
+
+/// Most `From:` addresses kept per message (R6 uses the first; R8 wants exactly one).
+const MAX_FROM_ADDRESSES: usize = 64;
 
 /// Longest macro or HELO value kept (longer values are cut, never rejected: they are for logs
 /// and matching, and the MTA already enforces its own limits).
@@ -51,6 +60,17 @@ pub struct Session {
     measured: u64,
     /// Queue id of the previous message on this connection (see [`Session::refresh`]).
     previous_queue_id: Option<String>,
+    /// Headers and body were negotiated (the DKIM signer is on for this connection).
+    content: bool,
+    /// The MTA sends header values with the space after the colon (and takes inserted
+    /// values as given).
+    leading_space: bool,
+    /// The header section in wire form, kept until the end of headers (only with `content`).
+    header_block: Vec<u8>,
+    /// The header section outgrew [`MAX_HEADER_BLOCK`].
+    header_overflow: bool,
+    /// Signing in progress: the signing domain and its signer.
+    signing: Option<(String, MessageSigner)>,
     _open: ConnectionGuard,
 }
 
@@ -62,8 +82,25 @@ impl Session {
             failed: false,
             measured: 0,
             previous_queue_id: None,
+            content: false,
+            leading_space: false,
+            header_block: Vec::new(),
+            header_overflow: false,
+            signing: None,
             _open: open,
         }
+    }
+
+    /// Records what was negotiated: whether headers and body arrive (`content`), and with
+    /// the space after the colon (`leading_space`).
+    pub fn negotiated(&mut self, content: bool, leading_space: bool) {
+        self.content = content;
+        self.leading_space = leading_space;
+    }
+
+    /// Whether headers and body are seen on this connection.
+    pub fn sees_content(&self) -> bool {
+        self.content
     }
 
     /// CONNECT: the client's address from the socket information, else `{client_addr}`; its
@@ -171,15 +208,64 @@ impl Session {
         }
     }
 
-    /// One header (only when headers are negotiated): counted for the measured size.
-    pub fn header(&mut self, name_len: usize, value_len: usize) {
+    /// One header (only when headers are negotiated): counted for the measured size, its
+    /// addresses recorded when it is `From:`, and kept for the signer (bounded).
+    pub fn header(&mut self, name: &[u8], value: &[u8]) {
         // "name:" + value + CRLF
-        self.measured += (name_len + 1 + value_len + 2) as u64;
+        self.measured += (name.len() + 1 + value.len() + 2) as u64;
+        if name.eq_ignore_ascii_case(b"From") {
+            let room = MAX_FROM_ADDRESSES.saturating_sub(self.tx.header_from.len());
+            let addrs = from_addresses(value);
+            self.tx.header_from.extend(addrs.into_iter().take(room));
+        }
+        if self.content && !self.header_overflow {
+            if self.header_block.len() + name.len() + value.len() + 8 > MAX_HEADER_BLOCK {
+                self.header_overflow = true;
+                self.header_block = Vec::new();
+            } else {
+                append_header(&mut self.header_block, name, value);
+            }
+        }
     }
 
-    /// One body chunk (only when the body is negotiated): counted for the measured size.
-    pub fn body(&mut self, len: usize) {
-        self.measured += len as u64;
+    /// End of headers, the message is to be signed with `keys` for `domain`: starts the
+    /// signer with the headers kept. Errs when they were too large to keep.
+    pub fn start_signing(
+        &mut self,
+        domain: &str,
+        keys: &[Arc<SigningKey>],
+    ) -> Result<(), HeaderTooLarge> {
+        if self.header_overflow {
+            return Err(HeaderTooLarge);
+        }
+        let signer = MessageSigner::new(keys, &self.header_block);
+        self.header_block = Vec::new();
+        self.signing = Some((domain.to_owned(), signer));
+        Ok(())
+    }
+
+    /// The signer, at end of message (`None` when the message is not signed).
+    pub fn take_signer(&mut self) -> Option<(String, MessageSigner)> {
+        self.signing.take()
+    }
+
+    /// A header value as the milter inserts it: with the leading space when the MTA does
+    /// not add one itself.
+    pub fn inserted_value(&self, value: &str) -> String {
+        if self.leading_space {
+            format!(" {value}")
+        } else {
+            value.to_owned()
+        }
+    }
+
+    /// One body chunk (only when the body is negotiated): counted for the measured size,
+    /// hashed by the signer when the message is signed (never kept).
+    pub fn body(&mut self, chunk: &[u8]) {
+        self.measured += chunk.len() as u64;
+        if let Some((_, signer)) = self.signing.as_mut() {
+            signer.body(chunk);
+        }
     }
 
     /// End of message: the measured size replaces the declared one when it was measured.
@@ -200,6 +286,9 @@ impl Session {
         self.in_flight = None;
         self.failed = false;
         self.measured = 0;
+        self.header_block = Vec::new();
+        self.header_overflow = false;
+        self.signing = None;
     }
 
     pub fn fail_message(&mut self) {
@@ -209,6 +298,32 @@ impl Session {
     pub fn message_failed(&self) -> bool {
         self.failed
     }
+}
+
+/// The header section is larger than [`MAX_HEADER_BLOCK`]: it was not kept, so it cannot
+/// be signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("header section larger than {MAX_HEADER_BLOCK} bytes cannot be signed")]
+pub struct HeaderTooLarge;
+
+/// The addresses of one `From:` field value (RFC 5322 mailbox list; display names, comments
+/// and groups handled by mail-parser). Addresses that do not parse are left out.
+pub(crate) fn from_addresses(value: &[u8]) -> Vec<Address> {
+    let mut raw = Vec::with_capacity(value.len() + 9);
+    raw.extend_from_slice(b"From:");
+    raw.extend_from_slice(value);
+    raw.extend_from_slice(b"\r\n\r\n");
+    let Some(msg) = mail_parser::MessageParser::new().parse_headers(&raw) else {
+        return Vec::new();
+    };
+    msg.from()
+        .map(|list| {
+            list.mailboxes()
+                .filter_map(|m| m.address())
+                .filter_map(|a| Address::parse(a).ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Postfix sends `[addr]` (or `unknown`) as the name of a client without reverse DNS.
@@ -379,10 +494,14 @@ mod tests {
         let mut s = session(&metrics);
         s.mail(&args(&["<a@mpt.gov.la>", "SIZE=10"]), &macros(&[]))
             .unwrap();
-        s.header(4, 11); // "From: a@mpt.gov.la" style: 4 + 1 + 11 + 2
-        s.body(100);
+        s.header(b"From", b" a@mpt.gov.la"); // 4 + 1 + 13 + 2
+        s.body(&[b'x'; 100]);
         s.end_of_message(&macros(&[("i", "Q9")]), true);
-        assert_eq!(s.tx.size, Some(118));
+        assert_eq!(s.tx.size, Some(120));
+        assert_eq!(
+            s.tx.header_from,
+            ["a@mpt.gov.la".parse::<Address>().unwrap()]
+        );
         assert_eq!(s.tx.queue_id.as_deref(), Some("Q9"));
     }
 

@@ -117,9 +117,22 @@ pub struct Transaction {
     pub recipients: Vec<Address>,
     /// Message size declared with `SIZE=` or measured at end of message.
     pub size: Option<u64>,
+    /// Addresses of the `From:` header field(s), in message order (milter only, known from
+    /// the end of headers on). Only the addresses: never the display names.
+    pub header_from: Vec<Address>,
 }
 
 impl Transaction {
+    /// The domain a message is sent from, for signing (R6): the first `From:` address's
+    /// domain, else the envelope sender's. Several `From:` addresses are R8's business; R6
+    /// signs for the first one.
+    pub fn author_domain(&self) -> Option<&str> {
+        self.header_from
+            .first()
+            .or_else(|| self.sender.as_ref().and_then(|s| s.address()))
+            .map(|a| a.domain())
+    }
+
     pub fn new(protocol: Protocol) -> Self {
         Transaction {
             protocol,
@@ -132,6 +145,7 @@ impl Transaction {
             sender: None,
             recipients: Vec::new(),
             size: None,
+            header_from: Vec::new(),
         }
     }
 
@@ -142,6 +156,7 @@ impl Transaction {
         self.sasl_username = None;
         self.recipients.clear();
         self.size = None;
+        self.header_from.clear();
     }
 }
 

@@ -9,6 +9,7 @@ use std::fmt;
 pub enum RuleId {
     R1,
     R2,
+    R6,
     R9,
     /// Not a policy rule: the store or another service needed by a rule failed.
     Store,
@@ -19,6 +20,7 @@ impl RuleId {
         match self {
             RuleId::R1 => "R1",
             RuleId::R2 => "R2",
+            RuleId::R6 => "R6",
             RuleId::R9 => "R9",
             RuleId::Store => "store",
         }

@@ -78,7 +78,8 @@ impl CachedDirectory {
         Ok(AddressFacts { org, account })
     }
 
-    async fn org_by_domain(&self, domain: &str) -> Result<Option<Org>, StoreFailure> {
+    /// The organisation owning `domain` (lower case), from the cache when fresh.
+    pub async fn org_by_domain(&self, domain: &str) -> Result<Option<Org>, StoreFailure> {
         let generation = match fresh(&self.orgs, domain, self.ttl) {
             Ok(hit) => return Ok(hit),
             Err(generation) => generation,

@@ -44,6 +44,18 @@ struct OperationLabels {
     operation: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DkimSignedLabels {
+    domain: String,
+    selector: String,
+    algorithm: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainLabels {
+    domain: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs … ~3.3 s: the mail path should live in the first buckets.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -63,6 +75,8 @@ pub struct Metrics {
     store_up: Gauge,
     reloads: Family<ResultLabels, Counter>,
     admin_requests: Family<ResultLabels, Counter>,
+    dkim_signed: Family<DkimSignedLabels, Counter>,
+    dkim_unsigned_tempfail: Family<DomainLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -130,8 +144,22 @@ impl Metrics {
             "Admin API requests by result (ok, client_error, unauthorized, forbidden, server_error)",
             admin_requests.clone(),
         );
+        let dkim_signed = Family::<DkimSignedLabels, Counter>::default();
+        registry.register(
+            "dkim_signed",
+            "DKIM signatures added (R6), by signing domain, selector and algorithm",
+            dkim_signed.clone(),
+        );
+        let dkim_unsigned_tempfail = Family::<DomainLabels, Counter>::default();
+        registry.register(
+            "dkim_unsigned_tempfail",
+            "Outbound messages of a local domain tempfailed (451 4.7.5) because they could not be signed: no key, or signing failed",
+            dkim_unsigned_tempfail.clone(),
+        );
         Metrics {
             registry,
+            dkim_signed,
+            dkim_unsigned_tempfail,
             verdicts,
             decisions,
             latency,
@@ -221,6 +249,28 @@ impl Metrics {
     pub fn count_admin_request(&self, result: &'static str) {
         self.admin_requests
             .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// One DKIM signature added. Label values are configured key domains and selectors
+    /// (bounded by the config).
+    pub fn count_dkim_signed(&self, domain: &str, selector: &str, algorithm: &'static str) {
+        self.dkim_signed
+            .get_or_create(&DkimSignedLabels {
+                domain: domain.to_owned(),
+                selector: selector.to_owned(),
+                algorithm,
+            })
+            .inc();
+    }
+
+    /// An outbound message of a local `domain` refused because it could not be signed
+    /// (bounded by the organisation domains in the directory).
+    pub fn count_dkim_unsigned_tempfail(&self, domain: &str) {
+        self.dkim_unsigned_tempfail
+            .get_or_create(&DomainLabels {
+                domain: domain.to_owned(),
+            })
             .inc();
     }
 

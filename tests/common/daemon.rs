@@ -157,6 +157,18 @@ impl Mailwarden {
         });
     }
 
+    /// Rewrites the config with `rules`, sends SIGHUP and waits until the daemon reports a
+    /// refused reload (an invalid file) on `/metrics`.
+    pub fn reload_refused(&self, rules: &str) {
+        let err = [("result", "error")];
+        let before = self.sample("mailwarden_config_reloads_total", &err);
+        std::fs::write(&self.config, config_text(self.dir.path(), rules)).expect("write config");
+        assert!(process::signal(self.pid(), Sig::HUP), "mailwarden is gone");
+        wait_for("the reload to be refused", Duration::from_secs(10), || {
+            (self.sample("mailwarden_config_reloads_total", &err) > before).then_some(())
+        });
+    }
+
     /// The daemon's process id (signals; CPU accounting in benchmarks).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod dkim;
 pub mod milter;
 pub mod postfix;
 pub mod process;

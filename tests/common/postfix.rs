@@ -100,7 +100,7 @@ fn snippet(wiring: &Wiring) -> String {
     )
 }
 
-fn main_cf(dir: &Path, sink_port: u16, wiring: &Wiring) -> String {
+fn main_cf(dir: &Path, sink_port: u16, wiring: &Wiring, extra: &str) -> String {
     let d = dir.display();
     format!(
         "# Private test instance: nothing here touches the system Postfix.
@@ -133,7 +133,8 @@ biff = no
 queue_run_delay = 1s
 minimal_backoff_time = 1s
 maximal_backoff_time = 2s
-{}",
+{}
+{extra}",
         snippet(wiring)
     )
 }
@@ -224,11 +225,17 @@ impl Postfix {
     /// Starts a private instance wired as asked, with its sink; returns once smtpd listens
     /// (`postfix start` waits for the master's initialisation, which binds the port).
     pub fn start(wiring: Wiring) -> Postfix {
-        Postfix::start_with(wiring, SinkMode::Dump)
+        Postfix::start_with(wiring, "")
     }
 
-    /// Like [`start`](Self::start), choosing what the sink does.
-    pub fn start_with(wiring: Wiring, sink_mode: SinkMode) -> Postfix {
+    /// [`start`](Self::start) with `extra` lines appended to main.cf (e.g.
+    /// `smtpd_authorized_xclient_hosts = 127.0.0.1` so swaks can simulate a SASL login).
+    pub fn start_with(wiring: Wiring, extra: &str) -> Postfix {
+        Postfix::start_full(wiring, extra, SinkMode::Dump)
+    }
+
+    /// The general form: `extra` main.cf lines and what the sink does with mail.
+    pub fn start_full(wiring: Wiring, extra: &str, sink_mode: SinkMode) -> Postfix {
         assert!(
             rustix::process::geteuid().is_root(),
             "the Postfix end-to-end tests start private Postfix instances and need root; \
@@ -242,8 +249,11 @@ impl Postfix {
         let (sink, sink_port) = start_sink(&dir, sink_mode);
         let postfix_bin = find_program("postfix", &["/usr/sbin"]);
         let etc = dir.join("etc");
-        std::fs::write(etc.join("main.cf"), main_cf(dir.path(), sink_port, &wiring))
-            .expect("write main.cf");
+        std::fs::write(
+            etc.join("main.cf"),
+            main_cf(dir.path(), sink_port, &wiring, extra),
+        )
+        .expect("write main.cf");
 
         for attempt in 1..=5 {
             let smtp_port = free_port();
@@ -297,6 +307,25 @@ impl Postfix {
     /// Postfix's own log (smtpd, cleanup, qmgr, smtp lines).
     pub fn maillog(&self) -> String {
         tail(&self.dir.join("maillog"), 64 * 1024)
+    }
+
+    /// The message of a delivery without smtp-sink's leading `X-Client-Addr:` ...
+    /// `X-Rcpt-Args:` lines (smtp-sink's own `Received:` stays: it is an ordinary trace
+    /// header), with CRLF line ends.
+    pub fn message_of(d: &Delivery) -> Vec<u8> {
+        const SINK: [&str; 5] = [
+            "X-Client-Addr: ",
+            "X-Client-Proto: ",
+            "X-Helo-Args: ",
+            "X-Mail-Args: ",
+            "X-Rcpt-Args: ",
+        ];
+        let text = d.text.replace("\r\n", "\n");
+        let msg: Vec<&str> = text
+            .split('\n')
+            .skip_while(|l| SINK.iter().any(|p| l.starts_with(p)))
+            .collect();
+        msg.join("\r\n").into_bytes()
     }
 
     /// Every message the sink has received completely so far.

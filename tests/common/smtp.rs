@@ -75,6 +75,11 @@ pub fn unique_tag() -> String {
 /// Sends one message with swaks: one MAIL FROM, one RCPT per recipient, DATA if at least
 /// one recipient was accepted.
 pub fn swaks(server: &str, from: &str, to: &[&str]) -> Sent {
+    swaks_with(server, from, to, &[])
+}
+
+/// [`swaks`] with extra swaks arguments (`--xclient-login champa`, `--header From: ...`).
+pub fn swaks_with(server: &str, from: &str, to: &[&str], extra: &[&str]) -> Sent {
     let swaks = find_program("swaks", &["/usr/bin"]);
     let tag = unique_tag();
     let out = Command::new(&swaks)
@@ -88,6 +93,7 @@ pub fn swaks(server: &str, from: &str, to: &[&str]) -> Sent {
             "--body",
             &format!("mailwarden end-to-end test message\n{END_MARKER}\n"),
         ])
+        .args(extra)
         .output()
         .unwrap_or_else(|e| panic!("run {}: {e}", swaks.display()));
     Sent {

@@ -1,3 +1,4 @@
 //! Rule families, one file each.
 
 pub mod directory;
+pub mod dkim;

@@ -1,0 +1,297 @@
+//! R6 over the milter protocol: a milter on 127.0.0.1:0 with DKIM keys, the MTA side scripted
+//! with `mailwarden::milter::client`. The inserted signatures are checked with dkimpy.
+
+mod common;
+
+use common::dkim::{self as verify, Records, assemble};
+use common::milter::Milter;
+use common::store::seeded_store;
+use indymilter::{ProtoOpts, message::reply::Reply};
+use mailwarden::milter::client::{Message, MtaConnection, Outcome, Status};
+use std::{net::IpAddr, time::Duration};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/dkim/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// RSA and Ed25519 keys for `domain`, plus `extra` config.
+fn config(domain: &str, extra: &str) -> String {
+    format!(
+        r#"
+[dkim]
+internal_networks = ["198.51.100.0/24"]
+[[dkim.keys]]
+domain = "{domain}"
+selector = "rsa1"
+algorithm = "rsa-sha256"
+key_file = "{}"
+[[dkim.keys]]
+domain = "{domain}"
+selector = "ed1"
+algorithm = "ed25519-sha256"
+key_file = "{}"
+{extra}
+"#,
+        fixture("rsa2048-pkcs1.pem"),
+        fixture("ed25519-pkcs8v1.pem")
+    )
+}
+
+async fn open(m: &Milter, client_ip: &str) -> MtaConnection {
+    let mut c = MtaConnection::open(&m.addr, TIMEOUT).await.unwrap();
+    let ip: IpAddr = client_ip.parse().unwrap();
+    assert_eq!(
+        c.connect("client.example", ip, &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(
+        c.helo("client.example", &[]).await.unwrap(),
+        Status::Continue
+    );
+    c
+}
+
+const BODY: &[u8] = b"Hello,\r\n\r\nsigned by mailwarden.\r\n \r\n\t\r\n";
+
+fn message<'a>(from_header: &'a str, auth: Option<&'a str>) -> Message<'a> {
+    Message {
+        sender: "<champa@mpt.gov.la>",
+        recipients: vec!["<bounmy@mpt.gov.la>"],
+        headers: vec![
+            ("From", from_header),
+            ("To", "Bounmy <bounmy@mpt.gov.la>"),
+            ("Subject", "budget\n\tfolded subject"),
+            ("Date", "Mon, 1 Jun 2026 09:00:00 +0700"),
+        ],
+        body: BODY,
+        queue_id: Some("QDKIM1"),
+        mail_macros: auth.map(|a| ("{auth_authen}", a)).into_iter().collect(),
+        ..Message::default()
+    }
+}
+
+/// The inserted headers, checked to be `insert_header(0, "DKIM-Signature", ...)`.
+fn signatures(actions: &[Reply]) -> Vec<(String, String)> {
+    actions
+        .iter()
+        .map(|a| match a {
+            Reply::InsertHeader { index, name, value } => {
+                assert_eq!(*index, 0, "inserted at the top");
+                (
+                    name.to_str().unwrap().to_owned(),
+                    value.to_str().unwrap().to_owned(),
+                )
+            }
+            other => panic!("unexpected modification {other:?}"),
+        })
+        .collect()
+}
+
+/// The message as Postfix would deliver it, rebuilt from what the client sent.
+fn delivered(msg: &Message<'_>, inserted: &[(String, String)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (n, v) in &msg.headers {
+        block.extend_from_slice(format!("{n}: {}\r\n", v.replace('\n', "\r\n")).as_bytes());
+    }
+    assemble(inserted, &block, msg.body)
+}
+
+fn records(m: &Milter) -> Records {
+    let mut r = Records::default();
+    for k in m.checker.snapshot().config.dkim.keyring.keys() {
+        r.add_zone_line(&k.dns_record());
+    }
+    r
+}
+
+async fn send(c: &mut MtaConnection, msg: &Message<'_>) -> (Outcome, Vec<Reply>) {
+    c.transaction_with_actions(msg).await.unwrap()
+}
+
+#[tokio::test]
+async fn authenticated_local_mail_is_dual_signed_and_verifies() {
+    let m = Milter::spawn(&config("mpt.gov.la", ""), seeded_store().await).await;
+    let mut c = open(&m, "192.0.2.7").await;
+    // With keys configured the milter asks for headers and body, with the space after the
+    // colon, and may add headers.
+    let opts = c.negotiated_opts();
+    assert!(!opts.intersects(ProtoOpts::NO_HEADER | ProtoOpts::NO_BODY | ProtoOpts::NO_EOH));
+    assert!(opts.contains(ProtoOpts::LEADING_SPACE));
+    assert!(
+        c.negotiated_actions()
+            .contains(indymilter::Actions::ADD_HEADER)
+    );
+
+    let msg = message("Champa S. <Champa@MPT.gov.la>", Some("champa"));
+    let (out, actions) = send(&mut c, &msg).await;
+    assert_eq!(out.eom, Some(Status::Continue));
+    let sigs = signatures(&actions);
+    assert_eq!(sigs.len(), 2, "one signature per key: {sigs:?}");
+    for (name, value) in &sigs {
+        assert_eq!(name, "DKIM-Signature");
+        assert!(value.starts_with(" v=1; a="), "{value:?}");
+        assert!(!value.contains('\r'), "LF-folded for the milter protocol");
+    }
+    let verdicts = verify::dkimpy(&[delivered(&msg, &sigs)], &records(&m));
+    assert_eq!(verdicts, [vec![true, true]]);
+
+    let metrics = m.checker.metrics.encode();
+    for (sel, alg) in [("rsa1", "rsa-sha256"), ("ed1", "ed25519-sha256")] {
+        assert!(
+            metrics.contains(&format!(
+                r#"mailwarden_dkim_signed_total{{domain="mpt.gov.la",selector="{sel}",algorithm="{alg}"}} 1"#
+            )),
+            "{metrics}"
+        );
+    }
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn local_domain_without_key_is_tempfailed_4_7_5() {
+    // Keys only for another organisation: mpt.gov.la has none.
+    let m = Milter::spawn(&config("mof.gov.la", ""), seeded_store().await).await;
+    let mut c = open(&m, "192.0.2.7").await;
+    let (out, actions) = send(&mut c, &message("champa@mpt.gov.la", Some("champa"))).await;
+    let Some(Status::Tempfail { reply: Some(reply) }) = &out.eom else {
+        panic!("tempfail expected: {out:?}")
+    };
+    assert!(
+        reply.starts_with("451 4.7.5 No DKIM key for mpt.gov.la; message not sent unsigned"),
+        "{reply}"
+    );
+    assert!(actions.is_empty(), "nothing inserted: {actions:?}");
+    let metrics = m.checker.metrics.encode();
+    assert!(
+        metrics.contains(r#"mailwarden_dkim_unsigned_tempfail_total{domain="mpt.gov.la"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"mailwarden_verdicts_total{rule="R6",stage="eom",outcome="tempfail",protocol="milter"} 1"#
+        ),
+        "{metrics}"
+    );
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn monitor_mode_lets_the_unsigned_message_through_and_counts_it() {
+    let m = Milter::spawn(
+        &config("mof.gov.la", "[rules.R6]\nmode = \"monitor\"\n"),
+        seeded_store().await,
+    )
+    .await;
+    let mut c = open(&m, "192.0.2.7").await;
+    let (out, actions) = send(&mut c, &message("champa@mpt.gov.la", Some("champa"))).await;
+    assert_eq!(out.eom, Some(Status::Continue));
+    assert!(actions.is_empty());
+    let metrics = m.checker.metrics.encode();
+    assert!(
+        metrics.contains(
+            r#"mailwarden_verdicts_total{rule="R6",stage="eom",outcome="would_tempfail",protocol="milter"} 1"#
+        ),
+        "{metrics}"
+    );
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn unauthenticated_or_foreign_mail_is_not_signed() {
+    let m = Milter::spawn(&config("mpt.gov.la", ""), seeded_store().await).await;
+    // An outside client (not authenticated, not internal) with a local From: not ours to
+    // sign (verification, R7, judges it).
+    let mut c = open(&m, "192.0.2.7").await;
+    let (out, actions) = send(&mut c, &message("champa@mpt.gov.la", None)).await;
+    assert_eq!(out.eom, Some(Status::Continue));
+    assert!(actions.is_empty(), "{actions:?}");
+    // Authenticated, but the From domain is not an organisation domain.
+    let (out, actions) = send(&mut c, &message("someone@example.org", Some("champa"))).await;
+    assert_eq!(out.eom, Some(Status::Continue));
+    assert!(actions.is_empty(), "{actions:?}");
+    c.close().await.unwrap();
+    assert!(
+        !m.checker
+            .metrics
+            .encode()
+            .contains("mailwarden_dkim_signed_total{")
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn internal_network_client_is_signed_without_authentication() {
+    let m = Milter::spawn(&config("mpt.gov.la", ""), seeded_store().await).await;
+    let mut c = open(&m, "198.51.100.25").await;
+    let msg = message("champa@mpt.gov.la", None);
+    let (out, actions) = send(&mut c, &msg).await;
+    assert_eq!(out.eom, Some(Status::Continue));
+    let sigs = signatures(&actions);
+    assert_eq!(sigs.len(), 2);
+    assert_eq!(
+        verify::dkimpy(&[delivered(&msg, &sigs)], &records(&m)),
+        [vec![true, true]]
+    );
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn state_is_reset_between_messages_and_after_abort() {
+    let m = Milter::spawn(&config("mpt.gov.la", ""), seeded_store().await).await;
+    let mut c = open(&m, "192.0.2.7").await;
+    // A signed message (the client sends ABORT after end of message, as Postfix does).
+    let signed = message("champa@mpt.gov.la", Some("champa"));
+    let (_, actions) = send(&mut c, &signed).await;
+    assert_eq!(signatures(&actions).len(), 2);
+    // The next message on the connection is not authenticated: not signed.
+    let (out, actions) = send(&mut c, &message("champa@mpt.gov.la", None)).await;
+    assert_eq!(out.eom, Some(Status::Continue));
+    assert!(actions.is_empty(), "{actions:?}");
+
+    // A message aborted in the middle of its body...
+    assert_eq!(
+        c.mail(&["<champa@mpt.gov.la>"], &[("{auth_authen}", "champa")])
+            .await
+            .unwrap(),
+        Status::Continue
+    );
+    assert_eq!(
+        c.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(
+        c.content(&[("From", "champa@mpt.gov.la")], b"half a bo", &[])
+            .await
+            .unwrap(),
+        Status::Continue
+    );
+    c.abort().await.unwrap();
+    // ...leaves nothing behind: the next one's signatures cover only its own content.
+    let (out, actions) = send(&mut c, &signed).await;
+    assert_eq!(out.eom, Some(Status::Continue));
+    let sigs = signatures(&actions);
+    assert_eq!(
+        verify::dkimpy(&[delivered(&signed, &sigs)], &records(&m)),
+        [vec![true, true]]
+    );
+    c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn without_keys_no_content_is_requested() {
+    let m = Milter::spawn("", seeded_store().await).await;
+    let c = MtaConnection::open(&m.addr, TIMEOUT).await.unwrap();
+    assert!(
+        c.negotiated_opts()
+            .contains(ProtoOpts::NO_HEADER | ProtoOpts::NO_BODY)
+    );
+    c.close().await.unwrap();
+    m.stop().await;
+}
