@@ -178,30 +178,40 @@ fn main() {
     let sessions = arg(2, 20) as u32;
     let size = arg(3, 4096) as u32;
 
+    // Two daemons: the default runtime (one worker thread per CPU) and one worker thread
+    // (`server.worker_threads = 1`), to show what the setting does on a small shared box.
     let mw = Mailwarden::start("");
-    mw.cli_ok(
-        "org",
-        &[
-            "add",
-            "mpt",
-            "--name",
-            "Ministry of Posts and Telecommunications",
-        ],
-    );
+    let mw1 = Mailwarden::start_env("", &[("TOKIO_WORKER_THREADS", "1")]);
     let mut suspended = Vec::new();
+    for d in [&mw, &mw1] {
+        d.cli_ok(
+            "org",
+            &[
+                "add",
+                "mpt",
+                "--name",
+                "Ministry of Posts and Telecommunications",
+            ],
+        );
+    }
     for i in 0..20 {
         let addr = format!("user{i}@mpt.gov.la");
-        mw.cli_ok(
-            "user",
-            &["add", &addr, "--kind", "person", "--status", "active"],
-        );
+        for d in [&mw, &mw1] {
+            d.cli_ok(
+                "user",
+                &["add", &addr, "--kind", "person", "--status", "active"],
+            );
+            if i >= 10 {
+                d.cli_ok("user", &["suspend", &addr, "--reason", "bench"]);
+            }
+        }
         if i >= 10 {
-            mw.cli_ok("user", &["suspend", &addr, "--reason", "bench"]);
             suspended.push(addr);
         }
     }
     let postfwd = Postfwd::start(&suspended);
     let mw_pid = Some(mw.pid());
+    let mw1_pid = Some(mw1.pid());
     let setups = vec![
         Setup {
             name: "bare Postfix",
@@ -239,6 +249,15 @@ fn main() {
                 SinkMode::Count,
             ),
             daemon: Some((mw_pid, "")),
+        },
+        Setup {
+            name: "mailwarden both 1thr",
+            postfix: Postfix::start_full(
+                Wiring::Both(mw1.bound.policy.clone(), mw1.bound.milter.clone()),
+                "",
+                SinkMode::Count,
+            ),
+            daemon: Some((mw1_pid, "")),
         },
     ];
     println!(

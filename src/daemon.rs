@@ -185,6 +185,11 @@ impl Daemon {
                     ),
                     ("admin.listen", &old.config.admin.listen, &new.admin.listen),
                     ("store.url", &old.config.store.url, &new.store.url),
+                    (
+                        "server.worker_threads",
+                        &old.config.server.worker_threads.to_string(),
+                        &new.server.worker_threads.to_string(),
+                    ),
                 ] {
                     if a != b {
                         tracing::warn!(key, old = %a, new = %b, "changing this key needs a restart; keeping the old value");

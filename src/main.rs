@@ -124,10 +124,26 @@ fn dkim(command: DkimCommand) -> i32 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    // The daemon's config is read before the runtime exists: it sizes the runtime.
+    let mut loaded = None;
+    if let Command::Run { config, .. } = &cli.command {
+        match Config::load(config) {
+            Ok(c) => loaded = Some(c),
+            Err(e) => {
+                eprint!("{e}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        }
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = loaded
+        .as_ref()
+        .map(|c| c.server.worker_threads)
+        .filter(|&n| n > 0)
     {
+        builder.worker_threads(n);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mailwarden: cannot start the runtime: {e}");
@@ -136,7 +152,10 @@ fn main() -> ExitCode {
     };
     let code = rt.block_on(async move {
         match cli.command {
-            Command::Run { config, ready_file } => run(config, ready_file).await,
+            Command::Run { config, ready_file } => {
+                let loaded = loaded.expect("loaded above for run");
+                run(loaded, config, ready_file).await
+            }
             Command::CheckConfig { config } => check_config(&config),
             Command::Bench(args) => match bench::run(args).await {
                 Ok(()) => 0,
@@ -166,14 +185,7 @@ fn check_config(path: &std::path::Path) -> i32 {
     }
 }
 
-async fn run(path: PathBuf, ready_file: Option<PathBuf>) -> i32 {
-    let config = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprint!("{e}");
-            return EXIT_CONFIG;
-        }
-    };
+async fn run(config: Config, path: PathBuf, ready_file: Option<PathBuf>) -> i32 {
     mailwarden::telemetry::init_logging(&config.log);
     let daemon = match Daemon::start(config, Some(path)).await {
         Ok(d) => d,

@@ -101,6 +101,8 @@ pub struct ServerConfig {
     /// Milter protocol timeout for reads and writes to the MTA.
     #[serde(with = "duration")]
     pub milter_timeout: Duration,
+    /// Threads of the async runtime; 0 means one per CPU. Read at start only.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -114,6 +116,7 @@ impl Default for ServerConfig {
             policy_max_request_bytes: 16 * 1024,
             policy_max_attributes: 64,
             milter_timeout: Duration::from_secs(300),
+            worker_threads: 0,
         }
     }
 }

@@ -61,6 +61,12 @@ impl Mailwarden {
     /// Starts the daemon with `rules` appended to the config (e.g. `[rules.R1]\nmode = "monitor"`)
     /// and waits until it has written its ready file.
     pub fn start(rules: &str) -> Mailwarden {
+        Mailwarden::start_env(rules, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables for the daemon (e.g.
+    /// `TOKIO_WORKER_THREADS`, which sizes the runtime when `server.worker_threads` is 0).
+    pub fn start_env(rules: &str, env: &[(&str, &str)]) -> Mailwarden {
         let dir = TestDir::new("mw-e2e-daemon-");
         let config = dir.join("mailwarden.toml");
         std::fs::write(&config, config_text(dir.path(), rules)).expect("write config");
@@ -73,6 +79,7 @@ impl Mailwarden {
             .arg(&config)
             .arg("--ready-file")
             .arg(&ready)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup log"))
             .stderr(log_file)
