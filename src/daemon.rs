@@ -187,6 +187,8 @@ impl Daemon {
                     ("store.url", &old.config.store.url, &new.store.url),
                 ] {
                     if a != b {
+                        // store.url may carry a Redis password: never log it.
+                        let (a, b) = (store::redact_url(a), store::redact_url(b));
                         tracing::warn!(key, old = %a, new = %b, "changing this key needs a restart; keeping the old value");
                     }
                 }

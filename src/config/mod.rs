@@ -115,7 +115,10 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite:PATH` (embedded, default). `redis://…` and friends come with the Redis store.
+    /// `sqlite:PATH` (embedded, default), or Redis shared by several daemons:
+    /// `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`, `rediss://…` (TLS, `?ca=PATH`),
+    /// `redis+sentinel://HOST[:PORT],…/SERVICE[/DB]`, `redis+cluster://HOST[:PORT],…`;
+    /// options `?prefix=NAME&timeout=2s`. Full syntax: [`crate::store::redis::url`].
     pub url: String,
     /// Upper bound on one store operation on the mail path; past it the rule's
     /// `on_store_error` applies. Keep it well below Postfix's milter/policy timeouts.

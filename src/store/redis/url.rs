@@ -530,6 +530,29 @@ mod tests {
     }
 
     #[test]
+    fn store_url_dispatches_every_redis_scheme() {
+        use crate::store::StoreUrl;
+        for url in [
+            "redis://h",
+            "rediss://h",
+            "redis+sentinel://h/m",
+            "redis+cluster://h",
+        ] {
+            assert!(
+                matches!(StoreUrl::parse(url), Ok(StoreUrl::Redis(_))),
+                "{url}"
+            );
+        }
+        let e = StoreUrl::parse("redis+sentinel://:hunter2@h").unwrap_err();
+        assert!(e.contains("service name") && !e.contains("hunter2"), "{e}");
+        let e = StoreUrl::parse("valkey://:hunter2@h").unwrap_err();
+        assert!(
+            e.contains("not a store URL") && !e.contains("hunter2"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn redact_hides_passwords_in_any_string() {
         assert_eq!(
             redact("redis+sentinel://u:pw@s1,s2/m?sentinel_password=spw&prefix=a"),
