@@ -125,7 +125,8 @@ pub struct StoreConfig {
     #[serde(with = "duration")]
     pub timeout: Duration,
     /// How long a directory lookup (account or organisation status) is cached. Changes made
-    /// through this daemon's admin API invalidate the cache at once.
+    /// through this daemon's admin API invalidate the cache at once; with a Redis store, so do
+    /// changes made through other daemons sharing it (announced over pub/sub).
     #[serde(with = "duration")]
     pub cache_ttl: Duration,
     /// Most cached lookups; the cache is cleared when it grows past this.

@@ -75,6 +75,26 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
     /// A short name for logs and metrics (`sqlite`, `redis`).
     fn kind(&self) -> &'static str;
+
+    /// The feed of changes made through any instance sharing this store (other daemons
+    /// included), so the mail path's cache can drop what they changed. `None` (the default):
+    /// the backend has no feed, and cached entries simply expire after `store.cache_ttl`.
+    /// Call from within the tokio runtime.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<DirectoryChange>> {
+        None
+    }
+}
+
+/// A change announced on a store's [`Store::changes`] feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectoryChange {
+    /// This account was registered or changed.
+    Account(Address),
+    /// This organisation (code) was registered or changed.
+    Org(String),
+    /// Anything may have changed: a large import, or the feed was interrupted and
+    /// announcements may have been missed.
+    All,
 }
 
 /// Opens the store named by a URL from the config. Errors never contain a password.

@@ -61,6 +61,10 @@
 //! - `get_org_by_domain`, `taken_locals`: read-only (`flags=no-writes`) scripts, one round
 //!   trip and one consistent view each.
 //!
+//! Every write script also PUBLISHes what it changed on the channel `P:{dir}:changes`
+//! (`org:<code>`, `acct:<address>`, or `all` for an import of more than 100 accounts), in the
+//! same atomic step as the write.
+//!
 //! Lists read the index (ZRANGE), then the records in pipelined batches of [`LIST_BATCH`].
 //! Records are never deleted, so a list is consistent without a snapshot.
 //!
@@ -82,6 +86,18 @@
 //! `READONLY` (which proves it was not executed): a write whose connection broke may or may
 //! not have been applied, and retrying a registration could turn its own success into a
 //! `Conflict`.
+//!
+//! # Change feed (cache invalidation across daemons)
+//!
+//! The mail path caches lookups; a change made through another daemon's admin API would
+//! otherwise show only after `store.cache_ttl`. [`Store::changes`] starts (once per store) a
+//! task that SUBSCRIBEs to the change channel on its own connection (standalone: the server;
+//! Sentinel: the current primary; Cluster: the first node that answers, as Redis broadcasts
+//! PUBLISH to every node) and forwards each announcement; the daemon drops the affected
+//! cache entries. The subscription is checked with a PING every [`FEED_PING`]; whenever it
+//! breaks, the task subscribes again with backoff and then announces
+//! [`DirectoryChange::All`], because announcements made in between are lost (pub/sub keeps
+//! nothing). The TTL still bounds staleness while the feed is down.
 //!
 //! # Durability
 //!
@@ -107,16 +123,19 @@ use ::redis::{
     cluster_async::ClusterConnection,
     sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType},
 };
+use futures_util::StreamExt;
 use std::{
     collections::HashMap,
     fmt::Display,
     str::FromStr,
     sync::{
-        LazyLock, Mutex,
+        LazyLock, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
+use tokio::sync::broadcast;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Records fetched per pipelined round trip when listing.
 pub const LIST_BATCH: usize = 500;
@@ -128,7 +147,22 @@ pub struct RedisStore {
     backend: Backend,
     keys: Keys,
     timeout: Duration,
+    url: RedisUrl,
+    /// The change feed, started by the first [`Store::changes`] call.
+    feed: OnceLock<Feed>,
 }
+
+/// The subscriber task (stopped when the store drops) and the channel it feeds.
+struct Feed {
+    tx: broadcast::Sender<DirectoryChange>,
+    _task: AbortOnDropHandle<()>,
+}
+
+/// Announcements a feed buffers per receiver before it reports a lag (which makes the
+/// cache forget everything, so nothing is missed).
+const FEED_CAPACITY: usize = 1024;
+/// How often the subscriber checks that its connection is alive.
+const FEED_PING: Duration = Duration::from_secs(10);
 
 impl RedisStore {
     /// Connects to the deployment named by `url` (any of the Redis schemes) and checks that
@@ -161,6 +195,8 @@ impl RedisStore {
             backend,
             keys: Keys::new(&url.prefix),
             timeout,
+            url: url.clone(),
+            feed: OnceLock::new(),
         };
         store
             .ping()
@@ -231,16 +267,20 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Runs the status-change script on `(what, name, key)` with the statuses `known`.
+    /// Runs the status-change script on `(what, name, key)` with the statuses `known`;
+    /// `announce` is the message for the change feed.
     async fn set_status<S: StatusName>(
         &self,
         (what, name, key): (&'static str, String, String),
         change: &StatusChange<S>,
         known: &[&str],
+        announce: String,
     ) -> StoreResult<(Record, Record)> {
         let (status, reason, at) = (change.status.name(), change.reason.as_deref(), change.at);
         let mut inv = SET_STATUS.prepare_invoke();
         inv.key(&key)
+            .arg(self.keys.changes())
+            .arg(announce)
             .arg(VERSION)
             .arg(status)
             .arg(at)
@@ -307,35 +347,42 @@ impl Keys {
     fn org_accounts(&self, code: &str) -> String {
         format!("{}org-accts:{code}", self.base)
     }
+    /// The pub/sub channel of the change feed (a channel, not a key).
+    fn changes(&self) -> String {
+        format!("{}changes", self.base)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // Scripts
 
-/// KEYS: org record, domain pointer, code index. ARGV: code, domain, field/value pairs.
+/// KEYS: org record, domain pointer, code index. ARGV: change channel, code, domain,
+/// field/value pairs.
 static CREATE_ORG: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"#!lua
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'conflict', ARGV[1]} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'conflict', ARGV[2]} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('SET', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], 0, ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'conflict', ARGV[2]} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'conflict', ARGV[3]} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
+redis.call('PUBLISH', ARGV[1], 'org:' .. ARGV[2])
 return {'ok'}
 "#,
     )
 });
 
 /// KEYS: the index of all addresses, then per account: its record, its organisation's
-/// record, its organisation's index. ARGV per account: address, organisation code, the
-/// number F of field/value items, then those F items.
+/// record, its organisation's index. ARGV: the change channel, then per account: address,
+/// organisation code, the number F of field/value items, then those F items.
+/// Announces each new account, or `all` for an import of more than 100.
 static CREATE_ACCOUNTS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"#!lua
 local n = (#KEYS - 1) / 3
 local seen = {}
 local writes = {}
-local p = 1
+local p = 2
 for i = 0, n - 1 do
   local address, org, f = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
   local record, org_record, org_index = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
@@ -350,32 +397,39 @@ for _, w in ipairs(writes) do
   redis.call('ZADD', w[2], 0, w[3])
   redis.call('ZADD', KEYS[1], 0, w[3])
 end
+if n <= 100 then
+  for _, w in ipairs(writes) do redis.call('PUBLISH', ARGV[1], 'acct:' .. w[3]) end
+else
+  redis.call('PUBLISH', ARGV[1], 'all')
+end
 return {'ok'}
 "#,
     )
 });
 
-/// KEYS: the record. ARGV: encoding version, new status, time, '1' if a reason follows
-/// (else '0'), the reason, then every status this version knows.
+/// KEYS: the record. ARGV: change channel, announcement, encoding version, new status,
+/// time, '1' if a reason follows (else '0'), the reason, then every status this version
+/// knows.
 static SET_STATUS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"#!lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'notfound'} end
 local v = redis.call('HGET', KEYS[1], 'v')
-if v ~= ARGV[1] then return {'corrupt', 'record version ' .. tostring(v) .. ' is not ' .. ARGV[1]} end
+if v ~= ARGV[3] then return {'corrupt', 'record version ' .. tostring(v) .. ' is not ' .. ARGV[3]} end
 local status = redis.call('HGET', KEYS[1], 'status')
 local known = false
-for i = 6, #ARGV do
+for i = 8, #ARGV do
   if ARGV[i] == status then known = true end
 end
 if not known then return {'corrupt', 'status ' .. tostring(status) .. ' is not known'} end
 local before = redis.call('HGETALL', KEYS[1])
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'status_changed_at', ARGV[3])
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'status_reason', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'status_changed_at', ARGV[5])
+if ARGV[6] == '1' then
+  redis.call('HSET', KEYS[1], 'status_reason', ARGV[7])
 else
   redis.call('HDEL', KEYS[1], 'status_reason')
 end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 return {'ok', before, redis.call('HGETALL', KEYS[1])}
 "#,
     )
@@ -592,6 +646,7 @@ impl Store for RedisStore {
         inv.key(&key)
             .key(self.keys.domain(&org.domain))
             .key(self.keys.orgs())
+            .arg(self.keys.changes())
             .arg(&org.code)
             .arg(&org.domain);
         for (f, v) in org_fields(&org) {
@@ -659,7 +714,12 @@ impl Store for RedisStore {
         let code = norm(code);
         let key = self.keys.org(&code);
         let (before, after) = self
-            .set_status(("organisation", code, key), change, ORG_STATUSES)
+            .set_status(
+                ("organisation", code.clone(), key),
+                change,
+                ORG_STATUSES,
+                format!("org:{code}"),
+            )
             .await?;
         Ok((before.org()?, after.org()?))
     }
@@ -674,7 +734,7 @@ impl Store for RedisStore {
         }
         let index = self.keys.accounts();
         let mut inv = CREATE_ACCOUNTS.prepare_invoke();
-        inv.key(&index);
+        inv.key(&index).arg(self.keys.changes());
         for a in accounts {
             let a = Account {
                 org: norm(&a.org),
@@ -731,7 +791,12 @@ impl Store for RedisStore {
         let address = address.to_string();
         let key = self.keys.account(&address);
         let (before, after) = self
-            .set_status(("account", address, key), change, ACCOUNT_STATUSES)
+            .set_status(
+                ("account", address.clone(), key),
+                change,
+                ACCOUNT_STATUSES,
+                format!("acct:{address}"),
+            )
             .await?;
         Ok((before.account()?, after.account()?))
     }
@@ -784,6 +849,118 @@ impl Store for RedisStore {
     fn kind(&self) -> &'static str {
         "redis"
     }
+
+    fn changes(&self) -> Option<broadcast::Receiver<DirectoryChange>> {
+        let feed = self.feed.get_or_init(|| {
+            let (tx, _) = broadcast::channel(FEED_CAPACITY);
+            let task = tokio::spawn(follow_feed(
+                self.url.clone(),
+                self.keys.changes(),
+                tx.clone(),
+            ));
+            Feed {
+                tx,
+                _task: AbortOnDropHandle::new(task),
+            }
+        });
+        Some(feed.tx.subscribe())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Change feed
+
+/// Subscribes to the change channel and forwards what arrives, reconnecting (with backoff)
+/// whenever the subscription breaks. Each (re)subscription first sends
+/// [`DirectoryChange::All`]: announcements made while it was not subscribed are lost.
+async fn follow_feed(url: RedisUrl, channel: String, tx: broadcast::Sender<DirectoryChange>) {
+    const MIN_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let subscribed = tokio::time::timeout(url.timeout, async {
+            let mut pubsub = subscriber(&url).await?.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        })
+        .await;
+        match subscribed {
+            Ok(Ok(pubsub)) => {
+                backoff = MIN_BACKOFF;
+                tracing::debug!("subscribed to the directory change feed");
+                let _ = tx.send(DirectoryChange::All);
+                let (mut sink, mut messages) = pubsub.split();
+                let mut ping = tokio::time::interval(FEED_PING);
+                ping.tick().await;
+                loop {
+                    tokio::select! {
+                        msg = messages.next() => match msg {
+                            Some(msg) => match parse_change(msg.get_payload_bytes()) {
+                                Some(change) => { let _ = tx.send(change); }
+                                None => tracing::warn!("ignoring an unknown directory change announcement"),
+                            },
+                            None => break,
+                        },
+                        _ = ping.tick() => {
+                            let alive = tokio::time::timeout(url.timeout, sink.ping::<Value>()).await;
+                            if !matches!(alive, Ok(Ok(_))) {
+                                break;
+                            }
+                        }
+                    }
+                }
+                tracing::warn!("directory change feed interrupted; subscribing again");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot subscribe to the directory change feed")
+            }
+            Err(_) => tracing::warn!("subscribing to the directory change feed timed out"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A client for the node to subscribe on. Announcements reach every node: Redis replicates
+/// PUBLISH to replicas and broadcasts it across a cluster.
+async fn subscriber(url: &RedisUrl) -> RedisResult<Client> {
+    match &url.topology {
+        Topology::Standalone { node, tls } => standalone_client(url, node, *tls),
+        Topology::Sentinel { sentinels, service } => {
+            let mut resolver = sentinel_client(url, sentinels, service)?;
+            resolver.async_get_client().await
+        }
+        Topology::Cluster { nodes } => {
+            // The first node that answers.
+            let mut last = None;
+            for n in nodes {
+                let info = ConnectionAddr::Tcp(n.host.clone(), n.port)
+                    .into_connection_info()?
+                    .set_redis_settings(redis_settings(url).set_db(0));
+                let client = Client::open(info)?;
+                match client.get_multiplexed_async_connection().await {
+                    Ok(_) => return Ok(client),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                RedisError::from((ErrorKind::InvalidClientConfig, "no cluster node"))
+            }))
+        }
+    }
+}
+
+/// `acct:<address>`, `org:<code>` or `all`.
+fn parse_change(payload: &[u8]) -> Option<DirectoryChange> {
+    let s = std::str::from_utf8(payload).ok()?;
+    if s == "all" {
+        return Some(DirectoryChange::All);
+    }
+    if let Some(a) = s.strip_prefix("acct:") {
+        return Address::parse(a).ok().map(DirectoryChange::Account);
+    }
+    s.strip_prefix("org:")
+        .map(|c| DirectoryChange::Org(c.to_owned()))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -859,6 +1036,17 @@ fn redis_settings(url: &RedisUrl) -> RedisConnectionInfo {
 }
 
 async fn standalone(url: &RedisUrl, node: &Node, tls: bool) -> RedisResult<Backend> {
+    let client = standalone_client(url, node, tls)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(url.timeout))
+        .set_response_timeout(Some(url.timeout))
+        .set_number_of_retries(2);
+    Ok(Backend::Standalone(
+        ConnectionManager::new_with_config(client, config).await?,
+    ))
+}
+
+fn standalone_client(url: &RedisUrl, node: &Node, tls: bool) -> RedisResult<Client> {
     let addr = if tls {
         ConnectionAddr::TcpTls {
             host: node.host.clone(),
@@ -891,13 +1079,7 @@ async fn standalone(url: &RedisUrl, node: &Node, tls: bool) -> RedisResult<Backe
         }
         None => Client::open(info)?,
     };
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(url.timeout))
-        .set_response_timeout(Some(url.timeout))
-        .set_number_of_retries(2);
-    Ok(Backend::Standalone(
-        ConnectionManager::new_with_config(client, config).await?,
-    ))
+    Ok(client)
 }
 
 async fn cluster(url: &RedisUrl, nodes: &[Node]) -> RedisResult<Backend> {
@@ -919,6 +1101,21 @@ async fn cluster(url: &RedisUrl, nodes: &[Node]) -> RedisResult<Backend> {
 }
 
 fn sentinel(url: &RedisUrl, sentinels: &[Node], service: &str) -> RedisResult<Backend> {
+    Ok(Backend::Sentinel(Box::new(SentinelPrimary {
+        resolver: tokio::sync::Mutex::new(sentinel_client(url, sentinels, service)?),
+        current: Mutex::new(None),
+        generation: AtomicU64::new(0),
+        config: AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(url.timeout))
+            .set_response_timeout(Some(url.timeout)),
+    })))
+}
+
+fn sentinel_client(
+    url: &RedisUrl,
+    sentinels: &[Node],
+    service: &str,
+) -> RedisResult<SentinelClient> {
     let addrs = sentinels
         .iter()
         .map(|n| ConnectionAddr::Tcp(n.host.clone(), n.port));
@@ -936,14 +1133,7 @@ fn sentinel(url: &RedisUrl, sentinels: &[Node], service: &str) -> RedisResult<Ba
     if let Some(p) = &url.sentinel_password {
         b = b.set_client_to_sentinel_password(p.expose());
     }
-    Ok(Backend::Sentinel(Box::new(SentinelPrimary {
-        resolver: tokio::sync::Mutex::new(b.build()?),
-        current: Mutex::new(None),
-        generation: AtomicU64::new(0),
-        config: AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(url.timeout))
-            .set_response_timeout(Some(url.timeout)),
-    })))
+    b.build()
 }
 
 /// The primary of a Sentinel-monitored deployment, re-resolved after connection errors and

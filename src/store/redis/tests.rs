@@ -3,10 +3,11 @@
 
 use super::servers::{self, Cluster, Sentinel, Standalone, Tls, query, shared};
 use super::*;
+use crate::store::cache::CachedDirectory;
 use crate::store::contract::{Harness, account, addr, org, store_contract_tests};
 use ::redis::cmd;
 use std::sync::{Weak, atomic::AtomicUsize};
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{Mutex as AsyncMutex, broadcast};
 use tokio::time::Instant;
 
 /// A key prefix no other test uses, so tests can share a deployment.
@@ -41,6 +42,13 @@ mod standalone {
     }
 
     store_contract_tests!(harness);
+
+    #[tokio::test]
+    async fn changes_reach_other_instances() {
+        let s = standalone().await;
+        let url = format!("redis://127.0.0.1:{}/0?prefix={}", s.port(), fresh_prefix());
+        super::changes_reach_other_instances(&url).await;
+    }
 }
 
 mod tls {
@@ -63,12 +71,16 @@ mod tls {
 mod sentinel {
     use super::*;
 
-    async fn harness() -> Harness {
+    async fn deployment() -> Arc<Sentinel> {
         // A generous down-after: no failover while the contract runs on a busy machine.
-        let s = shared(&SENTINEL, || {
+        shared(&SENTINEL, || {
             Sentinel::start(Duration::from_secs(30), false)
         })
-        .await;
+        .await
+    }
+
+    async fn harness() -> Harness {
+        let s = deployment().await;
         let url = format!(
             "redis+sentinel://{}/{}/0?prefix={}",
             s.hosts(),
@@ -79,6 +91,18 @@ mod sentinel {
     }
 
     store_contract_tests!(harness);
+
+    #[tokio::test]
+    async fn changes_reach_other_instances() {
+        let s = deployment().await;
+        let url = format!(
+            "redis+sentinel://{}/{}/0?prefix={}",
+            s.hosts(),
+            servers::SERVICE,
+            fresh_prefix()
+        );
+        super::changes_reach_other_instances(&url).await;
+    }
 }
 
 mod cluster {
@@ -91,6 +115,13 @@ mod cluster {
     }
 
     store_contract_tests!(harness);
+
+    #[tokio::test]
+    async fn changes_reach_other_instances() {
+        let s = shared(&CLUSTER, Cluster::start).await;
+        let url = format!("redis+cluster://{}?prefix={}", s.hosts(), fresh_prefix());
+        super::changes_reach_other_instances(&url).await;
+    }
 
     /// The directory's keys all hash to one slot (else the scripts would fail with CROSSSLOT
     /// on a cluster): a multi-key script over every key the store wrote succeeds.
@@ -127,6 +158,200 @@ mod cluster {
         };
         assert!(slots.iter().all(|s| *s == slots[0]), "{slots:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Change feed
+
+/// The next announcement on a feed, within a bound.
+async fn next_change(rx: &mut broadcast::Receiver<DirectoryChange>) -> DirectoryChange {
+    tokio::time::timeout(Duration::from_secs(15), rx.recv())
+        .await
+        .expect("an announcement within 15 s")
+        .expect("feed open")
+}
+
+/// Every successful write through one instance is announced to another, in order; refused
+/// writes announce nothing.
+async fn changes_reach_other_instances(url: &str) {
+    let a = RedisStore::open(url).await.unwrap();
+    let b = RedisStore::open(url).await.unwrap();
+    let mut rx = b.changes().unwrap();
+    // Subscribed: everything from here on is announced.
+    assert_eq!(next_change(&mut rx).await, DirectoryChange::All);
+
+    a.create_org(&org("mpt")).await.unwrap();
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Org("mpt".into())
+    );
+    a.create_accounts(&[
+        account("champa@mpt.gov.la", "mpt"),
+        account("dara@mpt.gov.la", "mpt"),
+    ])
+    .await
+    .unwrap();
+    for a in ["champa@mpt.gov.la", "dara@mpt.gov.la"] {
+        assert_eq!(
+            next_change(&mut rx).await,
+            DirectoryChange::Account(addr(a))
+        );
+    }
+    let suspend = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: None,
+        at: 2,
+    };
+    a.set_account_status(&addr("Champa@mpt.gov.la"), &suspend)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Account(addr("champa@mpt.gov.la"))
+    );
+    let cease = StatusChange {
+        status: OrgStatus::Ceased,
+        reason: None,
+        at: 3,
+    };
+    a.set_org_status("MPT", &cease).await.unwrap();
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Org("mpt".into())
+    );
+
+    // Refused: nothing announced, so the next announcement is the one after.
+    assert!(a.create_org(&org("mpt")).await.is_err());
+    assert!(
+        a.create_account(&account("champa@mpt.gov.la", "mpt"))
+            .await
+            .is_err()
+    );
+    a.create_org(&org("mof")).await.unwrap();
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Org("mof".into())
+    );
+
+    // A large import is one announcement for everything.
+    let many: Vec<Account> = (0..101)
+        .map(|i| account(&format!("u{i:03}@mof.gov.la"), "mof"))
+        .collect();
+    a.create_accounts(&many).await.unwrap();
+    assert_eq!(next_change(&mut rx).await, DirectoryChange::All);
+    assert!(rx.try_recv().is_err(), "nothing else was announced");
+}
+
+/// A suspension made through another daemon reaches this daemon's cache at once, not after
+/// the (here: one hour) TTL.
+#[tokio::test]
+async fn cache_follows_changes_made_through_another_daemon() {
+    let s = standalone().await;
+    let url = format!("redis://127.0.0.1:{}/0?prefix={}", s.port(), fresh_prefix());
+    let other = RedisStore::open(&url).await.unwrap();
+    let mine: Arc<dyn Store> = Arc::new(RedisStore::open(&url).await.unwrap());
+    other.create_org(&org("mpt")).await.unwrap();
+    other
+        .create_account(&account("champa@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+    let directory = Arc::new(CachedDirectory::new(
+        mine.clone(),
+        Duration::from_secs(3600),
+        1000,
+        Duration::from_secs(2),
+    ));
+    let mut probe = mine.changes().unwrap();
+    let follower = tokio::spawn({
+        let (directory, changes) = (directory.clone(), mine.changes().unwrap());
+        async move { directory.follow_changes(changes).await }
+    });
+    assert_eq!(next_change(&mut probe).await, DirectoryChange::All);
+
+    let champa = addr("champa@mpt.gov.la");
+    let status = |facts: crate::engine::AddressFacts| facts.account.map(|a| a.status);
+    assert_eq!(
+        status(directory.lookup(&champa).await.unwrap()),
+        Some(AccountStatus::Active)
+    );
+    let suspend = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: None,
+        at: 2,
+    };
+    other.set_account_status(&champa, &suspend).await.unwrap();
+    assert_eq!(
+        next_change(&mut probe).await,
+        DirectoryChange::Account(champa.clone())
+    );
+    // The follower got the same announcement; give it until a deadline to apply it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = status(directory.lookup(&champa).await.unwrap());
+        if now == Some(AccountStatus::Suspended) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cache still says {now:?}");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    follower.abort();
+}
+
+/// Two daemons on one Redis: a suspension made by another daemon's admin reaches this
+/// daemon's mail path through the feed (the cache TTL is an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_sharing_redis_see_each_others_changes() {
+    use crate::daemon::{Control, Daemon};
+    use crate::model::{Action, Protocol, Transaction};
+    let s = standalone().await;
+    let url = format!("redis://127.0.0.1:{}/0?prefix={}", s.port(), fresh_prefix());
+    let admin = RedisStore::open(&url).await.unwrap();
+    admin.create_org(&org("mpt")).await.unwrap();
+    admin
+        .create_account(&account("champa@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+
+    let mut config = crate::config::Config::default();
+    config.store.url = url.clone();
+    config.store.cache_ttl = Duration::from_secs(3600);
+    config.server.milter_listen = String::new();
+    config.server.policy_listen = String::new();
+    config.admin.listen = String::new();
+    let daemon = Daemon::start(config, None).await.unwrap();
+    assert_eq!(daemon.checker.directory.store().kind(), "redis");
+    let checker = daemon.checker.clone();
+    let (control, rx) = tokio::sync::mpsc::channel(1);
+    let serving = tokio::spawn(daemon.serve(rx));
+
+    let champa = addr("champa@mpt.gov.la");
+    let verdict = || async {
+        checker
+            .check_rcpt(&Transaction::new(Protocol::Policy), &champa)
+            .await
+            .action
+    };
+    assert!(
+        matches!(verdict().await, Action::Continue),
+        "active: let through"
+    );
+    let suspend = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: None,
+        at: 2,
+    };
+    admin.set_account_status(&champa, &suspend).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match verdict().await {
+            Action::Reject(_) => break,
+            other => assert!(Instant::now() < deadline, "still {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    control.send(Control::Shutdown).await.unwrap();
+    serving.await.unwrap().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -399,7 +624,13 @@ async fn server_restart_is_survived() {
     let mut s = Standalone::start(&[]).await;
     let url = format!("redis://127.0.0.1:{}/0?timeout=1s", s.port());
     let store = RedisStore::open(&url).await.unwrap();
+    let mut feed = store.changes().unwrap();
+    assert_eq!(next_change(&mut feed).await, DirectoryChange::All);
     store.create_org(&org("mpt")).await.unwrap();
+    assert_eq!(
+        next_change(&mut feed).await,
+        DirectoryChange::Org("mpt".into())
+    );
     s.server.kill();
     let started = Instant::now();
     assert!(matches!(
@@ -425,6 +656,16 @@ async fn server_restart_is_survived() {
         }
     }
     assert_eq!(store.get_org("mof").await.unwrap(), Some(org("mof")));
+    // The feed subscribed again, said that anything may have changed meanwhile, and
+    // announces again.
+    assert_eq!(next_change(&mut feed).await, DirectoryChange::All);
+    store.create_org(&org("pmo")).await.unwrap();
+    let mut next = next_change(&mut feed).await;
+    if next == DirectoryChange::Org("mof".into()) {
+        // The resubscription beat the write of "mof".
+        next = next_change(&mut feed).await;
+    }
+    assert_eq!(next, DirectoryChange::Org("pmo".into()));
 }
 
 #[tokio::test]
