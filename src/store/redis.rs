@@ -209,6 +209,10 @@ impl RedisStore {
     async fn call(&self, call: Call<'_>, idempotent: bool) -> StoreResult<Value> {
         match tokio::time::timeout(self.timeout, self.backend.run(&call, idempotent)).await {
             Ok(Ok(v)) => Ok(v),
+            // A key holding another type than this version writes there.
+            Ok(Err(e)) if e.code() == Some("WRONGTYPE") => {
+                Err(StoreError::Corrupt(format!("Redis: {e}")))
+            }
             Ok(Err(e)) => Err(StoreError::Unavailable(format!("Redis: {e}"))),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "Redis did not answer within {:?}",

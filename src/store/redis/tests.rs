@@ -550,6 +550,11 @@ async fn unknown_stored_values_are_corrupt_and_left_alone() {
     .await
     .unwrap();
     assert_eq!(status, "active");
+    // A key of another type.
+    let _: () = query(s.port(), cmd("SET").arg(k.org("pmo")).arg("x"))
+        .await
+        .unwrap();
+    corrupt(store.get_org("pmo").await.map(drop), "WRONGTYPE");
     // Healthy records still read.
     assert!(store.get_org("mpt").await.unwrap().is_some());
 }
