@@ -134,6 +134,16 @@ impl Daemon {
         );
 
         let health = tokio::spawn(health_loop(checker.clone(), shutdown.clone()));
+        // Changes made through other daemons sharing the store (Redis) reach this cache too.
+        if let Some(changes) = checker.directory.store().changes() {
+            let (checker, shutdown) = (checker.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = checker.directory.follow_changes(changes) => {}
+                }
+            });
+        }
 
         loop {
             tokio::select! {
@@ -192,6 +202,8 @@ impl Daemon {
                     ),
                 ] {
                     if a != b {
+                        // store.url may carry a Redis password: never log it.
+                        let (a, b) = (store::redact_url(a), store::redact_url(b));
                         tracing::warn!(key, old = %a, new = %b, "changing this key needs a restart; keeping the old value");
                     }
                 }

@@ -124,14 +124,18 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite:PATH` (embedded, default). `redis://…` and friends come with the Redis store.
+    /// `sqlite:PATH` (embedded, default), or Redis shared by several daemons:
+    /// `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`, `rediss://…` (TLS, `?ca=PATH`),
+    /// `redis+sentinel://HOST[:PORT],…/SERVICE[/DB]`, `redis+cluster://HOST[:PORT],…`;
+    /// options `?prefix=NAME&timeout=2s`. Full syntax: [`crate::store::redis::url`].
     pub url: String,
     /// Upper bound on one store operation on the mail path; past it the rule's
     /// `on_store_error` applies. Keep it well below Postfix's milter/policy timeouts.
     #[serde(with = "duration")]
     pub timeout: Duration,
     /// How long a directory lookup (account or organisation status) is cached. Changes made
-    /// through this daemon's admin API invalidate the cache at once.
+    /// through this daemon's admin API invalidate the cache at once; with a Redis store, so do
+    /// changes made through other daemons sharing it (announced over pub/sub).
     #[serde(with = "duration")]
     pub cache_ttl: Duration,
     /// Most cached lookups; the cache is cleared when it grows past this.

@@ -12,7 +12,7 @@
 //!
 //! Times come from `tokio::time`, so tests drive expiry with a paused clock.
 
-use super::{Account, Org, Store, StoreError};
+use super::{Account, DirectoryChange, Org, Store, StoreError};
 use crate::engine::{AddressFacts, Lookup, StoreFailure};
 use crate::model::Address;
 use std::{
@@ -21,7 +21,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use tokio::time::Instant;
+use tokio::{sync::broadcast, time::Instant};
 
 pub struct CachedDirectory {
     store: Arc<dyn Store>,
@@ -124,6 +124,21 @@ impl CachedDirectory {
                 "store did not answer within {:?}",
                 self.timeout
             ))),
+        }
+    }
+
+    /// Applies the changes announced on a store's feed (changes made through other daemons
+    /// sharing the store) until the feed closes.
+    pub async fn follow_changes(&self, mut changes: broadcast::Receiver<DirectoryChange>) {
+        loop {
+            match changes.recv().await {
+                Ok(DirectoryChange::Account(a)) => self.invalidate_account(&a),
+                // Organisation records are cached by domain; an organisation change can
+                // affect every account lookup: forget everything, as the admin API does.
+                Ok(DirectoryChange::Org(_) | DirectoryChange::All)
+                | Err(broadcast::error::RecvError::Lagged(_)) => self.invalidate_all(),
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
         }
     }
 

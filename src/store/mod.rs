@@ -1,12 +1,14 @@
 //! Persistent state behind one trait: the directory of organisations and accounts.
 //!
-//! `sqlite.rs` is the embedded default (`sqlite:PATH`); a Redis backend implements the same
-//! trait. `contract.rs` is the one test suite every backend must pass. `cache.rs` wraps any
+//! `sqlite.rs` is the embedded default (`sqlite:PATH`); `redis.rs` implements the same trait
+//! on Redis (standalone, TLS, Sentinel, Cluster) for several daemons sharing one directory.
+//! `contract.rs` is the one test suite every backend must pass. `cache.rs` wraps any
 //! store with the read-through cache the mail path uses.
 
 pub mod cache;
 #[cfg(test)]
 pub mod contract;
+pub mod redis;
 pub mod sqlite;
 #[cfg(test)]
 pub mod testing;
@@ -75,16 +77,45 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
     /// A short name for logs and metrics (`sqlite`, `redis`).
     fn kind(&self) -> &'static str;
+
+    /// The feed of changes made through any instance sharing this store (other daemons
+    /// included), so the mail path's cache can drop what they changed. `None` (the default):
+    /// the backend has no feed, and cached entries simply expire after `store.cache_ttl`.
+    /// Call from within the tokio runtime.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<DirectoryChange>> {
+        None
+    }
 }
 
-/// Opens the store named by a URL from the config.
+/// A change announced on a store's [`Store::changes`] feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectoryChange {
+    /// This account was registered or changed.
+    Account(Address),
+    /// This organisation (code) was registered or changed.
+    Org(String),
+    /// Anything may have changed: a large import, or the feed was interrupted and
+    /// announcements may have been missed.
+    All,
+}
+
+/// Opens the store named by a URL from the config. Errors never contain a password.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, String> {
     match StoreUrl::parse(url)? {
         StoreUrl::Sqlite(path) => sqlite::SqliteStore::open(&path)
             .await
             .map(|s| Arc::new(s) as Arc<dyn Store>)
             .map_err(|e| format!("{url}: {e}")),
+        StoreUrl::Redis(parsed) => redis::RedisStore::open_parsed(&parsed)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
+            .map_err(|e| e.to_string()),
     }
+}
+
+/// `url` with any password replaced by `***`: what logs may show of a `store.url`.
+pub fn redact_url(url: &str) -> String {
+    redis::redact(url)
 }
 
 /// A parsed `store.url`.
@@ -92,6 +123,21 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, String> {
 pub enum StoreUrl {
     /// `sqlite:PATH` (relative paths are relative to the working directory), or `sqlite::memory:`.
     Sqlite(String),
+    /// `redis://`, `rediss://`, `redis+sentinel://`, `redis+cluster://`; the syntax is
+    /// documented in [`redis::RedisUrl`]'s module:
+    ///
+    /// ```text
+    /// redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?OPTIONS]
+    /// rediss://[[USER]:PASSWORD@]HOST[:PORT][/DB][?OPTIONS]        (OPTIONS may add ca=PATH)
+    /// redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB][?OPTIONS]
+    /// redis+cluster://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...][?OPTIONS]
+    /// OPTIONS: prefix=NAME (default mw), timeout=DURATION (default 2s),
+    ///          sentinel_user=, sentinel_password= (Sentinel only)
+    /// ```
+    ///
+    /// Default ports: 6379, and 26379 for sentinels. User and password are percent-encoded
+    /// and authenticate to the data nodes.
+    Redis(redis::RedisUrl),
 }
 
 impl StoreUrl {
@@ -105,20 +151,12 @@ impl StoreUrl {
             }
             return Ok(StoreUrl::Sqlite(path.to_owned()));
         }
-        for scheme in [
-            "redis://",
-            "rediss://",
-            "redis+sentinel://",
-            "redis+cluster://",
-        ] {
-            if url.starts_with(scheme) {
-                return Err(format!(
-                    "{url:?}: the Redis store is not available in this version; use sqlite:PATH"
-                ));
-            }
+        if redis::url::SCHEMES.iter().any(|s| url.starts_with(s)) {
+            return redis::RedisUrl::parse(url).map(StoreUrl::Redis);
         }
         Err(format!(
-            "{url:?} is not a store URL (sqlite:PATH, redis://, rediss://, redis+sentinel://, redis+cluster://)"
+            "{:?} is not a store URL (sqlite:PATH, redis://, rediss://, redis+sentinel://, redis+cluster://)",
+            redact_url(url)
         ))
     }
 }

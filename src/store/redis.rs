@@ -1,0 +1,1209 @@
+//! The Redis store: `redis://`, `rediss://`, `redis+sentinel://`, `redis+cluster://`.
+//!
+//! Several mailwarden instances (one per MTA) share one Redis deployment and see the same
+//! directory. The URL syntax (hosts, database, passwords, options) is documented in
+//! [`url`]; in short:
+//!
+//! ```text
+//! redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?prefix=mw&timeout=2s]
+//! rediss://[[USER]:PASSWORD@]HOST[:PORT][/DB][?ca=/etc/mailwarden/redis-ca.pem]
+//! redis+sentinel://[[USER]:PASSWORD@]S1[:26379],S2[:26379],.../SERVICE[/DB][?sentinel_password=..]
+//! redis+cluster://[[USER]:PASSWORD@]N1[:6379],N2[:6379],...
+//! ```
+//!
+//! # Key layout
+//!
+//! Every directory key carries the one hash tag `{dir}`, so on Cluster the whole directory
+//! lives in one slot and every multi-key script runs on one node, atomically. The directory
+//! is small (organisations and accounts, not traffic); per-account counters of later
+//! versions use their own per-account tags and spread over the cluster. `P` is the URL's
+//! `prefix` (default `mw`):
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `P:{dir}:org:<code>` | hash | one organisation |
+//! | `P:{dir}:dom:<domain>` | string | the code of the organisation owning `<domain>` |
+//! | `P:{dir}:orgs` | sorted set | every code, score 0 (so ordered by code, bytewise) |
+//! | `P:{dir}:acct:<address>` | hash | one account |
+//! | `P:{dir}:accts` | sorted set | every address, score 0 |
+//! | `P:{dir}:org-accts:<code>` | sorted set | the addresses of one organisation, score 0 |
+//!
+//! Names in keys are the normalised (lower-case) forms, which gives case-insensitive
+//! uniqueness (R4). Sorted sets with equal scores are ordered bytewise, which is the order
+//! the contract pins for lists (`code`; `local@domain`).
+//!
+//! # Record encoding
+//!
+//! Records are hashes with one field per attribute, values as text: enums by their names
+//! (`active`, `person`, ...), times as decimal Unix seconds, `quota_bytes` as a decimal.
+//! An absent optional attribute is an absent field. Field `v` is the encoding version
+//! (`1`). A record with another version, a missing required field, or an unknown enum value
+//! reads as [`StoreError::Corrupt`] and is never overwritten: the status-change script checks
+//! the version and the current status before writing. Hash fields (rather than a JSON blob)
+//! let a script change a status without decoding or re-encoding anything, so no number is
+//! ever rounded by Lua.
+//!
+//! # Scripts
+//!
+//! Every read-modify-write is one Lua script ([`::redis::Script`]: EVALSHA, with SCRIPT LOAD
+//! and a retry on NOSCRIPT, also after a failover to a node that never saw the script). The
+//! scripts declare every key they touch; all are in the `{dir}` slot:
+//!
+//! - `create_org`: refuses when the code or the domain is taken, else writes the record, the
+//!   domain pointer and the index entry.
+//! - `create_accounts` (also used for one account): first validates every account (its
+//!   organisation exists, else `NotFound`; its address is neither registered nor repeated in
+//!   the batch, else `Conflict`), then writes them all. Redis runs a script to completion
+//!   without interleaving other commands, so this is all-or-nothing, also against a racing
+//!   registrar on another daemon.
+//! - `set_status`: checks the record exists, has this version and a known status, returns
+//!   the record before and after changing status, reason and time.
+//! - `get_org_by_domain`, `taken_locals`: read-only (`flags=no-writes`) scripts, one round
+//!   trip and one consistent view each.
+//!
+//! Every write script also PUBLISHes what it changed on the channel `P:{dir}:changes`
+//! (`org:<code>`, `acct:<address>`, or `all` for an import of more than 100 accounts), in the
+//! same atomic step as the write.
+//!
+//! Lists read the index (ZRANGE), then the records in pipelined batches of [`LIST_BATCH`].
+//! Records are never deleted, so a list is consistent without a snapshot.
+//!
+//! # Connections, timeouts, failover
+//!
+//! - Standalone (`redis://`, `rediss://`): one [`ConnectionManager`], a multiplexed connection
+//!   shared by all tasks that reconnects by itself after a failure.
+//! - Cluster: the cluster client's multiplexed connections; it follows MOVED/ASK and refreshes
+//!   the slot map.
+//! - Sentinel: the primary is resolved through the sentinels and verified (it must report
+//!   the master role), then used over one multiplexed connection. A connection error, a
+//!   timeout or a `READONLY` reply (the node was demoted) drops that connection; the next
+//!   call asks the sentinels again. So the store follows a failover without a restart, and
+//!   it only ever writes to the node the sentinels name as primary.
+//!
+//! Every round trip (including connecting and the sentinel lookup) is bounded by the URL's
+//! `timeout` (default 2 s); any failure is [`StoreError::Unavailable`], which the mail path
+//! turns into a tempfail. A read is retried once after a connection error; a write only after
+//! `READONLY` (which proves it was not executed): a write whose connection broke may or may
+//! not have been applied, and retrying a registration could turn its own success into a
+//! `Conflict`.
+//!
+//! # Change feed (cache invalidation across daemons)
+//!
+//! The mail path caches lookups; a change made through another daemon's admin API would
+//! otherwise show only after `store.cache_ttl`. [`Store::changes`] starts (once per store) a
+//! task that SUBSCRIBEs to the change channel on its own connection (standalone: the server;
+//! Sentinel: the current primary; Cluster: the first node that answers, as Redis broadcasts
+//! PUBLISH to every node) and forwards each announcement; the daemon drops the affected
+//! cache entries. The subscription is checked with a PING every [`FEED_PING`]; whenever it
+//! breaks, the task subscribes again with backoff and then announces
+//! [`DirectoryChange::All`], because announcements made in between are lost (pub/sub keeps
+//! nothing). The TTL still bounds staleness while the feed is down.
+//!
+//! # Durability
+//!
+//! What survives a Redis crash is the server's persistence setting (use `appendonly yes`,
+//! `appendfsync everysec`: at most about a second of writes lost). Replication is
+//! asynchronous: when the primary dies, a write it acknowledged in its last moments may not
+//! have reached the replica that gets promoted, and is lost (Sentinel and Cluster alike).
+//! Directory writes are audited admin actions and can be redone; `min-replicas-to-write 1`
+//! on the servers narrows the window further.
+
+pub mod url;
+
+pub use url::{Node, RedisUrl, Secret, Topology, redact};
+
+use super::*;
+use crate::model::Address;
+use ::redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ErrorKind, IntoConnectionInfo, Pipeline,
+    RedisConnectionInfo, RedisError, RedisResult, Script, ScriptInvocation, ServerErrorKind,
+    TlsCertificates, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    cluster::ClusterClientBuilder,
+    cluster_async::ClusterConnection,
+    sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType},
+};
+use futures_util::StreamExt;
+use std::{
+    collections::HashMap,
+    fmt::Display,
+    str::FromStr,
+    sync::{
+        LazyLock, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+use tokio::sync::broadcast;
+use tokio_util::task::AbortOnDropHandle;
+
+/// Records fetched per pipelined round trip when listing.
+pub const LIST_BATCH: usize = 500;
+
+/// The record encoding version written in field `v`.
+const VERSION: &str = "1";
+
+pub struct RedisStore {
+    backend: Backend,
+    keys: Keys,
+    timeout: Duration,
+    url: RedisUrl,
+    /// The change feed, started by the first [`Store::changes`] call.
+    feed: OnceLock<Feed>,
+}
+
+/// The subscriber task (stopped when the store drops) and the channel it feeds.
+struct Feed {
+    tx: broadcast::Sender<DirectoryChange>,
+    _task: AbortOnDropHandle<()>,
+}
+
+/// Announcements a feed buffers per receiver before it reports a lag (which makes the
+/// cache forget everything, so nothing is missed).
+const FEED_CAPACITY: usize = 1024;
+/// How often the subscriber checks that its connection is alive.
+const FEED_PING: Duration = Duration::from_secs(10);
+
+impl RedisStore {
+    /// Connects to the deployment named by `url` (any of the Redis schemes) and checks that
+    /// it answers. Errors never contain a password.
+    pub async fn open(url: &str) -> StoreResult<RedisStore> {
+        let parsed = RedisUrl::parse(url).map_err(StoreError::Unavailable)?;
+        Self::open_parsed(&parsed).await
+    }
+
+    pub async fn open_parsed(url: &RedisUrl) -> StoreResult<RedisStore> {
+        let shown = url.redacted();
+        let fail = |e: RedisError| StoreError::Unavailable(format!("{shown}: {e}"));
+        let timeout = url.timeout;
+        let connect = async {
+            let backend = match &url.topology {
+                Topology::Standalone { node, tls } => {
+                    standalone(url, node, *tls).await.map_err(fail)?
+                }
+                Topology::Cluster { nodes } => cluster(url, nodes).await.map_err(fail)?,
+                Topology::Sentinel { sentinels, service } => {
+                    sentinel(url, sentinels, service).map_err(fail)?
+                }
+            };
+            Ok::<_, StoreError>(backend)
+        };
+        let backend = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+            StoreError::Unavailable(format!("{shown}: no connection within {timeout:?}"))
+        })??;
+        let store = RedisStore {
+            backend,
+            keys: Keys::new(&url.prefix),
+            timeout,
+            url: url.clone(),
+            feed: OnceLock::new(),
+        };
+        store
+            .ping()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("{shown}: {e}")))?;
+        Ok(store)
+    }
+
+    /// One round trip (plus at most one retry, see the module docs), bounded by the timeout.
+    async fn call(&self, call: Call<'_>, idempotent: bool) -> StoreResult<Value> {
+        match tokio::time::timeout(self.timeout, self.backend.run(&call, idempotent)).await {
+            Ok(Ok(v)) => Ok(v),
+            // A key holding another type than this version writes there.
+            Ok(Err(e)) if e.code() == Some("WRONGTYPE") => {
+                Err(StoreError::Corrupt(format!("Redis: {e}")))
+            }
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("Redis: {e}"))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "Redis did not answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    async fn read_hash(&self, key: &str) -> StoreResult<Option<Fields>> {
+        let v = self
+            .call(Call::Cmd(::redis::cmd("HGETALL").arg(key)), true)
+            .await?;
+        let fields: Fields = decode(v, key)?;
+        Ok((!fields.is_empty()).then_some(fields))
+    }
+
+    /// Reads the records listed in the index `index`, in index order.
+    async fn read_indexed<T>(
+        &self,
+        index: &str,
+        key: impl Fn(&str) -> String,
+        parse: impl Fn(Record) -> StoreResult<T>,
+    ) -> StoreResult<Vec<T>> {
+        let v = self
+            .call(
+                Call::Cmd(::redis::cmd("ZRANGE").arg(index).arg(0).arg(-1)),
+                true,
+            )
+            .await?;
+        let names: Vec<String> = decode(v, index)?;
+        let mut out = Vec::with_capacity(names.len());
+        for batch in names.chunks(LIST_BATCH) {
+            let mut pipe = ::redis::pipe();
+            for name in batch {
+                pipe.cmd("HGETALL").arg(key(name));
+            }
+            let v = self.call(Call::Pipe(&pipe), true).await?;
+            let hashes: Vec<Fields> = decode(v, index)?;
+            if hashes.len() != batch.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "{index}: asked for {} records, got {}",
+                    batch.len(),
+                    hashes.len()
+                )));
+            }
+            for (name, fields) in batch.iter().zip(hashes) {
+                let key = key(name);
+                if fields.is_empty() {
+                    return Err(StoreError::Corrupt(format!(
+                        "{index} lists {name} but {key} does not exist"
+                    )));
+                }
+                out.push(parse(Record::new(key, fields))?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs the status-change script on `(what, name, key)` with the statuses `known`;
+    /// `announce` is the message for the change feed.
+    async fn set_status<S: StatusName>(
+        &self,
+        (what, name, key): (&'static str, String, String),
+        change: &StatusChange<S>,
+        known: &[&str],
+        announce: String,
+    ) -> StoreResult<(Record, Record)> {
+        let (status, reason, at) = (change.status.name(), change.reason.as_deref(), change.at);
+        let mut inv = SET_STATUS.prepare_invoke();
+        inv.key(&key)
+            .arg(self.keys.changes())
+            .arg(announce)
+            .arg(VERSION)
+            .arg(status)
+            .arg(at)
+            .arg(if reason.is_some() { "1" } else { "0" })
+            .arg(reason.unwrap_or(""));
+        for k in known {
+            inv.arg(*k);
+        }
+        let v = self.call(Call::Script(&inv), false).await?;
+        let Value::Array(mut parts) = v else {
+            return Err(unexpected(&key, &v));
+        };
+        let tag: String = match parts.first() {
+            Some(t) => decode(t.clone(), &key)?,
+            None => return Err(StoreError::Corrupt(format!("{key}: empty script reply"))),
+        };
+        match (tag.as_str(), parts.len()) {
+            ("ok", 3) => {
+                let after: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
+                let before: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
+                Ok((Record::new(key.clone(), before), Record::new(key, after)))
+            }
+            ("notfound", _) => Err(StoreError::NotFound { what, name }),
+            ("corrupt", 2) => {
+                let detail: String = decode(parts.pop().unwrap_or_default(), &key)?;
+                Err(StoreError::Corrupt(format!("{what} {name}: {detail}")))
+            }
+            _ => Err(StoreError::Corrupt(format!(
+                "{key}: unexpected script reply {tag:?}"
+            ))),
+        }
+    }
+}
+
+/// The keys of one namespace (see the module docs).
+struct Keys {
+    base: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Keys {
+        Keys {
+            base: format!("{prefix}:{{dir}}:"),
+        }
+    }
+    fn org(&self, code: &str) -> String {
+        format!("{}org:{code}", self.base)
+    }
+    fn org_prefix(&self) -> String {
+        format!("{}org:", self.base)
+    }
+    fn domain(&self, domain: &str) -> String {
+        format!("{}dom:{domain}", self.base)
+    }
+    fn orgs(&self) -> String {
+        format!("{}orgs", self.base)
+    }
+    fn account(&self, address: &str) -> String {
+        format!("{}acct:{address}", self.base)
+    }
+    fn accounts(&self) -> String {
+        format!("{}accts", self.base)
+    }
+    fn org_accounts(&self, code: &str) -> String {
+        format!("{}org-accts:{code}", self.base)
+    }
+    /// The pub/sub channel of the change feed (a channel, not a key).
+    fn changes(&self) -> String {
+        format!("{}changes", self.base)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scripts
+
+/// KEYS: org record, domain pointer, code index. ARGV: change channel, code, domain,
+/// field/value pairs.
+static CREATE_ORG: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'conflict', ARGV[2]} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'conflict', ARGV[3]} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
+redis.call('PUBLISH', ARGV[1], 'org:' .. ARGV[2])
+return {'ok'}
+"#,
+    )
+});
+
+/// KEYS: the index of all addresses, then per account: its record, its organisation's
+/// record, its organisation's index. ARGV: the change channel, then per account: address,
+/// organisation code, the number F of field/value items, then those F items.
+/// Announces each new account, or `all` for an import of more than 100.
+static CREATE_ACCOUNTS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+local n = (#KEYS - 1) / 3
+local seen = {}
+local writes = {}
+local p = 2
+for i = 0, n - 1 do
+  local address, org, f = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
+  local record, org_record, org_index = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
+  if redis.call('EXISTS', org_record) == 0 then return {'notfound', org} end
+  if seen[address] or redis.call('EXISTS', record) == 1 then return {'conflict', address} end
+  seen[address] = true
+  writes[#writes + 1] = {record, org_index, address, p + 3, p + 2 + f}
+  p = p + 3 + f
+end
+for _, w in ipairs(writes) do
+  redis.call('HSET', w[1], unpack(ARGV, w[4], w[5]))
+  redis.call('ZADD', w[2], 0, w[3])
+  redis.call('ZADD', KEYS[1], 0, w[3])
+end
+if n <= 100 then
+  for _, w in ipairs(writes) do redis.call('PUBLISH', ARGV[1], 'acct:' .. w[3]) end
+else
+  redis.call('PUBLISH', ARGV[1], 'all')
+end
+return {'ok'}
+"#,
+    )
+});
+
+/// KEYS: the record. ARGV: change channel, announcement, encoding version, new status,
+/// time, '1' if a reason follows (else '0'), the reason, then every status this version
+/// knows.
+static SET_STATUS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'notfound'} end
+local v = redis.call('HGET', KEYS[1], 'v')
+if v ~= ARGV[3] then return {'corrupt', 'record version ' .. tostring(v) .. ' is not ' .. ARGV[3]} end
+local status = redis.call('HGET', KEYS[1], 'status')
+local known = false
+for i = 8, #ARGV do
+  if ARGV[i] == status then known = true end
+end
+if not known then return {'corrupt', 'status ' .. tostring(status) .. ' is not known'} end
+local before = redis.call('HGETALL', KEYS[1])
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'status_changed_at', ARGV[5])
+if ARGV[6] == '1' then
+  redis.call('HSET', KEYS[1], 'status_reason', ARGV[7])
+else
+  redis.call('HDEL', KEYS[1], 'status_reason')
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return {'ok', before, redis.call('HGETALL', KEYS[1])}
+"#,
+    )
+});
+
+/// KEYS: the domain pointer. ARGV: the prefix of organisation record keys.
+/// Returns {} or {code, record}.
+static GET_ORG_BY_DOMAIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua flags=no-writes
+local code = redis.call('GET', KEYS[1])
+if not code then return {} end
+return {code, redis.call('HGETALL', ARGV[1] .. code)}
+"#,
+    )
+});
+
+/// KEYS: account records. Returns 1/0 per key.
+static TAKEN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua flags=no-writes
+local out = {}
+for i, k in ipairs(KEYS) do out[i] = redis.call('EXISTS', k) end
+return out
+"#,
+    )
+});
+
+// ---------------------------------------------------------------------------------------
+// Records
+
+type Fields = HashMap<String, String>;
+
+fn org_fields(o: &Org) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("v", VERSION.to_owned()),
+        ("code", o.code.clone()),
+        ("name", o.name.clone()),
+        ("domain", o.domain.clone()),
+        ("status", o.status.as_str().to_owned()),
+        ("created_at", o.created_at.to_string()),
+        ("status_changed_at", o.status_changed_at.to_string()),
+    ];
+    if let Some(r) = &o.status_reason {
+        f.push(("status_reason", r.clone()));
+    }
+    f
+}
+
+fn account_fields(a: &Account) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("v", VERSION.to_owned()),
+        ("address", a.address.to_string()),
+        ("org", a.org.clone()),
+        ("kind", a.kind.as_str().to_owned()),
+        ("status", a.status.as_str().to_owned()),
+        ("created_at", a.created_at.to_string()),
+        ("status_changed_at", a.status_changed_at.to_string()),
+    ];
+    if let Some(r) = &a.status_reason {
+        f.push(("status_reason", r.clone()));
+    }
+    if let Some(n) = &a.display_name {
+        f.push(("display_name", n.clone()));
+    }
+    if let Some(q) = a.quota_bytes {
+        f.push(("quota_bytes", q.to_string()));
+    }
+    f
+}
+
+/// A stored hash being decoded; errors name the key and the field.
+struct Record {
+    key: String,
+    fields: Fields,
+}
+
+impl Record {
+    fn new(key: String, fields: Fields) -> Record {
+        Record { key, fields }
+    }
+
+    fn corrupt(&self, field: &str, e: impl Display) -> StoreError {
+        StoreError::Corrupt(format!("{}: field {field}: {e}", self.key))
+    }
+
+    fn check_version(&self) -> StoreResult<()> {
+        match self.fields.get("v").map(String::as_str) {
+            Some(VERSION) => Ok(()),
+            Some(v) => Err(self.corrupt(
+                "v",
+                format!("record version {v:?} is not supported by this mailwarden ({VERSION})"),
+            )),
+            None => Err(self.corrupt("v", "missing")),
+        }
+    }
+
+    fn opt(&mut self, field: &str) -> Option<String> {
+        self.fields.remove(field)
+    }
+
+    fn req(&mut self, field: &str) -> StoreResult<String> {
+        self.opt(field)
+            .ok_or_else(|| self.corrupt(field, "missing"))
+    }
+
+    fn parse<T: FromStr>(&mut self, field: &str) -> StoreResult<T>
+    where
+        T::Err: Display,
+    {
+        let s = self.req(field)?;
+        s.parse()
+            .map_err(|e| self.corrupt(field, format!("{s:?}: {e}")))
+    }
+
+    fn org(mut self) -> StoreResult<Org> {
+        self.check_version()?;
+        Ok(Org {
+            code: self.req("code")?,
+            name: self.req("name")?,
+            domain: self.req("domain")?,
+            status: self.parse("status")?,
+            status_reason: self.opt("status_reason"),
+            created_at: self.parse("created_at")?,
+            status_changed_at: self.parse("status_changed_at")?,
+        })
+    }
+
+    fn account(mut self) -> StoreResult<Account> {
+        self.check_version()?;
+        let quota_bytes = match self.opt("quota_bytes") {
+            None => None,
+            Some(q) => Some(
+                q.parse::<u64>()
+                    .map_err(|e| self.corrupt("quota_bytes", format!("{q:?}: {e}")))?,
+            ),
+        };
+        Ok(Account {
+            address: self.parse("address")?,
+            org: self.req("org")?,
+            kind: self.parse("kind")?,
+            status: self.parse("status")?,
+            status_reason: self.opt("status_reason"),
+            display_name: self.opt("display_name"),
+            created_at: self.parse("created_at")?,
+            status_changed_at: self.parse("status_changed_at")?,
+            quota_bytes,
+        })
+    }
+}
+
+fn decode<T: ::redis::FromRedisValue>(v: Value, key: &str) -> StoreResult<T> {
+    ::redis::from_redis_value(v)
+        .map_err(|e| StoreError::Corrupt(format!("{key}: unexpected reply: {e}")))
+}
+
+fn unexpected(key: &str, v: &Value) -> StoreError {
+    StoreError::Corrupt(format!("{key}: unexpected reply {v:?}"))
+}
+
+/// The reply of the create scripts: `ok`, or what was in the way.
+enum Outcome {
+    Ok,
+    Conflict(String),
+    NotFound(String),
+}
+
+fn outcome(v: Value, key: &str) -> StoreResult<Outcome> {
+    let parts: Vec<String> = decode(v, key)?;
+    match parts.as_slice() {
+        [ok] if ok == "ok" => Ok(Outcome::Ok),
+        [tag, name] if tag == "conflict" => Ok(Outcome::Conflict(name.clone())),
+        [tag, name] if tag == "notfound" => Ok(Outcome::NotFound(name.clone())),
+        other => Err(StoreError::Corrupt(format!(
+            "{key}: unexpected script reply {other:?}"
+        ))),
+    }
+}
+
+fn norm(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
+/// The stored name of a status.
+trait StatusName: Copy {
+    fn name(self) -> &'static str;
+}
+
+impl StatusName for OrgStatus {
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl StatusName for AccountStatus {
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+const ORG_STATUSES: &[&str] = &["active", "ceased"];
+const ACCOUNT_STATUSES: &[&str] = &["pending", "active", "suspended", "withdrawn"];
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn create_org(&self, org: &Org) -> StoreResult<()> {
+        let org = Org {
+            code: norm(&org.code),
+            domain: norm(&org.domain),
+            ..org.clone()
+        };
+        let key = self.keys.org(&org.code);
+        let mut inv = CREATE_ORG.prepare_invoke();
+        inv.key(&key)
+            .key(self.keys.domain(&org.domain))
+            .key(self.keys.orgs())
+            .arg(self.keys.changes())
+            .arg(&org.code)
+            .arg(&org.domain);
+        for (f, v) in org_fields(&org) {
+            inv.arg(f).arg(v);
+        }
+        let v = self.call(Call::Script(&inv), false).await?;
+        match outcome(v, &key)? {
+            Outcome::Ok => Ok(()),
+            Outcome::Conflict(name) => Err(StoreError::Conflict {
+                what: "organisation",
+                name,
+            }),
+            Outcome::NotFound(name) => Err(StoreError::Corrupt(format!(
+                "{key}: unexpected 'not found' {name}"
+            ))),
+        }
+    }
+
+    async fn get_org(&self, code: &str) -> StoreResult<Option<Org>> {
+        let key = self.keys.org(&norm(code));
+        match self.read_hash(&key).await? {
+            None => Ok(None),
+            Some(fields) => Record::new(key, fields).org().map(Some),
+        }
+    }
+
+    async fn get_org_by_domain(&self, domain: &str) -> StoreResult<Option<Org>> {
+        let pointer = self.keys.domain(&norm(domain));
+        let mut inv = GET_ORG_BY_DOMAIN.prepare_invoke();
+        inv.key(&pointer).arg(self.keys.org_prefix());
+        let v = self.call(Call::Script(&inv), true).await?;
+        let Value::Array(mut parts) = v else {
+            return Err(unexpected(&pointer, &v));
+        };
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        if parts.len() != 2 {
+            return Err(StoreError::Corrupt(format!(
+                "{pointer}: unexpected script reply of {} items",
+                parts.len()
+            )));
+        }
+        let fields: Fields = decode(parts.pop().unwrap_or_default(), &pointer)?;
+        let code: String = decode(parts.pop().unwrap_or_default(), &pointer)?;
+        let key = self.keys.org(&code);
+        if fields.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "{pointer} points to {key}, which does not exist"
+            )));
+        }
+        Record::new(key, fields).org().map(Some)
+    }
+
+    async fn list_orgs(&self) -> StoreResult<Vec<Org>> {
+        self.read_indexed(&self.keys.orgs(), |c| self.keys.org(c), Record::org)
+            .await
+    }
+
+    async fn set_org_status(
+        &self,
+        code: &str,
+        change: &StatusChange<OrgStatus>,
+    ) -> StoreResult<(Org, Org)> {
+        let code = norm(code);
+        let key = self.keys.org(&code);
+        let (before, after) = self
+            .set_status(
+                ("organisation", code.clone(), key),
+                change,
+                ORG_STATUSES,
+                format!("org:{code}"),
+            )
+            .await?;
+        Ok((before.org()?, after.org()?))
+    }
+
+    async fn create_account(&self, account: &Account) -> StoreResult<()> {
+        self.create_accounts(std::slice::from_ref(account)).await
+    }
+
+    async fn create_accounts(&self, accounts: &[Account]) -> StoreResult<()> {
+        if accounts.is_empty() {
+            return Ok(());
+        }
+        let index = self.keys.accounts();
+        let mut inv = CREATE_ACCOUNTS.prepare_invoke();
+        inv.key(&index).arg(self.keys.changes());
+        for a in accounts {
+            let a = Account {
+                org: norm(&a.org),
+                ..a.clone()
+            };
+            let address = a.address.to_string();
+            let fields = account_fields(&a);
+            inv.key(self.keys.account(&address))
+                .key(self.keys.org(&a.org))
+                .key(self.keys.org_accounts(&a.org))
+                .arg(&address)
+                .arg(&a.org)
+                .arg(fields.len() * 2);
+            for (f, v) in fields {
+                inv.arg(f).arg(v);
+            }
+        }
+        let v = self.call(Call::Script(&inv), false).await?;
+        match outcome(v, &index)? {
+            Outcome::Ok => Ok(()),
+            Outcome::Conflict(name) => Err(StoreError::Conflict {
+                what: "account",
+                name,
+            }),
+            Outcome::NotFound(name) => Err(StoreError::NotFound {
+                what: "organisation",
+                name,
+            }),
+        }
+    }
+
+    async fn get_account(&self, address: &Address) -> StoreResult<Option<Account>> {
+        let key = self.keys.account(&address.to_string());
+        match self.read_hash(&key).await? {
+            None => Ok(None),
+            Some(fields) => Record::new(key, fields).account().map(Some),
+        }
+    }
+
+    async fn list_accounts(&self, org: Option<&str>) -> StoreResult<Vec<Account>> {
+        let index = match org {
+            Some(code) => self.keys.org_accounts(&norm(code)),
+            None => self.keys.accounts(),
+        };
+        self.read_indexed(&index, |a| self.keys.account(a), Record::account)
+            .await
+    }
+
+    async fn set_account_status(
+        &self,
+        address: &Address,
+        change: &StatusChange<AccountStatus>,
+    ) -> StoreResult<(Account, Account)> {
+        let address = address.to_string();
+        let key = self.keys.account(&address);
+        let (before, after) = self
+            .set_status(
+                ("account", address.clone(), key),
+                change,
+                ACCOUNT_STATUSES,
+                format!("acct:{address}"),
+            )
+            .await?;
+        Ok((before.account()?, after.account()?))
+    }
+
+    async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>> {
+        // Normalised exactly like a registered address; a candidate that is not a valid
+        // address cannot be registered, so it is not taken.
+        let candidates: Vec<(String, String)> = locals
+            .iter()
+            .filter_map(|l| {
+                Address::parse(&format!("{l}@{domain}"))
+                    .ok()
+                    .map(|a| (l.clone(), self.keys.account(&a.to_string())))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = TAKEN.prepare_invoke();
+        for (_, key) in &candidates {
+            inv.key(key);
+        }
+        let v = self.call(Call::Script(&inv), true).await?;
+        let flags: Vec<i64> = decode(v, "taken_locals")?;
+        if flags.len() != candidates.len() {
+            return Err(StoreError::Corrupt(format!(
+                "taken_locals: asked for {} names, got {} answers",
+                candidates.len(),
+                flags.len()
+            )));
+        }
+        Ok(candidates
+            .into_iter()
+            .zip(flags)
+            .filter(|(_, taken)| *taken == 1)
+            .map(|((local, _), _)| local)
+            .collect())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let v = self.call(Call::Cmd(&::redis::cmd("PING")), true).await?;
+        match v {
+            Value::SimpleString(s) if s == "PONG" => Ok(()),
+            other => Err(StoreError::Unavailable(format!(
+                "Redis answered PING with {other:?}"
+            ))),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<DirectoryChange>> {
+        let feed = self.feed.get_or_init(|| {
+            let (tx, _) = broadcast::channel(FEED_CAPACITY);
+            let task = tokio::spawn(follow_feed(
+                self.url.clone(),
+                self.keys.changes(),
+                tx.clone(),
+            ));
+            Feed {
+                tx,
+                _task: AbortOnDropHandle::new(task),
+            }
+        });
+        Some(feed.tx.subscribe())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Change feed
+
+/// Subscribes to the change channel and forwards what arrives, reconnecting (with backoff)
+/// whenever the subscription breaks. Each (re)subscription first sends
+/// [`DirectoryChange::All`]: announcements made while it was not subscribed are lost.
+async fn follow_feed(url: RedisUrl, channel: String, tx: broadcast::Sender<DirectoryChange>) {
+    const MIN_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let subscribed = tokio::time::timeout(url.timeout, async {
+            let mut pubsub = subscriber(&url).await?.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        })
+        .await;
+        match subscribed {
+            Ok(Ok(pubsub)) => {
+                backoff = MIN_BACKOFF;
+                tracing::debug!("subscribed to the directory change feed");
+                let _ = tx.send(DirectoryChange::All);
+                let (mut sink, mut messages) = pubsub.split();
+                let mut ping = tokio::time::interval(FEED_PING);
+                ping.tick().await;
+                loop {
+                    tokio::select! {
+                        msg = messages.next() => match msg {
+                            Some(msg) => match parse_change(msg.get_payload_bytes()) {
+                                Some(change) => { let _ = tx.send(change); }
+                                None => tracing::warn!("ignoring an unknown directory change announcement"),
+                            },
+                            None => break,
+                        },
+                        _ = ping.tick() => {
+                            let alive = tokio::time::timeout(url.timeout, sink.ping::<Value>()).await;
+                            if !matches!(alive, Ok(Ok(_))) {
+                                break;
+                            }
+                        }
+                    }
+                }
+                tracing::warn!("directory change feed interrupted; subscribing again");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot subscribe to the directory change feed")
+            }
+            Err(_) => tracing::warn!("subscribing to the directory change feed timed out"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A client for the node to subscribe on. Announcements reach every node: Redis replicates
+/// PUBLISH to replicas and broadcasts it across a cluster.
+async fn subscriber(url: &RedisUrl) -> RedisResult<Client> {
+    match &url.topology {
+        Topology::Standalone { node, tls } => standalone_client(url, node, *tls),
+        Topology::Sentinel { sentinels, service } => {
+            let mut resolver = sentinel_client(url, sentinels, service)?;
+            resolver.async_get_client().await
+        }
+        Topology::Cluster { nodes } => {
+            // The first node that answers.
+            let mut last = None;
+            for n in nodes {
+                let info = ConnectionAddr::Tcp(n.host.clone(), n.port)
+                    .into_connection_info()?
+                    .set_redis_settings(redis_settings(url).set_db(0));
+                let client = Client::open(info)?;
+                match client.get_multiplexed_async_connection().await {
+                    Ok(_) => return Ok(client),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                RedisError::from((ErrorKind::InvalidClientConfig, "no cluster node"))
+            }))
+        }
+    }
+}
+
+/// `acct:<address>`, `org:<code>` or `all`.
+fn parse_change(payload: &[u8]) -> Option<DirectoryChange> {
+    let s = std::str::from_utf8(payload).ok()?;
+    if s == "all" {
+        return Some(DirectoryChange::All);
+    }
+    if let Some(a) = s.strip_prefix("acct:") {
+        return Address::parse(a).ok().map(DirectoryChange::Account);
+    }
+    s.strip_prefix("org:")
+        .map(|c| DirectoryChange::Org(c.to_owned()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Connections
+
+/// What one round trip sends.
+enum Call<'a> {
+    Cmd(&'a Cmd),
+    Pipe(&'a Pipeline),
+    Script(&'a ScriptInvocation<'static>),
+}
+
+async fn exec<C>(conn: &mut C, call: &Call<'_>) -> RedisResult<Value>
+where
+    C: ::redis::aio::ConnectionLike + Send,
+{
+    match call {
+        Call::Cmd(c) => c.query_async(conn).await,
+        Call::Pipe(p) => p.query_async(conn).await,
+        Call::Script(s) => s.invoke_async(conn).await,
+    }
+}
+
+enum Backend {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+    Sentinel(Box<SentinelPrimary>),
+}
+
+impl Backend {
+    async fn run(&self, call: &Call<'_>, idempotent: bool) -> RedisResult<Value> {
+        let mut retried = false;
+        loop {
+            let result = match self {
+                Backend::Standalone(c) => exec(&mut c.clone(), call).await,
+                Backend::Cluster(c) => exec(&mut c.clone(), call).await,
+                Backend::Sentinel(s) => s.run(call).await,
+            };
+            match result {
+                Err(e) if !retried && (is_readonly(&e) || idempotent && is_broken(&e)) => {
+                    tracing::debug!(error = %e, "Redis call failed; retrying once");
+                    retried = true;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+/// The node refused a write because it is a replica (it was demoted): nothing was executed.
+fn is_readonly(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+}
+
+/// The connection (not the command) failed.
+fn is_broken(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.kind() == ErrorKind::ClusterConnectionNotFound
+}
+
+fn redis_settings(url: &RedisUrl) -> RedisConnectionInfo {
+    let mut info = RedisConnectionInfo::default().set_db(url.db);
+    if let Some(u) = &url.username {
+        info = info.set_username(u);
+    }
+    if let Some(p) = &url.password {
+        info = info.set_password(p.expose());
+    }
+    info
+}
+
+async fn standalone(url: &RedisUrl, node: &Node, tls: bool) -> RedisResult<Backend> {
+    let client = standalone_client(url, node, tls)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(url.timeout))
+        .set_response_timeout(Some(url.timeout))
+        .set_number_of_retries(2);
+    Ok(Backend::Standalone(
+        ConnectionManager::new_with_config(client, config).await?,
+    ))
+}
+
+fn standalone_client(url: &RedisUrl, node: &Node, tls: bool) -> RedisResult<Client> {
+    let addr = if tls {
+        ConnectionAddr::TcpTls {
+            host: node.host.clone(),
+            port: node.port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(node.host.clone(), node.port)
+    };
+    let info = addr
+        .into_connection_info()?
+        .set_redis_settings(redis_settings(url));
+    let client = match &url.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                RedisError::from((
+                    ErrorKind::InvalidClientConfig,
+                    "cannot read the ca= file",
+                    format!("{}: {e}", path.display()),
+                ))
+            })?;
+            Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )?
+        }
+        None => Client::open(info)?,
+    };
+    Ok(client)
+}
+
+async fn cluster(url: &RedisUrl, nodes: &[Node]) -> RedisResult<Backend> {
+    let nodes = nodes
+        .iter()
+        .map(|n| ConnectionAddr::Tcp(n.host.clone(), n.port).into_connection_info())
+        .collect::<RedisResult<Vec<_>>>()?;
+    let mut builder = ClusterClientBuilder::new(nodes)
+        .connection_timeout(url.timeout)
+        .response_timeout(url.timeout);
+    if let Some(u) = &url.username {
+        builder = builder.username(u);
+    }
+    if let Some(p) = &url.password {
+        builder = builder.password(p.expose());
+    }
+    let client = builder.build()?;
+    Ok(Backend::Cluster(client.get_async_connection().await?))
+}
+
+fn sentinel(url: &RedisUrl, sentinels: &[Node], service: &str) -> RedisResult<Backend> {
+    Ok(Backend::Sentinel(Box::new(SentinelPrimary {
+        resolver: tokio::sync::Mutex::new(sentinel_client(url, sentinels, service)?),
+        current: Mutex::new(None),
+        generation: AtomicU64::new(0),
+        config: AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(url.timeout))
+            .set_response_timeout(Some(url.timeout)),
+    })))
+}
+
+fn sentinel_client(
+    url: &RedisUrl,
+    sentinels: &[Node],
+    service: &str,
+) -> RedisResult<SentinelClient> {
+    let addrs = sentinels
+        .iter()
+        .map(|n| ConnectionAddr::Tcp(n.host.clone(), n.port));
+    let mut b = SentinelClientBuilder::new(addrs, service, SentinelServerType::Master)?
+        .set_client_to_redis_db(url.db);
+    if let Some(u) = &url.username {
+        b = b.set_client_to_redis_username(u);
+    }
+    if let Some(p) = &url.password {
+        b = b.set_client_to_redis_password(p.expose());
+    }
+    if let Some(u) = &url.sentinel_username {
+        b = b.set_client_to_sentinel_username(u);
+    }
+    if let Some(p) = &url.sentinel_password {
+        b = b.set_client_to_sentinel_password(p.expose());
+    }
+    b.build()
+}
+
+/// The primary of a Sentinel-monitored deployment, re-resolved after connection errors and
+/// `READONLY` replies (a `ConnectionManager` would keep reconnecting to the old address).
+struct SentinelPrimary {
+    /// Asks the sentinels; one lookup at a time, so a failover does not cause a stampede.
+    resolver: tokio::sync::Mutex<SentinelClient>,
+    /// The connection in use and its generation; `None` until (re-)resolved.
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    generation: AtomicU64,
+    config: AsyncConnectionConfig,
+}
+
+impl SentinelPrimary {
+    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let mut resolver = self.resolver.lock().await;
+        // Another task may have resolved it while this one waited for the lock.
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let client = resolver.async_get_client().await?;
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, conn.clone()));
+        tracing::info!(
+            primary = %client.get_connection_info().addr(),
+            generation,
+            "Redis primary resolved through Sentinel"
+        );
+        Ok((generation, conn))
+    }
+
+    /// Drops connection `generation` (if still current), so the next call asks the sentinels.
+    fn forget(&self, generation: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().map(|(g, _)| *g) == Some(generation) {
+            *current = None;
+        }
+    }
+
+    async fn run(&self, call: &Call<'_>) -> RedisResult<Value> {
+        let (generation, mut conn) = self.connection().await?;
+        let result = exec(&mut conn, call).await;
+        if let Err(e) = &result
+            && (is_broken(e) || is_readonly(e))
+        {
+            tracing::warn!(error = %e, "Redis primary failed; asking the sentinels again");
+            self.forget(generation);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod servers;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,828 @@
+//! The store contract against real Redis deployments (standalone, TLS, Sentinel, Cluster),
+//! plus what only Redis has: failover, reconnection, the key layout, corrupt records.
+
+use super::servers::{self, Cluster, Sentinel, Standalone, Tls, query, shared};
+use super::*;
+use crate::store::cache::CachedDirectory;
+use crate::store::contract::{Harness, account, addr, org, store_contract_tests};
+use ::redis::cmd;
+use std::sync::{Weak, atomic::AtomicUsize};
+use tokio::sync::{Mutex as AsyncMutex, broadcast};
+use tokio::time::Instant;
+
+/// A key prefix no other test uses, so tests can share a deployment.
+fn fresh_prefix() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The store and a peer (another daemon) opened on `url`.
+async fn harness_on(url: String, keep: impl std::any::Any + Send) -> Harness {
+    let store = RedisStore::open(&url).await.unwrap();
+    let peer = RedisStore::open(&url).await.unwrap();
+    Harness::new(Arc::new(store), Arc::new(peer), keep)
+}
+
+static STANDALONE: AsyncMutex<Weak<Standalone>> = AsyncMutex::const_new(Weak::new());
+static SENTINEL: AsyncMutex<Weak<Sentinel>> = AsyncMutex::const_new(Weak::new());
+static CLUSTER: AsyncMutex<Weak<Cluster>> = AsyncMutex::const_new(Weak::new());
+static TLS: AsyncMutex<Weak<Tls>> = AsyncMutex::const_new(Weak::new());
+
+async fn standalone() -> Arc<Standalone> {
+    shared(&STANDALONE, || Standalone::start(&[])).await
+}
+
+mod standalone {
+    use super::*;
+
+    async fn harness() -> Harness {
+        let s = standalone().await;
+        let url = format!("redis://127.0.0.1:{}/0?prefix={}", s.port(), fresh_prefix());
+        harness_on(url, s).await
+    }
+
+    store_contract_tests!(harness);
+
+    #[tokio::test]
+    async fn changes_reach_other_instances() {
+        let s = standalone().await;
+        let url = format!("redis://127.0.0.1:{}/0?prefix={}", s.port(), fresh_prefix());
+        super::changes_reach_other_instances(&url).await;
+    }
+}
+
+mod tls {
+    use super::*;
+
+    async fn harness() -> Harness {
+        let s = shared(&TLS, Tls::start).await;
+        let url = format!(
+            "rediss://127.0.0.1:{}/0?prefix={}&ca={}",
+            s.server.port,
+            fresh_prefix(),
+            s.ca_file.display()
+        );
+        harness_on(url, s).await
+    }
+
+    store_contract_tests!(harness);
+}
+
+mod sentinel {
+    use super::*;
+
+    async fn deployment() -> Arc<Sentinel> {
+        // A generous down-after: no failover while the contract runs on a busy machine.
+        shared(&SENTINEL, || {
+            Sentinel::start(Duration::from_secs(30), false)
+        })
+        .await
+    }
+
+    async fn harness() -> Harness {
+        let s = deployment().await;
+        let url = format!(
+            "redis+sentinel://{}/{}/0?prefix={}",
+            s.hosts(),
+            servers::SERVICE,
+            fresh_prefix()
+        );
+        harness_on(url, s).await
+    }
+
+    store_contract_tests!(harness);
+
+    #[tokio::test]
+    async fn changes_reach_other_instances() {
+        let s = deployment().await;
+        let url = format!(
+            "redis+sentinel://{}/{}/0?prefix={}",
+            s.hosts(),
+            servers::SERVICE,
+            fresh_prefix()
+        );
+        super::changes_reach_other_instances(&url).await;
+    }
+}
+
+mod cluster {
+    use super::*;
+
+    async fn harness() -> Harness {
+        let s = shared(&CLUSTER, Cluster::start).await;
+        let url = format!("redis+cluster://{}?prefix={}", s.hosts(), fresh_prefix());
+        harness_on(url, s).await
+    }
+
+    store_contract_tests!(harness);
+
+    #[tokio::test]
+    async fn changes_reach_other_instances() {
+        let s = shared(&CLUSTER, Cluster::start).await;
+        let url = format!("redis+cluster://{}?prefix={}", s.hosts(), fresh_prefix());
+        super::changes_reach_other_instances(&url).await;
+    }
+
+    /// The directory's keys all hash to one slot (else the scripts would fail with CROSSSLOT
+    /// on a cluster): a multi-key script over every key the store wrote succeeds.
+    #[tokio::test]
+    async fn directory_keys_share_one_slot() {
+        let s = shared(&CLUSTER, Cluster::start).await;
+        let prefix = fresh_prefix();
+        let url = format!("redis+cluster://{}?prefix={prefix}", s.hosts());
+        let store = RedisStore::open(&url).await.unwrap();
+        store.create_org(&org("mpt")).await.unwrap();
+        store
+            .create_account(&account("champa@mpt.gov.la", "mpt"))
+            .await
+            .unwrap();
+        let keys = Keys::new(&prefix);
+        let all = [
+            keys.org("mpt"),
+            keys.domain("mpt.gov.la"),
+            keys.orgs(),
+            keys.account("champa@mpt.gov.la"),
+            keys.accounts(),
+            keys.org_accounts("mpt"),
+        ];
+        let slots: Vec<i64> = {
+            let mut out = Vec::new();
+            for k in &all {
+                out.push(
+                    query(s.nodes[0].port, cmd("CLUSTER").arg("KEYSLOT").arg(k))
+                        .await
+                        .unwrap(),
+                );
+            }
+            out
+        };
+        assert!(slots.iter().all(|s| *s == slots[0]), "{slots:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Change feed
+
+/// The next announcement on a feed, within a bound.
+async fn next_change(rx: &mut broadcast::Receiver<DirectoryChange>) -> DirectoryChange {
+    tokio::time::timeout(Duration::from_secs(15), rx.recv())
+        .await
+        .expect("an announcement within 15 s")
+        .expect("feed open")
+}
+
+/// Every successful write through one instance is announced to another, in order; refused
+/// writes announce nothing.
+async fn changes_reach_other_instances(url: &str) {
+    let a = RedisStore::open(url).await.unwrap();
+    let b = RedisStore::open(url).await.unwrap();
+    let mut rx = b.changes().unwrap();
+    // Subscribed: everything from here on is announced.
+    assert_eq!(next_change(&mut rx).await, DirectoryChange::All);
+
+    a.create_org(&org("mpt")).await.unwrap();
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Org("mpt".into())
+    );
+    a.create_accounts(&[
+        account("champa@mpt.gov.la", "mpt"),
+        account("dara@mpt.gov.la", "mpt"),
+    ])
+    .await
+    .unwrap();
+    for a in ["champa@mpt.gov.la", "dara@mpt.gov.la"] {
+        assert_eq!(
+            next_change(&mut rx).await,
+            DirectoryChange::Account(addr(a))
+        );
+    }
+    let suspend = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: None,
+        at: 2,
+    };
+    a.set_account_status(&addr("Champa@mpt.gov.la"), &suspend)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Account(addr("champa@mpt.gov.la"))
+    );
+    let cease = StatusChange {
+        status: OrgStatus::Ceased,
+        reason: None,
+        at: 3,
+    };
+    a.set_org_status("MPT", &cease).await.unwrap();
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Org("mpt".into())
+    );
+
+    // Refused: nothing announced, so the next announcement is the one after.
+    assert!(a.create_org(&org("mpt")).await.is_err());
+    assert!(
+        a.create_account(&account("champa@mpt.gov.la", "mpt"))
+            .await
+            .is_err()
+    );
+    a.create_org(&org("mof")).await.unwrap();
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Org("mof".into())
+    );
+
+    // A large import is one announcement for everything.
+    let many: Vec<Account> = (0..101)
+        .map(|i| account(&format!("u{i:03}@mof.gov.la"), "mof"))
+        .collect();
+    a.create_accounts(&many).await.unwrap();
+    assert_eq!(next_change(&mut rx).await, DirectoryChange::All);
+    assert!(rx.try_recv().is_err(), "nothing else was announced");
+}
+
+/// A suspension made through another daemon reaches this daemon's cache at once, not after
+/// the (here: one hour) TTL.
+#[tokio::test]
+async fn cache_follows_changes_made_through_another_daemon() {
+    let s = standalone().await;
+    let url = format!("redis://127.0.0.1:{}/0?prefix={}", s.port(), fresh_prefix());
+    let other = RedisStore::open(&url).await.unwrap();
+    let mine: Arc<dyn Store> = Arc::new(RedisStore::open(&url).await.unwrap());
+    other.create_org(&org("mpt")).await.unwrap();
+    other
+        .create_account(&account("champa@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+    let directory = Arc::new(CachedDirectory::new(
+        mine.clone(),
+        Duration::from_secs(3600),
+        1000,
+        Duration::from_secs(2),
+    ));
+    let mut probe = mine.changes().unwrap();
+    let follower = tokio::spawn({
+        let (directory, changes) = (directory.clone(), mine.changes().unwrap());
+        async move { directory.follow_changes(changes).await }
+    });
+    assert_eq!(next_change(&mut probe).await, DirectoryChange::All);
+
+    let champa = addr("champa@mpt.gov.la");
+    let status = |facts: crate::engine::AddressFacts| facts.account.map(|a| a.status);
+    assert_eq!(
+        status(directory.lookup(&champa).await.unwrap()),
+        Some(AccountStatus::Active)
+    );
+    let suspend = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: None,
+        at: 2,
+    };
+    other.set_account_status(&champa, &suspend).await.unwrap();
+    assert_eq!(
+        next_change(&mut probe).await,
+        DirectoryChange::Account(champa.clone())
+    );
+    // The follower got the same announcement; give it until a deadline to apply it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = status(directory.lookup(&champa).await.unwrap());
+        if now == Some(AccountStatus::Suspended) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cache still says {now:?}");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    follower.abort();
+}
+
+/// Two daemons on one Redis: a suspension made by another daemon's admin reaches this
+/// daemon's mail path through the feed (the cache TTL is an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_sharing_redis_see_each_others_changes() {
+    use crate::daemon::{Control, Daemon};
+    use crate::model::{Action, Protocol, Transaction};
+    let s = standalone().await;
+    let url = format!("redis://127.0.0.1:{}/0?prefix={}", s.port(), fresh_prefix());
+    let admin = RedisStore::open(&url).await.unwrap();
+    admin.create_org(&org("mpt")).await.unwrap();
+    admin
+        .create_account(&account("champa@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+
+    let mut config = crate::config::Config::default();
+    config.store.url = url.clone();
+    config.store.cache_ttl = Duration::from_secs(3600);
+    config.server.milter_listen = String::new();
+    config.server.policy_listen = String::new();
+    config.admin.listen = String::new();
+    let daemon = Daemon::start(config, None).await.unwrap();
+    assert_eq!(daemon.checker.directory.store().kind(), "redis");
+    let checker = daemon.checker.clone();
+    let (control, rx) = tokio::sync::mpsc::channel(1);
+    let serving = tokio::spawn(daemon.serve(rx));
+
+    let champa = addr("champa@mpt.gov.la");
+    let verdict = || async {
+        checker
+            .check_rcpt(&Transaction::new(Protocol::Policy), &champa)
+            .await
+            .action
+    };
+    assert!(
+        matches!(verdict().await, Action::Continue),
+        "active: let through"
+    );
+    let suspend = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: None,
+        at: 2,
+    };
+    admin.set_account_status(&champa, &suspend).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match verdict().await {
+            Action::Reject(_) => break,
+            other => assert!(Instant::now() < deadline, "still {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    control.send(Control::Shutdown).await.unwrap();
+    serving.await.unwrap().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Standalone specifics
+
+#[tokio::test]
+async fn store_url_opens_a_redis_store() {
+    let s = standalone().await;
+    let url = format!("redis://127.0.0.1:{}?prefix={}", s.port(), fresh_prefix());
+    let store = crate::store::open(&url).await.unwrap();
+    assert_eq!(store.kind(), "redis");
+    store.ping().await.unwrap();
+}
+
+/// The key layout documented in the module docs is what is written.
+#[tokio::test]
+async fn keys_are_laid_out_as_documented() {
+    let s = standalone().await;
+    let prefix = fresh_prefix();
+    let url = format!("redis://127.0.0.1:{}?prefix={prefix}", s.port());
+    let store = RedisStore::open(&url).await.unwrap();
+    store.create_org(&org("mpt")).await.unwrap();
+    store
+        .create_account(&Account {
+            display_name: Some("Champa".into()),
+            ..account("champa@mpt.gov.la", "mpt")
+        })
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = query(s.port(), cmd("KEYS").arg(format!("{prefix}:*")))
+        .await
+        .unwrap();
+    keys.sort();
+    let p = format!("{prefix}:{{dir}}");
+    assert_eq!(
+        keys,
+        [
+            format!("{p}:acct:champa@mpt.gov.la"),
+            format!("{p}:accts"),
+            format!("{p}:dom:mpt.gov.la"),
+            format!("{p}:org-accts:mpt"),
+            format!("{p}:org:mpt"),
+            format!("{p}:orgs"),
+        ]
+    );
+    let mut record: Vec<(String, String)> = query(
+        s.port(),
+        cmd("HGETALL").arg(format!("{p}:acct:champa@mpt.gov.la")),
+    )
+    .await
+    .unwrap();
+    record.sort();
+    assert_eq!(
+        record,
+        [
+            ("address", "champa@mpt.gov.la"),
+            ("created_at", "1700000100"),
+            ("display_name", "Champa"),
+            ("kind", "person"),
+            ("org", "mpt"),
+            ("status", "active"),
+            ("status_changed_at", "1700000100"),
+            ("v", "1"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    );
+    let code: String = query(s.port(), cmd("GET").arg(format!("{p}:dom:mpt.gov.la")))
+        .await
+        .unwrap();
+    assert_eq!(code, "mpt");
+}
+
+#[tokio::test]
+async fn prefixes_keep_deployments_apart() {
+    let s = standalone().await;
+    let url = |p: &str| format!("redis://127.0.0.1:{}?prefix={p}", s.port());
+    let (pa, pb) = (fresh_prefix(), fresh_prefix());
+    let a = RedisStore::open(&url(&pa)).await.unwrap();
+    let b = RedisStore::open(&url(&pb)).await.unwrap();
+    a.create_org(&org("mpt")).await.unwrap();
+    assert_eq!(b.get_org("mpt").await.unwrap(), None);
+    assert_eq!(b.list_orgs().await.unwrap(), vec![]);
+    b.create_org(&org("mpt")).await.unwrap();
+}
+
+/// More accounts than one listing batch: one all-or-nothing script writes them, the list
+/// comes back complete and in order.
+#[tokio::test]
+async fn large_import_and_listing_in_batches() {
+    let s = standalone().await;
+    let url = format!("redis://127.0.0.1:{}?prefix={}", s.port(), fresh_prefix());
+    let store = RedisStore::open(&url).await.unwrap();
+    store.create_org(&org("mpt")).await.unwrap();
+    let n = LIST_BATCH * 2 + 17;
+    let batch: Vec<Account> = (0..n)
+        .map(|i| account(&format!("user{i:05}@mpt.gov.la"), "mpt"))
+        .collect();
+    store.create_accounts(&batch).await.unwrap();
+    assert_eq!(store.list_accounts(None).await.unwrap(), batch);
+    assert_eq!(store.list_accounts(Some("mpt")).await.unwrap(), batch);
+}
+
+#[tokio::test]
+async fn unknown_stored_values_are_corrupt_and_left_alone() {
+    let s = standalone().await;
+    let prefix = fresh_prefix();
+    let url = format!("redis://127.0.0.1:{}?prefix={prefix}", s.port());
+    let store = RedisStore::open(&url).await.unwrap();
+    store.create_org(&org("mpt")).await.unwrap();
+    store.create_org(&org("mof")).await.unwrap();
+    store
+        .create_accounts(&[
+            account("champa@mpt.gov.la", "mpt"),
+            account("dara@mpt.gov.la", "mpt"),
+            account("kham@mpt.gov.la", "mpt"),
+            account("noi@mpt.gov.la", "mpt"),
+        ])
+        .await
+        .unwrap();
+    let k = Keys::new(&prefix);
+    let hset = |key: String, field: &str, value: &str| {
+        let mut c = cmd("HSET");
+        c.arg(key).arg(field).arg(value);
+        c
+    };
+    for c in [
+        hset(k.account("champa@mpt.gov.la"), "status", "frozen"),
+        hset(k.account("dara@mpt.gov.la"), "kind", "robot"),
+        hset(k.account("kham@mpt.gov.la"), "v", "2"),
+        hset(k.account("noi@mpt.gov.la"), "quota_bytes", "-1"),
+        hset(k.org("mof"), "status", "paused"),
+    ] {
+        let _: i64 = query(s.port(), &c).await.unwrap();
+    }
+    let corrupt = |r: StoreResult<()>, what: &str| match r {
+        Err(StoreError::Corrupt(msg)) => assert!(msg.contains(what), "{msg}"),
+        other => panic!("expected Corrupt mentioning {what}, got {other:?}"),
+    };
+    corrupt(
+        store
+            .get_account(&addr("champa@mpt.gov.la"))
+            .await
+            .map(drop),
+        "frozen",
+    );
+    corrupt(
+        store.get_account(&addr("dara@mpt.gov.la")).await.map(drop),
+        "robot",
+    );
+    corrupt(
+        store.get_account(&addr("kham@mpt.gov.la")).await.map(drop),
+        "version \"2\"",
+    );
+    corrupt(
+        store.get_account(&addr("noi@mpt.gov.la")).await.map(drop),
+        "quota_bytes",
+    );
+    corrupt(store.list_accounts(None).await.map(drop), "frozen");
+    corrupt(store.get_org("mof").await.map(drop), "paused");
+    corrupt(
+        store.get_org_by_domain("mof.gov.la").await.map(drop),
+        "paused",
+    );
+    corrupt(store.list_orgs().await.map(drop), "paused");
+
+    // A status change refuses to touch a record it does not understand.
+    let cease = StatusChange {
+        status: OrgStatus::Ceased,
+        reason: None,
+        at: 1,
+    };
+    corrupt(
+        store.set_org_status("mof", &cease).await.map(drop),
+        "paused",
+    );
+    let suspend = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: None,
+        at: 1,
+    };
+    corrupt(
+        store
+            .set_account_status(&addr("kham@mpt.gov.la"), &suspend)
+            .await
+            .map(drop),
+        "version",
+    );
+    let status: String = query(s.port(), cmd("HGET").arg(k.org("mof")).arg("status"))
+        .await
+        .unwrap();
+    assert_eq!(status, "paused");
+    let status: String = query(
+        s.port(),
+        cmd("HGET").arg(k.account("kham@mpt.gov.la")).arg("status"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, "active");
+    // A key of another type.
+    let _: () = query(s.port(), cmd("SET").arg(k.org("pmo")).arg("x"))
+        .await
+        .unwrap();
+    corrupt(store.get_org("pmo").await.map(drop), "WRONGTYPE");
+    // Healthy records still read.
+    assert!(store.get_org("mpt").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn quota_up_to_u64_max_round_trips() {
+    let s = standalone().await;
+    let url = format!("redis://127.0.0.1:{}?prefix={}", s.port(), fresh_prefix());
+    let store = RedisStore::open(&url).await.unwrap();
+    store.create_org(&org("mpt")).await.unwrap();
+    let big = Account {
+        quota_bytes: Some(u64::MAX),
+        ..account("champa@mpt.gov.la", "mpt")
+    };
+    store.create_account(&big).await.unwrap();
+    let change = StatusChange {
+        status: AccountStatus::Suspended,
+        reason: Some("x".into()),
+        at: 2,
+    };
+    let (before, after) = store
+        .set_account_status(&big.address, &change)
+        .await
+        .unwrap();
+    assert_eq!(before, big);
+    assert_eq!(after.quota_bytes, Some(u64::MAX));
+}
+
+#[tokio::test]
+async fn nobody_listening_is_unavailable_within_the_timeout() {
+    let port = servers::free_port();
+    let started = Instant::now();
+    let err = RedisStore::open(&format!(
+        "redis://:hunter2@127.0.0.1:{port}/0?timeout=500ms"
+    ))
+    .await
+    .err()
+    .expect("no server");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    match err {
+        StoreError::Unavailable(msg) => {
+            assert!(msg.contains(&port.to_string()), "{msg}");
+            assert!(!msg.contains("hunter2"), "{msg}");
+        }
+        e => panic!("expected Unavailable, got {e:?}"),
+    }
+}
+
+#[tokio::test]
+async fn password_is_required_and_used() {
+    let s = Standalone::start(&["--requirepass", "s3cr%t/x"]).await;
+    let err = RedisStore::open(&format!("redis://127.0.0.1:{}", s.port()))
+        .await
+        .err()
+        .expect("refused without the password");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let err = RedisStore::open(&format!("redis://:wrong@127.0.0.1:{}", s.port()))
+        .await
+        .err()
+        .expect("refused with a wrong password");
+    assert!(!err.to_string().contains("wrong"), "{err}");
+    let store = RedisStore::open(&format!("redis://:s3cr%25t%2Fx@127.0.0.1:{}", s.port()))
+        .await
+        .unwrap();
+    store.create_org(&org("mpt")).await.unwrap();
+}
+
+/// A server that goes away makes calls fail fast as Unavailable; when it is back, the
+/// same store works again without being reopened.
+#[tokio::test]
+async fn server_restart_is_survived() {
+    let mut s = Standalone::start(&[]).await;
+    let url = format!("redis://127.0.0.1:{}/0?timeout=1s", s.port());
+    let store = RedisStore::open(&url).await.unwrap();
+    let mut feed = store.changes().unwrap();
+    assert_eq!(next_change(&mut feed).await, DirectoryChange::All);
+    store.create_org(&org("mpt")).await.unwrap();
+    assert_eq!(
+        next_change(&mut feed).await,
+        DirectoryChange::Org("mpt".into())
+    );
+    s.server.kill();
+    let started = Instant::now();
+    assert!(matches!(
+        store.get_org("mpt").await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store.create_org(&org("mof")).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    s.restart().await;
+    // No persistence in the test server: the restarted one is empty.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.create_org(&org("mof")).await {
+            Ok(()) => break,
+            Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
+                tracing::debug!(%e, "not yet reconnected");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("store did not recover: {e:?}"),
+        }
+    }
+    assert_eq!(store.get_org("mof").await.unwrap(), Some(org("mof")));
+    // The feed subscribed again, said that anything may have changed meanwhile, and
+    // announces again.
+    assert_eq!(next_change(&mut feed).await, DirectoryChange::All);
+    store.create_org(&org("pmo")).await.unwrap();
+    let mut next = next_change(&mut feed).await;
+    if next == DirectoryChange::Org("mof".into()) {
+        // The resubscription beat the write of "mof".
+        next = next_change(&mut feed).await;
+    }
+    assert_eq!(next, DirectoryChange::Org("pmo".into()));
+}
+
+#[tokio::test]
+async fn tls_needs_a_trusted_certificate() {
+    let s = shared(&TLS, Tls::start).await;
+    // Without ca= the system roots do not know the test CA: the handshake fails.
+    let err = RedisStore::open(&format!("rediss://127.0.0.1:{}?timeout=2s", s.server.port))
+        .await
+        .err()
+        .expect("untrusted certificate refused");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    // Plain text to a TLS port does not work either.
+    assert!(
+        RedisStore::open(&format!(
+            "redis://127.0.0.1:{}?timeout=500ms",
+            s.server.port
+        ))
+        .await
+        .is_err()
+    );
+    let err = RedisStore::open(&format!(
+        "rediss://127.0.0.1:{}?ca=/nonexistent/ca.pem",
+        s.server.port
+    ))
+    .await
+    .err()
+    .expect("missing CA file");
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+}
+
+#[test]
+fn known_status_lists_name_every_status() {
+    for s in ORG_STATUSES {
+        s.parse::<OrgStatus>().unwrap();
+    }
+    for s in ACCOUNT_STATUSES {
+        s.parse::<AccountStatus>().unwrap();
+    }
+    // Exhaustive matches: adding a status fails to compile here until the lists follow.
+    let org_listed = |s: OrgStatus| match s {
+        OrgStatus::Active | OrgStatus::Ceased => ORG_STATUSES.contains(&s.as_str()),
+    };
+    assert!(
+        [OrgStatus::Active, OrgStatus::Ceased]
+            .into_iter()
+            .all(org_listed)
+    );
+    let acct_listed = |s: AccountStatus| match s {
+        AccountStatus::Pending
+        | AccountStatus::Active
+        | AccountStatus::Suspended
+        | AccountStatus::Withdrawn => ACCOUNT_STATUSES.contains(&s.as_str()),
+    };
+    assert!(
+        [
+            AccountStatus::Pending,
+            AccountStatus::Active,
+            AccountStatus::Suspended,
+            AccountStatus::Withdrawn
+        ]
+        .into_iter()
+        .all(acct_listed)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Sentinel failover
+
+/// Kill the primary: the sentinels promote the replica, and both store instances (opened
+/// before the failover) follow it on their own, within a bounded time.
+///
+/// What may be lost: replication is asynchronous, so a write the old primary acknowledged
+/// just before dying may never have reached the replica. This test waits (`WAIT 1`) until
+/// the replica has every write made before the kill, and then requires all of them to be
+/// there after the failover. Writes attempted during the gap fail as `Unavailable` (a
+/// tempfail on the mail path) and none of them may appear later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_is_followed() {
+    let mut s = Sentinel::start(Duration::from_millis(1000), true).await;
+    let old_primary = s.primary.port;
+    let url = format!(
+        "redis+sentinel://{}/{}?timeout=1s",
+        s.hosts(),
+        servers::SERVICE
+    );
+    let store = RedisStore::open(&url).await.unwrap();
+    let peer = RedisStore::open(&url).await.unwrap();
+    store.create_org(&org("mpt")).await.unwrap();
+    let before: Vec<Account> = (0..20)
+        .map(|i| account(&format!("before{i:02}@mpt.gov.la"), "mpt"))
+        .collect();
+    store.create_accounts(&before).await.unwrap();
+    let acked: i64 = query(old_primary, cmd("WAIT").arg(1).arg(5000))
+        .await
+        .unwrap();
+    assert_eq!(acked, 1, "the replica has every write");
+
+    s.primary.kill();
+    let killed = Instant::now();
+    let mut failed = Vec::new();
+    let mut i = 0;
+    let written = loop {
+        let a = account(&format!("during{i:03}@mpt.gov.la"), "mpt");
+        i += 1;
+        match store.create_account(&a).await {
+            Ok(()) => break a,
+            Err(StoreError::Unavailable(_)) => failed.push(a.address),
+            Err(e) => panic!("unexpected error during failover: {e:?}"),
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no new primary within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let recovered = killed.elapsed();
+    assert!(!failed.is_empty(), "the gap was not noticed at all");
+    assert_eq!(s.primary_port().await, Some(s.replica.port));
+
+    // Both instances see everything written before the kill and after the failover, and
+    // nothing that was refused during the gap.
+    for st in [&store, &peer] {
+        let mut got = None;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.is_none() {
+            match st.list_accounts(Some("mpt")).await {
+                Ok(list) => got = Some(list),
+                Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        let mut expected = before.clone();
+        expected.push(written.clone());
+        expected.sort_by_key(|a| a.address.to_string());
+        assert_eq!(got.unwrap(), expected);
+        for f in &failed {
+            assert_eq!(st.get_account(f).await.unwrap(), None);
+        }
+    }
+    // And writes keep working through the peer, on the new primary.
+    peer.create_account(&account("after@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+    let role: Vec<::redis::Value> = query(s.replica.port, &cmd("ROLE")).await.unwrap();
+    assert_eq!(
+        role.first(),
+        Some(&::redis::Value::BulkString(b"master".to_vec()))
+    );
+    eprintln!(
+        "sentinel failover: writes resumed {recovered:?} after the kill ({} refused meanwhile)",
+        failed.len()
+    );
+}
