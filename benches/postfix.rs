@@ -5,10 +5,13 @@
 //! Run as root on a machine with postfix and postfwd installed:
 //!
 //! ```sh
-//! cargo bench --bench postfix -- [ROUNDS] [MESSAGES] [SESSIONS] [SIZE]
+//! cargo bench --ignore-rust-version --bench postfix -- [policy|dkim] [ROUNDS] [MESSAGES] [SESSIONS] [SIZE]
 //! ```
 //!
-//! defaults 3 rounds, `smtp-source -s 20 -m 2000 -l 4096`. For every run it reports messages
+//! `policy` (default): bare Postfix, postfwd, mailwarden on the policy path, the milter path
+//! and both (default runtime, and one worker thread). `dkim`: bare Postfix, OpenDKIM signing
+//! RSA-2048, mailwarden signing RSA-2048, Ed25519 and both (milter path, all its rules on).
+//! Defaults 3 rounds, `smtp-source -s 20 -m 2000 -l 4096`. For every run it reports messages
 //! per second to the point where the sink has received them all, and the CPU time per message
 //! of the policy/milter daemon (mailwarden or postfwd, all its processes, from /proc).
 //! Postfix's own CPU is not included: it is the same program in every configuration.
@@ -168,47 +171,63 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
+    let mut args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    // First word picks the suite: `policy` (default) or `dkim`.
+    let suite = match args.first().map(String::as_str) {
+        Some("dkim") | Some("policy") => args.remove(0),
+        _ => "policy".to_owned(),
+    };
     let arg = |i: usize, d: u64| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(d);
     let rounds = arg(0, 3) as usize;
     let messages = arg(1, 2000);
     let sessions = arg(2, 20) as u32;
     let size = arg(3, 4096) as u32;
+    if suite == "dkim" {
+        dkim_suite(rounds, messages, sessions, size);
+    } else {
+        policy_suite(rounds, messages, sessions, size);
+    }
+}
 
+/// Registers the benchmark's organisation and 20 accounts (10 suspended) in `d`; returns the
+/// suspended addresses.
+fn seed(d: &Mailwarden) -> Vec<String> {
+    d.cli_ok(
+        "org",
+        &[
+            "add",
+            "mpt",
+            "--name",
+            "Ministry of Posts and Telecommunications",
+        ],
+    );
+    let mut suspended = Vec::new();
+    for i in 0..20 {
+        let addr = format!("user{i}@mpt.gov.la");
+        d.cli_ok(
+            "user",
+            &["add", &addr, "--kind", "person", "--status", "active"],
+        );
+        if i >= 10 {
+            d.cli_ok("user", &["suspend", &addr, "--reason", "bench"]);
+            suspended.push(addr);
+        }
+    }
+    suspended
+}
+
+/// mailwarden (policy, milter, both; default runtime and one worker thread) against bare
+/// Postfix and postfwd.
+fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     // Two daemons: the default runtime (one worker thread per CPU) and one worker thread
     // (`server.worker_threads = 1`), to show what the setting does on a small shared box.
     let mw = Mailwarden::start("");
     let mw1 = Mailwarden::start_env("", &[("TOKIO_WORKER_THREADS", "1")]);
-    let mut suspended = Vec::new();
-    for d in [&mw, &mw1] {
-        d.cli_ok(
-            "org",
-            &[
-                "add",
-                "mpt",
-                "--name",
-                "Ministry of Posts and Telecommunications",
-            ],
-        );
-    }
-    for i in 0..20 {
-        let addr = format!("user{i}@mpt.gov.la");
-        for d in [&mw, &mw1] {
-            d.cli_ok(
-                "user",
-                &["add", &addr, "--kind", "person", "--status", "active"],
-            );
-            if i >= 10 {
-                d.cli_ok("user", &["suspend", &addr, "--reason", "bench"]);
-            }
-        }
-        if i >= 10 {
-            suspended.push(addr);
-        }
-    }
+    let suspended = seed(&mw);
+    seed(&mw1);
     let postfwd = Postfwd::start(&suspended);
     let mw_pid = Some(mw.pid());
     let mw1_pid = Some(mw1.pid());
@@ -260,12 +279,157 @@ fn main() {
             daemon: Some((mw1_pid, "")),
         },
     ];
+    run_suite(&setups, rounds, messages, sessions, size);
+    drop(setups);
+    drop(postfwd);
+}
+
+/// mailwarden signing (RSA-2048, Ed25519, both) with its directory rules, against OpenDKIM
+/// signing RSA-2048 with the same messages, and bare Postfix.
+fn dkim_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
+    // OpenDKIM refuses keys and configs under a world-writable directory (like /tmp).
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dkim-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keygen = |sel: &str, alg: &str| -> std::path::PathBuf {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailwarden"))
+            .args([
+                "dkim",
+                "keygen",
+                "mpt.gov.la",
+                sel,
+                "--algorithm",
+                alg,
+                "--out",
+            ])
+            .arg(&dir)
+            .output()
+            .expect("run keygen");
+        assert!(
+            out.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir.join(format!("mpt.gov.la.{sel}.pem"))
+    };
+    let rsa = keygen("rsa", "rsa");
+    let ed = keygen("ed", "ed25519");
+    let key = |sel: &str, alg: &str, path: &std::path::Path| {
+        format!(
+            "[[dkim.keys]]\ndomain = \"mpt.gov.la\"\nselector = \"{sel}\"\nalgorithm = \"{alg}\"\nkey_file = \"{}\"\n",
+            path.display()
+        )
+    };
+    let internal = "[dkim]\ninternal_networks = [\"127.0.0.0/8\"]\n";
+    let rsa_key = key("rsa", "rsa-sha256", &rsa);
+    let ed_key = key("ed", "ed25519-sha256", &ed);
+    let mw_rsa = Mailwarden::start(&format!("{internal}{rsa_key}"));
+    let mw_ed = Mailwarden::start(&format!("{internal}{ed_key}"));
+    let mw_both = Mailwarden::start(&format!("{internal}{rsa_key}{ed_key}"));
+    for d in [&mw_rsa, &mw_ed, &mw_both] {
+        seed(d);
+    }
+    let od = OpenDkim::start(&dir, &rsa);
+    let setups = vec![
+        Setup {
+            name: "bare Postfix",
+            postfix: Postfix::start_full(Wiring::Bare, "", SinkMode::Count),
+            daemon: None,
+        },
+        Setup {
+            name: "OpenDKIM RSA-2048",
+            postfix: Postfix::start_full(Wiring::Milter(od.addr.clone()), "", SinkMode::Count),
+            daemon: Some((Some(od.pid()), "")),
+        },
+        Setup {
+            name: "mailwarden RSA-2048",
+            postfix: Postfix::start_full(
+                Wiring::Milter(mw_rsa.bound.milter.clone()),
+                "",
+                SinkMode::Count,
+            ),
+            daemon: Some((Some(mw_rsa.pid()), "")),
+        },
+        Setup {
+            name: "mailwarden Ed25519",
+            postfix: Postfix::start_full(
+                Wiring::Milter(mw_ed.bound.milter.clone()),
+                "",
+                SinkMode::Count,
+            ),
+            daemon: Some((Some(mw_ed.pid()), "")),
+        },
+        Setup {
+            name: "mailwarden RSA+Ed25519",
+            postfix: Postfix::start_full(
+                Wiring::Milter(mw_both.bound.milter.clone()),
+                "",
+                SinkMode::Count,
+            ),
+            daemon: Some((Some(mw_both.pid()), "")),
+        },
+    ];
+    run_suite(&setups, rounds, messages, sessions, size);
+    drop(setups);
+    drop(od);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+struct OpenDkim {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl OpenDkim {
+    /// OpenDKIM (Debian's `opendkim`) as a signing milter with the same RSA key,
+    /// relaxed/relaxed, signing mail from 127.0.0.0/8 like mailwarden's internal_networks.
+    fn start(dir: &std::path::Path, key: &std::path::Path) -> OpenDkim {
+        let bin = find_program("opendkim", &["/usr/sbin"]);
+        let port = free_port();
+        let conf = dir.join("opendkim.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Mode s\nSocket inet:{port}@127.0.0.1\nDomain mpt.gov.la\nSelector rsa\nKeyFile {}\n\
+                 Canonicalization relaxed/relaxed\nInternalHosts 127.0.0.0/8\nSyslog no\nBackground no\n",
+                key.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .args(["-f", "-x"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn opendkim");
+        wait_for("opendkim to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        OpenDkim {
+            child,
+            addr: format!("inet:127.0.0.1:{port}"),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for OpenDkim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_suite(setups: &[Setup], rounds: usize, messages: u64, sessions: u32, size: u32) {
     println!(
         "smtp-source -s {sessions} -m {messages} -l {size}; {rounds} interleaved round(s); \
          rate = messages / time until the sink has them all"
     );
     // Warm-up: one small run each (process pools, caches, connections).
-    for s in &setups {
+    for s in setups {
         run_once(s, 100, sessions.min(10), size);
     }
     let mut results: Vec<Vec<Run>> = setups.iter().map(|_| Vec::new()).collect();
@@ -286,9 +450,10 @@ fn main() {
     }
     println!("\nmedians over {rounds} round(s):");
     let bare = median(results[0].iter().map(|r| r.delivered_rate).collect());
-    let postfwd_rate = median(results[1].iter().map(|r| r.delivered_rate).collect());
+    let second_rate = median(results[1].iter().map(|r| r.delivered_rate).collect());
     println!(
-        "| setup | delivered msg/s | vs bare | vs postfwd | daemon CPU ms/msg |\n|---|---|---|---|---|"
+        "| setup | delivered msg/s | vs {} | vs {} | daemon CPU ms/msg |\n|---|---|---|---|---|",
+        setups[0].name, setups[1].name
     );
     for (s, rs) in setups.iter().zip(&results) {
         let rate = median(rs.iter().map(|r| r.delivered_rate).collect());
@@ -301,7 +466,7 @@ fn main() {
             s.name,
             rate,
             rate / bare,
-            rate / postfwd_rate,
+            rate / second_rate,
             if cpu.is_empty() {
                 "-".into()
             } else {
@@ -309,6 +474,4 @@ fn main() {
             }
         );
     }
-    drop(setups);
-    drop(postfwd);
 }

@@ -95,11 +95,10 @@ async fn negotiate(
     match features.negotiate(mta_actions, mta_opts) {
         Ok(n) => {
             let content = features.headers && features.body;
-            let leading_space = n.opts.contains(ProtoOpts::LEADING_SPACE);
             cx.requested_actions = n.actions;
             cx.requested_opts = n.opts;
             cx.requested_macros = n.macros;
-            session(&s, &mut cx.data).negotiated(content, leading_space);
+            session(&s, &mut cx.data).negotiated(content, n.opts);
             Status::Continue
         }
         Err(e) => {
@@ -203,7 +202,7 @@ async fn header(
 ) -> Status {
     let sess = session(&s, &mut cx.data);
     sess.header(name.as_bytes(), value.as_bytes());
-    Status::Continue
+    sess.header_status()
 }
 
 /// End of headers: R6 decides whether the message is signed (the From domain is known now);
@@ -236,8 +235,9 @@ async fn eoh(s: Arc<Shared>, cx: &mut Context<Session>) -> Status {
 }
 
 async fn body(s: Arc<Shared>, cx: &mut Context<Session>, chunk: impl AsRef<[u8]>) -> Status {
-    session(&s, &mut cx.data).body(chunk.as_ref());
-    Status::Continue
+    let sess = session(&s, &mut cx.data);
+    sess.body(chunk.as_ref());
+    sess.body_status()
 }
 
 async fn eom(s: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {

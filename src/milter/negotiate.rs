@@ -102,7 +102,13 @@ impl Features {
         if self.headers {
             // Header values exactly as in the message, with the space after the colon (and
             // inserted headers are taken as given: the signer adds that space itself).
-            opts |= ProtoOpts::LEADING_SPACE & mta_opts;
+            // No reply per header: a verdict on the headers is given at end of headers, so
+            // the MTA need not wait for one answer per header line.
+            opts |= (ProtoOpts::LEADING_SPACE | ProtoOpts::NOREPLY_HEADER) & mta_opts;
+        }
+        if self.body {
+            // Likewise per body chunk: body verdicts (signing failures) come at end of message.
+            opts |= ProtoOpts::NOREPLY_BODY & mta_opts;
         }
         Ok(Negotiated {
             actions,
@@ -236,6 +242,8 @@ mod tests {
                 | ProtoOpts::NO_CONNECT
                 | ProtoOpts::NO_HELO
                 | ProtoOpts::LEADING_SPACE
+                | ProtoOpts::NOREPLY_HEADER
+                | ProtoOpts::NOREPLY_BODY
         );
         assert_eq!(Features::default().with_dkim(), dkim);
 

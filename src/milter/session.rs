@@ -65,6 +65,9 @@ pub struct Session {
     /// The MTA sends header values with the space after the colon (and takes inserted
     /// values as given).
     leading_space: bool,
+    /// The MTA expects no reply to each header / body chunk (negotiated `NOREPLY_*`).
+    noreply_header: bool,
+    noreply_body: bool,
     /// The header section in wire form, kept until the end of headers (only with `content`).
     header_block: Vec<u8>,
     /// The header section outgrew [`MAX_HEADER_BLOCK`].
@@ -84,6 +87,8 @@ impl Session {
             previous_queue_id: None,
             content: false,
             leading_space: false,
+            noreply_header: false,
+            noreply_body: false,
             header_block: Vec::new(),
             header_overflow: false,
             signing: None,
@@ -93,9 +98,29 @@ impl Session {
 
     /// Records what was negotiated: whether headers and body arrive (`content`), and with
     /// the space after the colon (`leading_space`).
-    pub fn negotiated(&mut self, content: bool, leading_space: bool) {
+    pub fn negotiated(&mut self, content: bool, opts: indymilter::ProtoOpts) {
         self.content = content;
-        self.leading_space = leading_space;
+        self.leading_space = opts.contains(indymilter::ProtoOpts::LEADING_SPACE);
+        self.noreply_header = opts.contains(indymilter::ProtoOpts::NOREPLY_HEADER);
+        self.noreply_body = opts.contains(indymilter::ProtoOpts::NOREPLY_BODY);
+    }
+
+    /// The status for a header callback: no reply at all when the MTA agreed to that.
+    pub fn header_status(&self) -> indymilter::Status {
+        if self.noreply_header {
+            indymilter::Status::Noreply
+        } else {
+            indymilter::Status::Continue
+        }
+    }
+
+    /// The status for a body callback, likewise.
+    pub fn body_status(&self) -> indymilter::Status {
+        if self.noreply_body {
+            indymilter::Status::Noreply
+        } else {
+            indymilter::Status::Continue
+        }
     }
 
     /// Whether headers and body are seen on this connection.
