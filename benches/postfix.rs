@@ -127,6 +127,26 @@ struct Setup {
     daemon: Option<(Option<u32>, &'static str)>,
 }
 
+impl Setup {
+    /// A counting Postfix wired as given; `pid` is the daemon whose CPU is counted.
+    fn new(name: &'static str, wiring: Wiring, pid: Option<u32>) -> Setup {
+        Setup {
+            name,
+            postfix: Postfix::start_full(wiring, "", SinkMode::Count),
+            daemon: pid.map(|p| (Some(p), "")),
+        }
+    }
+
+    /// Postfix with `mw` as its milter.
+    fn milter(name: &'static str, mw: &Mailwarden) -> Setup {
+        Setup::new(
+            name,
+            Wiring::Milter(mw.bound.milter.clone()),
+            Some(mw.pid()),
+        )
+    }
+}
+
 struct Run {
     accepted_rate: f64,
     delivered_rate: f64,
@@ -229,55 +249,23 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     let suspended = seed(&mw);
     seed(&mw1);
     let postfwd = Postfwd::start(&suspended);
-    let mw_pid = Some(mw.pid());
-    let mw1_pid = Some(mw1.pid());
+    let both = |d: &Mailwarden| Wiring::Both(d.bound.policy.clone(), d.bound.milter.clone());
     let setups = vec![
-        Setup {
-            name: "bare Postfix",
-            postfix: Postfix::start_full(Wiring::Bare, "", SinkMode::Count),
-            daemon: None,
-        },
+        Setup::new("bare Postfix", Wiring::Bare, None),
         Setup {
             name: "postfwd (policy)",
             postfix: Postfix::start_full(Wiring::Policy(postfwd.addr.clone()), "", SinkMode::Count),
+            // postfwd2 is a master with preforked children: count them all by name.
             daemon: Some((None, "postfwd")),
         },
-        Setup {
-            name: "mailwarden policy",
-            postfix: Postfix::start_full(
-                Wiring::Policy(mw.bound.policy.clone()),
-                "",
-                SinkMode::Count,
-            ),
-            daemon: Some((mw_pid, "")),
-        },
-        Setup {
-            name: "mailwarden milter",
-            postfix: Postfix::start_full(
-                Wiring::Milter(mw.bound.milter.clone()),
-                "",
-                SinkMode::Count,
-            ),
-            daemon: Some((mw_pid, "")),
-        },
-        Setup {
-            name: "mailwarden both",
-            postfix: Postfix::start_full(
-                Wiring::Both(mw.bound.policy.clone(), mw.bound.milter.clone()),
-                "",
-                SinkMode::Count,
-            ),
-            daemon: Some((mw_pid, "")),
-        },
-        Setup {
-            name: "mailwarden both 1thr",
-            postfix: Postfix::start_full(
-                Wiring::Both(mw1.bound.policy.clone(), mw1.bound.milter.clone()),
-                "",
-                SinkMode::Count,
-            ),
-            daemon: Some((mw1_pid, "")),
-        },
+        Setup::new(
+            "mailwarden policy",
+            Wiring::Policy(mw.bound.policy.clone()),
+            Some(mw.pid()),
+        ),
+        Setup::milter("mailwarden milter", &mw),
+        Setup::new("mailwarden both", both(&mw), Some(mw.pid())),
+        Setup::new("mailwarden both 1thr", both(&mw1), Some(mw1.pid())),
     ];
     run_suite(&setups, rounds, messages, sessions, size);
     drop(setups);
@@ -331,43 +319,15 @@ fn dkim_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     }
     let od = OpenDkim::start(&dir, &rsa);
     let setups = vec![
-        Setup {
-            name: "bare Postfix",
-            postfix: Postfix::start_full(Wiring::Bare, "", SinkMode::Count),
-            daemon: None,
-        },
-        Setup {
-            name: "OpenDKIM RSA-2048",
-            postfix: Postfix::start_full(Wiring::Milter(od.addr.clone()), "", SinkMode::Count),
-            daemon: Some((Some(od.pid()), "")),
-        },
-        Setup {
-            name: "mailwarden RSA-2048",
-            postfix: Postfix::start_full(
-                Wiring::Milter(mw_rsa.bound.milter.clone()),
-                "",
-                SinkMode::Count,
-            ),
-            daemon: Some((Some(mw_rsa.pid()), "")),
-        },
-        Setup {
-            name: "mailwarden Ed25519",
-            postfix: Postfix::start_full(
-                Wiring::Milter(mw_ed.bound.milter.clone()),
-                "",
-                SinkMode::Count,
-            ),
-            daemon: Some((Some(mw_ed.pid()), "")),
-        },
-        Setup {
-            name: "mailwarden RSA+Ed25519",
-            postfix: Postfix::start_full(
-                Wiring::Milter(mw_both.bound.milter.clone()),
-                "",
-                SinkMode::Count,
-            ),
-            daemon: Some((Some(mw_both.pid()), "")),
-        },
+        Setup::new("bare Postfix", Wiring::Bare, None),
+        Setup::new(
+            "OpenDKIM RSA-2048",
+            Wiring::Milter(od.addr.clone()),
+            Some(od.pid()),
+        ),
+        Setup::milter("mailwarden RSA-2048", &mw_rsa),
+        Setup::milter("mailwarden Ed25519", &mw_ed),
+        Setup::milter("mailwarden RSA+Ed25519", &mw_both),
     ];
     run_suite(&setups, rounds, messages, sessions, size);
     drop(setups);
