@@ -46,8 +46,11 @@ async fn open(m: &Milter, client_ip: &str) -> MtaConnection {
         c.connect("client.example", ip, &[]).await.unwrap(),
         Status::Continue
     );
+    // Over TLS: R11 (TLS-only submission) has its own tests.
     assert_eq!(
-        c.helo("client.example", &[]).await.unwrap(),
+        c.helo("client.example", &[("{tls_version}", "TLSv1.3")])
+            .await
+            .unwrap(),
         Status::Continue
     );
     c
