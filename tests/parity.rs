@@ -485,8 +485,28 @@ async fn r11_tls_state_gives_the_same_verdict_through_both() {
         ("127.0.0.1", "", "", champa, None),
         ("192.0.2.7", "", "", "nobody@mpt.gov.la", Some("553 5.7.1")), // R9 first
     ];
+    run_envelopes(&both, &cases).await;
+    let (policy_counts, milter_counts) = both.counted();
+    assert_eq!(
+        policy_counts, milter_counts,
+        "verdicts counted: policy vs milter"
+    );
+    assert_eq!(
+        policy_counts.get(r#"rule="R11",stage="mail",outcome="reject""#),
+        Some(&2),
+        "{policy_counts:?}"
+    );
+    both.stop().await;
+}
+
+/// (client, SASL login, TLS protocol, sender, expected codes)
+type Envelope<'a> = (&'a str, &'a str, &'a str, &'a str, Option<&'a str>);
+
+/// Runs each envelope through a policy request carrying its facts and a fresh milter
+/// session whose HELO and MAIL macros carry them; both must give the expected verdict.
+async fn run_envelopes(both: &Both, cases: &[Envelope<'_>]) {
     let mut policy = Client::connect(&both.policy.addr).await.unwrap();
-    for (client, sasl, tls, sender, want) in cases {
+    for &(client, sasl, tls, sender, want) in cases {
         let request = Request::from_attrs([
             ("request", "smtpd_access_policy"),
             ("protocol_state", "RCPT"),
@@ -527,14 +547,35 @@ async fn r11_tls_state_gives_the_same_verdict_through_both() {
         assert_eq!(by_policy, by_milter, "{label}: policy vs milter");
         assert_eq!(by_policy.codes().as_deref(), want, "{label}: {by_policy:?}");
     }
+}
+
+/// R10's envelope facts (client address, SASL login) through both, with `mpt` declaring
+/// 203.0.113.0/24 as its relay network.
+#[tokio::test]
+async fn r10_relay_networks_give_the_same_verdict_through_both() {
+    let store = seeded_store().await;
+    use mailwarden::store::Store;
+    store
+        .change_org_relays("mpt", &["203.0.113.0/24".parse().unwrap()], &[])
+        .await
+        .unwrap();
+    let both = Both::spawn("", store).await;
+    let champa = "champa@mpt.gov.la";
+    let cases: [Envelope; 4] = [
+        ("192.0.2.7", "", "TLSv1.3", champa, Some("550 5.7.1")),
+        ("203.0.113.9", "", "TLSv1.3", champa, None),
+        ("192.0.2.7", champa, "TLSv1.3", champa, None), // authenticated
+        ("192.0.2.7", "", "TLSv1.3", "x@example.org", None),
+    ];
+    run_envelopes(&both, &cases).await;
     let (policy_counts, milter_counts) = both.counted();
     assert_eq!(
         policy_counts, milter_counts,
         "verdicts counted: policy vs milter"
     );
     assert_eq!(
-        policy_counts.get(r#"rule="R11",stage="mail",outcome="reject""#),
-        Some(&2),
+        policy_counts.get(r#"rule="R10",stage="mail",outcome="reject""#),
+        Some(&1),
         "{policy_counts:?}"
     );
     both.stop().await;

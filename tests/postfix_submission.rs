@@ -1,4 +1,5 @@
-//! R11 (TLS-only submission) through real Postfix, through each front-end. The private
+//! R11 (TLS-only submission) through real Postfix, through each front-end, and R10
+//! (authorised relay networks) through the milter. The private
 //! Postfix offers no TLS at all; XCLIENT (`smtpd_authorized_xclient_hosts = 127.0.0.1`, swaks
 //! `--xclient-addr` / `--xclient-login`) lets the test client appear from a non-exempt
 //! address and as a SASL-authenticated user, as a real submission client would be.
@@ -18,7 +19,11 @@ const OUTSIDE: &str = "friend@example.org";
 const EXTRA: &str = "smtpd_authorized_xclient_hosts = 127.0.0.1\nrelay_domains = example.org\n";
 
 fn setup(wiring: impl Fn(&Mailwarden) -> Wiring) -> (Mailwarden, Postfix) {
-    let mw = Mailwarden::start("");
+    setup_with("", wiring)
+}
+
+fn setup_with(rules: &str, wiring: impl Fn(&Mailwarden) -> Wiring) -> (Mailwarden, Postfix) {
+    let mw = Mailwarden::start(rules);
     mw.cli_ok(
         "org",
         &[
@@ -38,7 +43,11 @@ fn setup(wiring: impl Fn(&Mailwarden) -> Wiring) -> (Mailwarden, Postfix) {
 
 /// `from` sent from the documentation address 192.0.2.7, optionally logged in as `login`.
 fn from_outside(pf: &Postfix, from: &str, login: Option<&str>) -> Sent {
-    let mut extra = vec!["--xclient-addr", "192.0.2.7"];
+    from_addr(pf, "192.0.2.7", from, login)
+}
+
+fn from_addr(pf: &Postfix, client: &str, from: &str, login: Option<&str>) -> Sent {
+    let mut extra = vec!["--xclient-addr", client];
     if let Some(l) = login {
         extra.extend(["--xclient-login", l]);
     }
@@ -97,4 +106,44 @@ fn r11_submission_without_tls_is_refused_530_5_7_0_through_the_milter() {
 fn r11_submission_without_tls_is_refused_530_5_7_0_through_policy() {
     let (mw, pf) = setup(|mw| Wiring::Policy(mw.bound.policy.clone()));
     check(&pf, &mw, "RCPT TO", "policy");
+}
+
+#[test]
+fn r10_unauthorised_relay_is_refused_550_5_7_1() {
+    // 203.0.113.0/24 stands for mpt's servers at the data centre; they have no TLS in this
+    // test, so they are exempted from R11 to show R10 alone.
+    let (mw, pf) = setup_with(
+        "[rules.R11]\nexempt_networks = [\"127.0.0.0/8\", \"203.0.113.0/24\"]\n",
+        |mw| Wiring::Milter(mw.bound.milter.clone()),
+    );
+    // No networks declared yet: R10 does not apply.
+    let before = from_addr(&pf, "203.0.113.5", CHAMPA, None);
+    assert!(before.queued(), "{}", before.transcript);
+    mw.cli_ok("org", &["relays", "mpt", "--add", "203.0.113.0/24"]);
+
+    let refused = from_addr(&pf, "198.51.100.9", CHAMPA, None);
+    let reply = refused.expect_reply("MAIL FROM");
+    assert!(
+        reply.starts_with("550 5.7.1 ")
+            && reply.contains("198.51.100.9 is not an authorised relay for mpt.gov.la"),
+        "{reply}\n{}",
+        refused.transcript
+    );
+    assert!(!refused.queued());
+    // From the declared network: taken.
+    let relayed = from_addr(&pf, "203.0.113.5", CHAMPA, None);
+    assert!(relayed.queued(), "{}", relayed.transcript);
+    pf.wait_delivered(&relayed.tag);
+    assert_eq!(
+        mw.sample(
+            "mailwarden_verdicts_total",
+            &[
+                ("rule", "R10"),
+                ("stage", "mail"),
+                ("outcome", "reject"),
+                ("protocol", "milter")
+            ]
+        ),
+        1.0
+    );
 }

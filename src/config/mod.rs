@@ -75,7 +75,7 @@ pub struct Config {
     pub log: LogConfig,
     /// DKIM signing (R6): keys, signed headers, internal networks.
     pub dkim: DkimConfig,
-    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R11`).
+    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R10`, `R11`).
     pub rules: BTreeMap<String, RuleTable>,
 }
 
@@ -280,6 +280,9 @@ impl Default for RuleConfig {
 pub struct RuleTable {
     pub mode: Mode,
     pub on_store_error: OnError,
+    /// R10 only: clients allowed to relay mail of every local domain without SASL (the
+    /// MTA's own submission and webmail hosts), besides each organisation's relay networks.
+    pub trusted_networks: Option<Vec<IpNet>>,
     /// R11 only: clients that may submit without TLS. Default: loopback.
     pub exempt_networks: Option<Vec<IpNet>>,
 }
@@ -290,6 +293,7 @@ impl Default for RuleTable {
         RuleTable {
             mode: c.mode,
             on_store_error: c.on_store_error,
+            trusted_networks: None,
             exempt_networks: None,
         }
     }
@@ -313,7 +317,14 @@ pub enum OnError {
 }
 
 /// Rules this build implements; a `[rules.X]` table for anything else is an error.
-pub const KNOWN_RULES: [RuleId; 5] = [RuleId::R1, RuleId::R2, RuleId::R6, RuleId::R9, RuleId::R11];
+pub const KNOWN_RULES: [RuleId; 6] = [
+    RuleId::R1,
+    RuleId::R2,
+    RuleId::R6,
+    RuleId::R9,
+    RuleId::R10,
+    RuleId::R11,
+];
 
 impl Config {
     /// Reads, parses and validates a config file, reporting every error found.
@@ -482,7 +493,10 @@ impl Config {
         }
         self.dkim.validate(&mut err);
         for (name, table) in &self.rules {
-            for (key, set, owner) in [("exempt_networks", table.exempt_networks.is_some(), "R11")] {
+            for (key, set, owner) in [
+                ("trusted_networks", table.trusted_networks.is_some(), "R10"),
+                ("exempt_networks", table.exempt_networks.is_some(), "R11"),
+            ] {
                 if set && name != owner {
                     err(
                         &format!("rules.{name}.{key}"),
@@ -511,6 +525,14 @@ impl Config {
                 mode: t.mode,
                 on_store_error: t.on_store_error,
             })
+            .unwrap_or_default()
+    }
+
+    /// R10's `trusted_networks` (none by default).
+    pub fn relay_trusted_networks(&self) -> Vec<IpNet> {
+        self.rules
+            .get(RuleId::R10.as_str())
+            .and_then(|t| t.trusted_networks.clone())
             .unwrap_or_default()
     }
 

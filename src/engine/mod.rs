@@ -35,6 +35,8 @@ pub struct StoreFailure(pub String);
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<(RuleId, RuleConfig)>,
+    /// R10: clients trusted to relay for every local domain (`[rules.R10] trusted_networks`).
+    pub relay_trusted_networks: Vec<IpNet>,
     /// R11: clients that may submit without TLS (`[rules.R11] exempt_networks`).
     pub tls_exempt_networks: Vec<IpNet>,
 }
@@ -46,6 +48,7 @@ impl Policy {
                 .iter()
                 .map(|&r| (r, config.rule(r)))
                 .collect(),
+            relay_trusted_networks: config.relay_trusted_networks(),
             tls_exempt_networks: config.tls_exempt_networks(),
         }
     }
@@ -65,7 +68,7 @@ impl Policy {
 }
 
 /// Rules that judge the envelope sender at MAIL (and need its directory lookup).
-pub const SENDER_RULES: [RuleId; 3] = [RuleId::R2, RuleId::R9, RuleId::R11];
+pub const SENDER_RULES: [RuleId; 4] = [RuleId::R2, RuleId::R9, RuleId::R10, RuleId::R11];
 /// Of those, the rules that judge the sender's own account (the lookup is always needed).
 const SENDER_ACCOUNT_RULES: [RuleId; 2] = [RuleId::R2, RuleId::R9];
 /// Rules that judge a recipient at RCPT.
@@ -156,6 +159,9 @@ pub fn check_sender(policy: &Policy, tx: &Transaction, lookup: Option<&Lookup>) 
         (Some(_), Some(Err(e))) => Err(e),
         _ => Ok(None),
     };
+    if let Some(sender) = sender {
+        rules::submission::relay(&mut v, tx, sender, sender_org);
+    }
     rules::submission::tls(&mut v, tx, sender_org);
     v.finish()
 }
