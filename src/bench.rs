@@ -75,6 +75,7 @@ async fn seed(db: &Path, accounts: usize) -> anyhow::Result<Vec<String>> {
             status_reason: None,
             created_at: now,
             status_changed_at: now,
+            relay_networks: Vec::new(),
         })
         .await?;
     let mut rows = Vec::with_capacity(accounts + 1);

@@ -3,10 +3,11 @@
 //! the engine stays free of I/O.
 
 use crate::config::Config;
+use crate::config::in_networks;
 use crate::dkim::SigningKey;
 use crate::engine::rules::dkim::{self as r6, NotSigned, SigningPlan};
 use crate::engine::{self, Lookup, Policy};
-use crate::model::{Action, Address, Decision, Stage, Transaction};
+use crate::model::{Action, Address, Decision, Mode, RuleId, Stage, Transaction};
 use crate::store::cache::CachedDirectory;
 use crate::telemetry::{self, Metrics};
 use arc_swap::ArcSwap;
@@ -111,7 +112,22 @@ impl Checker {
         let snap = self.snapshot();
         let dkim = &snap.config.dkim;
         let ring = &dkim.keyring;
-        let internal = dkim.is_internal(tx.client_addr);
+        let mut internal = dkim.is_internal(tx.client_addr);
+        // An authorised relay of the author domain's organisation (R10, Art. 7) submits
+        // outbound mail of ours too: it is signed like an internal client's.
+        if !internal
+            && tx.sasl_username.is_none()
+            && snap.policy.rule(RuleId::R6).mode != Mode::Off
+            && !ring.is_empty()
+        {
+            if let (Some(ip), Some(domain)) = (tx.client_addr, tx.author_domain()) {
+                internal = match self.directory.org_by_domain(domain).await {
+                    Ok(org) => org.is_some_and(|o| in_networks(&o.relay_networks, ip)),
+                    // Unknown: let R6 decide with its own lookup (and on_store_error).
+                    Err(_) => true,
+                };
+            }
+        }
         let (decision, plan, domain) =
             match r6::candidate(&snap.policy, tx, internal, !ring.is_empty()) {
                 Err(reason) => (Decision::pass(), SigningPlan::NotSigned(reason), None),

@@ -936,3 +936,93 @@ async fn shutdown_closes_idle_keep_alive_connections() {
     assert_eq!(s, StatusCode::OK);
     api.stop().await;
 }
+
+#[tokio::test]
+async fn relay_networks_are_added_removed_audited_and_reach_the_mail_path() {
+    let api = Api::start().await;
+    api.mpt().await;
+    api.post("/v1/users", WRITE, user("champa@mpt.gov.la", "person"))
+        .await;
+    // From 192.0.2.10 over TLS, not authenticated: fine while mpt declares no networks.
+    let mut tx = Transaction::new(Protocol::Policy);
+    tx.client_addr = Some("192.0.2.10".parse().unwrap());
+    tx.tls_version = Some("TLSv1.3".into());
+    tx.sender = Some(mailwarden::model::Sender::parse("champa@mpt.gov.la"));
+    assert_eq!(api.checker.check_mail(&tx).await.action, Action::Continue);
+
+    // Read scope cannot change them; bad CIDRs are a 400 naming the value.
+    let (s, _) = api
+        .post(
+            "/v1/orgs/mpt/relays",
+            READ,
+            json!({"add": ["203.0.113.0/24"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, b) = api
+        .post(
+            "/v1/orgs/mpt/relays",
+            WRITE,
+            json!({"add": ["203.0.113.0/33"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b.to_string().contains("203.0.113.0/33"), "{b}");
+    let (s, _) = api.post("/v1/orgs/mpt/relays", WRITE, json!({})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = api
+        .post(
+            "/v1/orgs/nope/relays",
+            WRITE,
+            json!({"add": ["10.0.0.0/8"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let (s, b) = api
+        .post(
+            "/v1/orgs/MPT/relays",
+            WRITE,
+            json!({"add": ["203.0.113.7/24", "2001:db8::1"], "reason": "NIDC servers"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        b["relay_networks"],
+        json!(["203.0.113.0/24", "2001:db8::1/128"])
+    );
+    // At once on the mail path: 192.0.2.10 is not one of them.
+    match api.checker.check_mail(&tx).await.action {
+        Action::Reject(r) => assert_eq!((r.code, r.enhanced), (550, "5.7.1")),
+        other => panic!("unauthorised relay accepted: {other:?}"),
+    }
+    tx.client_addr = Some("203.0.113.25".parse().unwrap());
+    assert_eq!(api.checker.check_mail(&tx).await.action, Action::Continue);
+
+    let (s, b) = api
+        .post(
+            "/v1/orgs/mpt/relays",
+            WRITE,
+            json!({"remove": ["203.0.113.0/24"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["relay_networks"], json!(["2001:db8::1/128"]));
+    let (_, shown) = api.get("/v1/orgs/mpt", READ).await;
+    assert_eq!(shown["relay_networks"], json!(["2001:db8::1/128"]));
+
+    let audit = api.audit();
+    let relays: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["action"] == "org.relays")
+        .collect();
+    assert_eq!(relays.len(), 2);
+    assert_eq!(relays[0]["object"], "mpt");
+    assert_eq!(relays[0]["before"]["relay_networks"], json!([]));
+    assert_eq!(relays[0]["reason"], "NIDC servers");
+    assert_eq!(
+        relays[1]["after"]["relay_networks"],
+        json!(["2001:db8::1/128"])
+    );
+    api.stop().await;
+}

@@ -389,3 +389,65 @@ async fn cli_drives_a_running_daemon_and_the_mail_path_sees_the_change() {
     tx.send(Control::Shutdown).await.unwrap();
     serving.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn org_relays_lists_adds_and_removes() {
+    let api = Api::start().await;
+    let u = api.url.as_str();
+    let o = run(
+        u,
+        WRITE,
+        &["org", "add", "mpt", "--name", "Ministry of Posts"],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+
+    let o = run(u, READ, &["org", "relays", "mpt"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(
+        out(&o).contains("no relay networks declared"),
+        "{}",
+        out(&o)
+    );
+
+    let o = run(
+        u,
+        WRITE,
+        &[
+            "org",
+            "relays",
+            "mpt",
+            "--add",
+            "203.0.113.0/24",
+            "--add",
+            "2001:db8::/48",
+        ],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_eq!(out(&o), "203.0.113.0/24\n2001:db8::/48\n");
+
+    let o = run(
+        u,
+        WRITE,
+        &["org", "relays", "mpt", "--remove", "203.0.113.0/24"],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_eq!(out(&o), "2001:db8::/48\n");
+    let o = run(u, READ, &["org", "relays", "mpt"]).await;
+    assert_eq!(out(&o), "2001:db8::/48\n");
+    let o = run(u, READ, &["org", "show", "mpt"]).await;
+    assert!(out(&o).contains("relay_networks"), "{}", out(&o));
+
+    // A bad network: a usage error naming it; nothing changed.
+    let o = run(u, WRITE, &["org", "relays", "mpt", "--add", "not-a-net"]).await;
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("not-a-net"), "{}", err(&o));
+    // Read scope cannot change them.
+    let o = run(u, READ, &["org", "relays", "mpt", "--add", "10.0.0.0/8"]).await;
+    assert_ne!(code(&o), 0);
+    let o = run(u, READ, &["org", "relays", "mpt"]).await;
+    assert_eq!(out(&o), "2001:db8::/48\n");
+    api.stop().await;
+}

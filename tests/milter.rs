@@ -570,6 +570,9 @@ async fn the_daemon_drains_the_milter_on_shutdown() {
     c.connect("mx.example.org", CLIENT_IP.parse().unwrap(), &[])
         .await
         .unwrap();
+    c.helo("mx.example.org", &[("{tls_version}", "TLSv1.3")])
+        .await
+        .unwrap();
     assert_eq!(
         c.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap(),
         Status::Continue

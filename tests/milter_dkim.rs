@@ -46,8 +46,11 @@ async fn open(m: &Milter, client_ip: &str) -> MtaConnection {
         c.connect("client.example", ip, &[]).await.unwrap(),
         Status::Continue
     );
+    // Over TLS: R11 (TLS-only submission) has its own tests.
     assert_eq!(
-        c.helo("client.example", &[]).await.unwrap(),
+        c.helo("client.example", &[("{tls_version}", "TLSv1.3")])
+            .await
+            .unwrap(),
         Status::Continue
     );
     c
@@ -238,6 +241,44 @@ async fn internal_network_client_is_signed_without_authentication() {
         [vec![true, true]]
     );
     c.close().await.unwrap();
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn an_authorised_relay_of_the_organisation_is_signed_without_authentication() {
+    let store = seeded_store().await;
+    {
+        use mailwarden::store::Store;
+        store
+            .change_org_relays("mpt", &["203.0.113.0/24".parse().unwrap()], &[])
+            .await
+            .unwrap();
+    }
+    let m = Milter::spawn(&config("mpt.gov.la", ""), store.clone()).await;
+    let mut c = open(&m, "203.0.113.5").await;
+    let msg = message("champa@mpt.gov.la", None);
+    let (out, actions) = send(&mut c, &msg).await;
+    assert_eq!(out.eom, Some(Status::Continue));
+    let sigs = signatures(&actions);
+    assert_eq!(sigs.len(), 2);
+    assert_eq!(
+        verify::dkimpy(&[delivered(&msg, &sigs)], &records(&m)),
+        [vec![true, true]]
+    );
+    c.close().await.unwrap();
+    // Outside the relay networks, unauthenticated: not signed (R10 itself refuses it at MAIL
+    // when enforced; here it is in monitor mode so the message reaches end of message).
+    let m2 = Milter::spawn(
+        &config("mpt.gov.la", "[rules.R10]\nmode = \"monitor\"\n"),
+        store,
+    )
+    .await;
+    let mut c = open(&m2, "192.0.2.7").await;
+    let (out, actions) = send(&mut c, &msg).await;
+    assert_eq!(out.eom, Some(Status::Continue));
+    assert!(signatures(&actions).is_empty());
+    c.close().await.unwrap();
+    m2.stop().await;
     m.stop().await;
 }
 

@@ -27,6 +27,7 @@ use mailwarden::checker::Checker;
 use mailwarden::config::{Config, ListenAddr};
 use mailwarden::milter::client::{MtaConnection, Status};
 use mailwarden::net::Listener;
+use mailwarden::policy::codec::Request;
 use mailwarden::policy::loadgen::{Client, rcpt_request};
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 use tokio::task::JoinHandle;
@@ -260,8 +261,12 @@ impl Both {
             milter.connect("mx.example.org", ip, &[]).await.unwrap(),
             Status::Continue
         );
+        // Over TLS, like the policy requests (`encryption_protocol=TLSv1.3`).
         assert_eq!(
-            milter.helo("mx.example.org", &[]).await.unwrap(),
+            milter
+                .helo("mx.example.org", &[("{tls_version}", "TLSv1.3")])
+                .await
+                .unwrap(),
             Status::Continue
         );
         let mut verdicts = Vec::new();
@@ -461,6 +466,117 @@ async fn a_store_outage_tempfails_451_4_3_0_through_both() {
         policy.values().sum::<u64>(),
         CASES.len() as u64,
         "{policy:?}"
+    );
+    both.stop().await;
+}
+
+/// R11's envelope facts (client, SASL login, TLS) through both: a policy request carrying
+/// them, and a milter session whose HELO and MAIL macros carry them.
+#[tokio::test]
+async fn r11_tls_state_gives_the_same_verdict_through_both() {
+    let both = Both::spawn("", seeded_store().await).await;
+    let champa = "champa@mpt.gov.la";
+    // (client, SASL login, TLS protocol, sender, expected codes)
+    let cases: [(&str, &str, &str, &str, Option<&str>); 6] = [
+        ("192.0.2.7", "", "", champa, Some("530 5.7.0")),
+        ("192.0.2.7", champa, "", "x@example.org", Some("530 5.7.0")),
+        ("192.0.2.7", champa, "TLSv1.3", champa, None),
+        ("192.0.2.7", "", "", "x@example.org", None),
+        ("127.0.0.1", "", "", champa, None),
+        ("192.0.2.7", "", "", "nobody@mpt.gov.la", Some("553 5.7.1")), // R9 first
+    ];
+    run_envelopes(&both, &cases).await;
+    let (policy_counts, milter_counts) = both.counted();
+    assert_eq!(
+        policy_counts, milter_counts,
+        "verdicts counted: policy vs milter"
+    );
+    assert_eq!(
+        policy_counts.get(r#"rule="R11",stage="mail",outcome="reject""#),
+        Some(&2),
+        "{policy_counts:?}"
+    );
+    both.stop().await;
+}
+
+/// (client, SASL login, TLS protocol, sender, expected codes)
+type Envelope<'a> = (&'a str, &'a str, &'a str, &'a str, Option<&'a str>);
+
+/// Runs each envelope through a policy request carrying its facts and a fresh milter
+/// session whose HELO and MAIL macros carry them; both must give the expected verdict.
+async fn run_envelopes(both: &Both, cases: &[Envelope<'_>]) {
+    let mut policy = Client::connect(&both.policy.addr).await.unwrap();
+    for &(client, sasl, tls, sender, want) in cases {
+        let request = Request::from_attrs([
+            ("request", "smtpd_access_policy"),
+            ("protocol_state", "RCPT"),
+            ("client_address", client),
+            ("sasl_username", sasl),
+            ("encryption_protocol", tls),
+            ("sender", sender),
+            ("recipient", "friend@example.org"),
+        ]);
+        let action = policy.ask(&request).await.unwrap();
+        let by_policy = if action == "DUNNO" {
+            Verdict::Pass
+        } else {
+            Verdict::Refused(action)
+        };
+
+        let mut milter = MtaConnection::open(&both.milter.addr, TIMEOUT)
+            .await
+            .unwrap();
+        let ip: IpAddr = client.parse().unwrap();
+        milter.connect("client.example", ip, &[]).await.unwrap();
+        let helo_macros: Vec<(&str, &str)> = if tls.is_empty() {
+            vec![]
+        } else {
+            vec![("{tls_version}", tls)]
+        };
+        milter.helo("client.example", &helo_macros).await.unwrap();
+        let mail_macros: Vec<(&str, &str)> = if sasl.is_empty() {
+            vec![]
+        } else {
+            vec![("{auth_authen}", sasl)]
+        };
+        let sender_arg = format!("<{sender}>");
+        let by_milter = milter_verdict(milter.mail(&[&sender_arg], &mail_macros).await.unwrap());
+        milter.close().await.unwrap();
+
+        let label = format!("{client} sasl={sasl:?} tls={tls:?} {sender}");
+        assert_eq!(by_policy, by_milter, "{label}: policy vs milter");
+        assert_eq!(by_policy.codes().as_deref(), want, "{label}: {by_policy:?}");
+    }
+}
+
+/// R10's envelope facts (client address, SASL login) through both, with `mpt` declaring
+/// 203.0.113.0/24 as its relay network.
+#[tokio::test]
+async fn r10_relay_networks_give_the_same_verdict_through_both() {
+    let store = seeded_store().await;
+    use mailwarden::store::Store;
+    store
+        .change_org_relays("mpt", &["203.0.113.0/24".parse().unwrap()], &[])
+        .await
+        .unwrap();
+    let both = Both::spawn("", store).await;
+    let champa = "champa@mpt.gov.la";
+    let cases: [Envelope; 4] = [
+        ("192.0.2.7", "", "TLSv1.3", champa, Some("550 5.7.1")),
+        ("203.0.113.9", "", "TLSv1.3", champa, None),
+        ("192.0.2.7", champa, "TLSv1.3", champa, None), // authenticated
+        ("192.0.2.7", "", "TLSv1.3", "x@example.org", None),
+    ];
+    run_envelopes(&both, &cases).await;
+    let (policy_counts, milter_counts) = both.counted();
+    assert_eq!(
+        policy_counts, milter_counts,
+        "verdicts counted: policy vs milter"
+    );
+    assert_eq!(
+        policy_counts.get(r#"rule="R10",stage="mail",outcome="reject""#),
+        Some(&1),
+        "{policy_counts:?}"
     );
     both.stop().await;
 }

@@ -35,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs", get(list_orgs).post(create_org))
         .route("/v1/orgs/{code}", get(show_org))
         .route("/v1/orgs/{code}/cease", post(cease_org))
+        .route("/v1/orgs/{code}/relays", post(change_relays))
         .route("/v1/users", get(list_users).post(create_user))
         .route(
             "/v1/users/import",
@@ -117,6 +118,8 @@ pub struct OrgView {
     pub status_reason: Option<String>,
     pub created_at: String,
     pub status_changed_at: String,
+    /// R10: the organisation's authorised relay networks (CIDR).
+    pub relay_networks: Vec<String>,
 }
 
 impl From<&Org> for OrgView {
@@ -129,6 +132,7 @@ impl From<&Org> for OrgView {
             status_reason: o.status_reason.clone(),
             created_at: rfc3339(o.created_at),
             status_changed_at: rfc3339(o.status_changed_at),
+            relay_networks: o.relay_networks.iter().map(|n| n.to_string()).collect(),
         }
     }
 }
@@ -328,6 +332,7 @@ async fn create_org(
         status_reason: None,
         created_at: t,
         status_changed_at: t,
+        relay_networks: Vec::new(),
     };
     state.audit_ready().await?;
     match state.checker.directory.store().create_org(&org).await {
@@ -430,6 +435,78 @@ async fn cease_org(
                 to_value(OrgView::from(&before)),
                 after_v.clone(),
                 Some(reason),
+            )],
+            after_v.clone(),
+        )
+        .await?;
+    Ok(Json(after_v))
+}
+
+/// `POST /v1/orgs/{code}/relays`: R10's authorised relay networks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayChange {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    remove: Vec<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn cidrs(field: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, ApiError> {
+    list.iter()
+        .map(|s| {
+            let s = s.trim();
+            // A bare address is a one-host network.
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "{field}: {s:?} is not a network in CIDR notation (203.0.113.0/24, 2001:db8::/48)"
+                    ))
+                })
+        })
+        .collect()
+}
+
+async fn change_relays(
+    State(state): State<AppState>,
+    caller: Caller,
+    peer: axum::Extension<Peer>,
+    Path(code): Path<String>,
+    Body(req): Body<RelayChange>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Write, "change an organisation's relay networks")?;
+    let add = cidrs("add", &req.add)?;
+    let remove = cidrs("remove", &req.remove)?;
+    if add.is_empty() && remove.is_empty() {
+        return Err(ApiError::bad_request(
+            "nothing to change: give networks to \"add\" and/or \"remove\"",
+        ));
+    }
+    let reason = directory::text("reason", req.reason.as_deref())?;
+    let _guard = state.writes.lock().await;
+    let org = find_org(&state, &code).await?;
+    state.audit_ready().await?;
+    let (before, after) = state
+        .checker
+        .directory
+        .store()
+        .change_org_relays(&org.code, &add, &remove)
+        .await?;
+    state.checker.directory.invalidate_all();
+    let after_v = to_value(OrgView::from(&after));
+    state
+        .audit(
+            vec![record(
+                &caller,
+                &peer,
+                "org.relays",
+                org.code.clone(),
+                to_value(OrgView::from(&before)),
+                after_v.clone(),
+                reason,
             )],
             after_v.clone(),
         )

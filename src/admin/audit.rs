@@ -21,7 +21,7 @@ pub struct AuditRecord {
     pub time: String,
     /// The token name that made the change.
     pub actor: String,
-    /// `org.create`, `org.cease`, `user.create`, `user.import`, `user.suspend`,
+    /// `org.create`, `org.cease`, `org.relays`, `user.create`, `user.import`, `user.suspend`,
     /// `user.restore`, `user.activate`, `user.withdraw`.
     pub action: &'static str,
     /// Organisation code or account address.

@@ -7,12 +7,14 @@
 mod dkim;
 mod listen;
 
+pub(crate) use dkim::is_internal as in_networks;
 pub use dkim::{
     DEFAULT_OVERSIGN_HEADERS, DEFAULT_SIGN_HEADERS, DkimAlgorithm, DkimConfig, DkimKeyConfig,
 };
 pub use listen::ListenAddr;
 
 use crate::model::{Mode, RuleId};
+use ipnet::IpNet;
 use serde::Deserialize;
 use std::{
     collections::BTreeMap,
@@ -73,8 +75,8 @@ pub struct Config {
     pub log: LogConfig,
     /// DKIM signing (R6): keys, signed headers, internal networks.
     pub dkim: DkimConfig,
-    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`).
-    pub rules: BTreeMap<String, RuleConfig>,
+    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R10`, `R11`).
+    pub rules: BTreeMap<String, RuleTable>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -271,6 +273,41 @@ impl Default for RuleConfig {
     }
 }
 
+/// One `[rules.Rn]` table as written in the file: the common switches plus the few
+/// rule-specific keys (each valid only for its rule; `validate` says so by key).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuleTable {
+    pub mode: Mode,
+    pub on_store_error: OnError,
+    /// R10 only: clients allowed to relay mail of every local domain without SASL (the
+    /// MTA's own submission and webmail hosts), besides each organisation's relay networks.
+    pub trusted_networks: Option<Vec<IpNet>>,
+    /// R11 only: clients that may submit without TLS. Default: loopback.
+    pub exempt_networks: Option<Vec<IpNet>>,
+}
+
+impl Default for RuleTable {
+    fn default() -> Self {
+        let c = RuleConfig::default();
+        RuleTable {
+            mode: c.mode,
+            on_store_error: c.on_store_error,
+            trusted_networks: None,
+            exempt_networks: None,
+        }
+    }
+}
+
+/// R11's default exemptions: loopback (local programs submitting through `sendmail` or a
+/// webmail on the same host).
+pub fn default_tls_exempt_networks() -> Vec<IpNet> {
+    vec![
+        "127.0.0.0/8".parse().expect("valid CIDR"),
+        "::1/128".parse().expect("valid CIDR"),
+    ]
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
@@ -280,7 +317,14 @@ pub enum OnError {
 }
 
 /// Rules this build implements; a `[rules.X]` table for anything else is an error.
-pub const KNOWN_RULES: [RuleId; 4] = [RuleId::R1, RuleId::R2, RuleId::R6, RuleId::R9];
+pub const KNOWN_RULES: [RuleId; 6] = [
+    RuleId::R1,
+    RuleId::R2,
+    RuleId::R6,
+    RuleId::R9,
+    RuleId::R10,
+    RuleId::R11,
+];
 
 impl Config {
     /// Reads, parses and validates a config file, reporting every error found.
@@ -448,7 +492,18 @@ impl Config {
             );
         }
         self.dkim.validate(&mut err);
-        for name in self.rules.keys() {
+        for (name, table) in &self.rules {
+            for (key, set, owner) in [
+                ("trusted_networks", table.trusted_networks.is_some(), "R10"),
+                ("exempt_networks", table.exempt_networks.is_some(), "R11"),
+            ] {
+                if set && name != owner {
+                    err(
+                        &format!("rules.{name}.{key}"),
+                        format!("only [rules.{owner}] has {key}"),
+                    );
+                }
+            }
             if !KNOWN_RULES.iter().any(|r| r.as_str() == name) {
                 err(
                     &format!("rules.{name}"),
@@ -464,7 +519,29 @@ impl Config {
 
     /// The settings of one rule (defaults when the file does not mention it).
     pub fn rule(&self, id: RuleId) -> RuleConfig {
-        self.rules.get(id.as_str()).copied().unwrap_or_default()
+        self.rules
+            .get(id.as_str())
+            .map(|t| RuleConfig {
+                mode: t.mode,
+                on_store_error: t.on_store_error,
+            })
+            .unwrap_or_default()
+    }
+
+    /// R10's `trusted_networks` (none by default).
+    pub fn relay_trusted_networks(&self) -> Vec<IpNet> {
+        self.rules
+            .get(RuleId::R10.as_str())
+            .and_then(|t| t.trusted_networks.clone())
+            .unwrap_or_default()
+    }
+
+    /// R11's `exempt_networks` (loopback by default; `[]` exempts nobody).
+    pub fn tls_exempt_networks(&self) -> Vec<IpNet> {
+        self.rules
+            .get(RuleId::R11.as_str())
+            .and_then(|t| t.exempt_networks.clone())
+            .unwrap_or_else(default_tls_exempt_networks)
     }
 
     /// The token secrets, read from the config or their files.

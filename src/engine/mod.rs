@@ -6,6 +6,7 @@ pub mod rules;
 use crate::config::{Config, OnError, RuleConfig};
 use crate::model::{Action, Address, Decision, Mode, Outcome, Reply, RuleId, Stage, Transaction};
 use crate::store::{Account, Org};
+use ipnet::IpNet;
 use std::fmt;
 
 /// What the directory says about one address.
@@ -34,6 +35,10 @@ pub struct StoreFailure(pub String);
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<(RuleId, RuleConfig)>,
+    /// R10: clients trusted to relay for every local domain (`[rules.R10] trusted_networks`).
+    pub relay_trusted_networks: Vec<IpNet>,
+    /// R11: clients that may submit without TLS (`[rules.R11] exempt_networks`).
+    pub tls_exempt_networks: Vec<IpNet>,
 }
 
 impl Policy {
@@ -43,6 +48,8 @@ impl Policy {
                 .iter()
                 .map(|&r| (r, config.rule(r)))
                 .collect(),
+            relay_trusted_networks: config.relay_trusted_networks(),
+            tls_exempt_networks: config.tls_exempt_networks(),
         }
     }
 
@@ -60,8 +67,10 @@ impl Policy {
     }
 }
 
-/// Rules that judge the envelope sender at MAIL.
-pub const SENDER_RULES: [RuleId; 2] = [RuleId::R2, RuleId::R9];
+/// Rules that judge the envelope sender at MAIL (and need its directory lookup).
+pub const SENDER_RULES: [RuleId; 4] = [RuleId::R2, RuleId::R9, RuleId::R10, RuleId::R11];
+/// Of those, the rules that judge the sender's own account (the lookup is always needed).
+const SENDER_ACCOUNT_RULES: [RuleId; 2] = [RuleId::R2, RuleId::R9];
 /// Rules that judge a recipient at RCPT.
 pub const RECIPIENT_RULES: [RuleId; 2] = [RuleId::R2, RuleId::R1];
 
@@ -137,12 +146,23 @@ impl<'a> Verdicts<'a> {
 /// that does not parse (nothing in the directory to judge).
 pub fn check_sender(policy: &Policy, tx: &Transaction, lookup: Option<&Lookup>) -> Decision {
     let mut v = Verdicts::new(policy, Stage::Mail);
-    if let (Some(sender), Some(lookup)) = (tx.sender.as_ref().and_then(|s| s.address()), lookup) {
+    let sender = tx.sender.as_ref().and_then(|s| s.address());
+    if let (Some(sender), Some(lookup)) = (sender, lookup) {
         match lookup {
             Ok(facts) => rules::directory::sender(&mut v, sender, facts),
-            Err(_) => v.store_failure(&SENDER_RULES, sender),
+            Err(_) => v.store_failure(&SENDER_ACCOUNT_RULES, sender),
         }
     }
+    // Is the envelope sender in a local domain? `Ok(None)`: no (or no address at all).
+    let sender_org = match (sender, lookup) {
+        (Some(_), Some(Ok(facts))) => Ok(facts.org.as_ref()),
+        (Some(_), Some(Err(e))) => Err(e),
+        _ => Ok(None),
+    };
+    if let Some(sender) = sender {
+        rules::submission::relay(&mut v, tx, sender, sender_org);
+    }
+    rules::submission::tls(&mut v, tx, sender_org);
     v.finish()
 }
 

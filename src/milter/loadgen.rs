@@ -159,7 +159,8 @@ async fn drive(
     let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, (n % 254) as u8 + 1));
     let name = format!("loadgen{n}.example");
     conn.connect(&name, ip, &[]).await?;
-    conn.helo(&name, &[]).await?;
+    // Over TLS, like a client of a submission service (R11 refuses plain-text submission).
+    conn.helo(&name, &[("{tls_version}", "TLSv1.3")]).await?;
     let sender = format!("<{}>", spec.sender);
     let rcpts: Vec<String> = spec.recipients.iter().map(|r| format!("<{r}>")).collect();
     let to = spec.recipients.join(", ");

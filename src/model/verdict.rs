@@ -11,6 +11,8 @@ pub enum RuleId {
     R2,
     R6,
     R9,
+    R10,
+    R11,
     /// Not a policy rule: the store or another service needed by a rule failed.
     Store,
 }
@@ -22,6 +24,8 @@ impl RuleId {
             RuleId::R2 => "R2",
             RuleId::R6 => "R6",
             RuleId::R9 => "R9",
+            RuleId::R10 => "R10",
+            RuleId::R11 => "R11",
             RuleId::Store => "store",
         }
     }

@@ -85,6 +85,8 @@ fn at_state(state: &str, sender: &str, recipient: &str) -> Request {
         ("protocol_state", state),
         ("queue_id", "8045F2AB23"),
         ("client_address", "192.0.2.10"),
+        // Over TLS: R11 (TLS-only submission) has its own tests.
+        ("encryption_protocol", "TLSv1.3"),
         ("sender", sender),
         ("recipient", recipient),
     ])
@@ -178,6 +180,39 @@ async fn sender_rules_r9_and_r2() {
         .await
         .unwrap();
     assert_eq!(code(&action), "553 5.7.1", "{action}");
+}
+
+/// An RCPT request from `client` with the given SASL login and TLS protocol ("" = none).
+fn submission(client: &str, sasl: &str, tls: &str, sender: &str) -> Request {
+    Request::from_attrs([
+        ("request", "smtpd_access_policy"),
+        ("protocol_state", "RCPT"),
+        ("client_address", client),
+        ("sasl_username", sasl),
+        ("encryption_protocol", tls),
+        ("sender", sender),
+        ("recipient", "friend@example.org"),
+    ])
+}
+
+#[tokio::test]
+async fn r11_submission_without_tls_is_refused_530_5_7_0() {
+    let s = Server::start(DEFAULT).await;
+    let mut c = s.client().await;
+    let champa = "champa@mpt.gov.la";
+    for (client, sasl, tls, sender, want) in [
+        ("192.0.2.10", "", "", champa, "530 5.7.0"), // local sender, no TLS
+        ("192.0.2.10", champa, "", "x@example.org", "530 5.7.0"), // authenticated, no TLS
+        ("192.0.2.10", champa, "TLSv1.3", champa, "DUNNO"),
+        ("192.0.2.10", "", "", "x@example.org", "DUNNO"), // inbound from outside
+        ("127.0.0.1", "", "", champa, "DUNNO"),           // loopback is exempt
+    ] {
+        let action = c.ask(&submission(client, sasl, tls, sender)).await.unwrap();
+        assert_eq!(code(&action), want, "{client} {sasl:?} {tls:?}: {action}");
+        if want == "530 5.7.0" {
+            assert!(action.contains("STARTTLS"), "{action}");
+        }
+    }
 }
 
 #[tokio::test]

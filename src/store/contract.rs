@@ -47,6 +47,9 @@ macro_rules! store_contract_tests {
             list_orgs_is_ordered_by_code,
             org_status_change_returns_before_and_after,
             org_status_change_of_unknown_is_not_found,
+            org_relays_change_atomically_and_canonically,
+            org_relays_of_unknown_is_not_found,
+            racing_relay_changes_are_all_kept,
             account_roundtrip,
             account_needs_its_organisation,
             account_names_are_unique_ignoring_case,
@@ -119,6 +122,10 @@ pub async fn org_roundtrip(h: Harness) {
         status: OrgStatus::Ceased,
         status_reason: Some("merged into MTC".into()),
         status_changed_at: 1_700_000_500,
+        relay_networks: vec![
+            "10.1.0.0/16".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ],
         ..org("mpt")
     };
     s.create_org(&mpt).await.unwrap();
@@ -216,6 +223,7 @@ pub async fn org_status_change_returns_before_and_after(h: Harness) {
         status: OrgStatus::Ceased,
         status_reason: Some("dissolved by decree 12".into()),
         status_changed_at: 1_800_000_000,
+        relay_networks: Vec::new(),
         ..org("mpt")
     };
     assert_eq!(after, expected);
@@ -234,6 +242,7 @@ pub async fn org_status_change_returns_before_and_after(h: Harness) {
         after,
         Org {
             status_changed_at: 1_800_000_100,
+            relay_networks: Vec::new(),
             ..org("mpt")
         }
     );
@@ -252,6 +261,110 @@ pub async fn org_status_change_of_unknown_is_not_found(h: Harness) {
         "nope",
     );
     assert_eq!(s.list_orgs().await.unwrap(), vec![]);
+}
+
+fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+    list.iter().map(|n| n.parse().unwrap()).collect()
+}
+
+pub async fn org_relays_change_atomically_and_canonically(h: Harness) {
+    let s = &*h.store;
+    s.create_org(&org("mpt")).await.unwrap();
+    assert!(
+        s.get_org("mpt")
+            .await
+            .unwrap()
+            .unwrap()
+            .relay_networks
+            .is_empty()
+    );
+    // Host bits are cleared; duplicates collapse; the list is sorted.
+    let (before, after) = s
+        .change_org_relays(
+            "MPT",
+            &nets(&["203.0.113.9/24", "10.1.0.0/16", "10.1.2.3/16"]),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(before.relay_networks.is_empty());
+    assert_eq!(
+        after.relay_networks,
+        nets(&["10.1.0.0/16", "203.0.113.0/24"])
+    );
+    assert_eq!(s.get_org("mpt").await.unwrap(), Some(after.clone()));
+    assert_eq!(
+        s.get_org_by_domain("mpt.gov.la")
+            .await
+            .unwrap()
+            .unwrap()
+            .relay_networks,
+        after.relay_networks
+    );
+    // Remove (as written, or with host bits) and add in one change.
+    let (before, after) = s
+        .change_org_relays("mpt", &nets(&["2001:db8::/32"]), &nets(&["10.1.9.9/16"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        before.relay_networks,
+        nets(&["10.1.0.0/16", "203.0.113.0/24"])
+    );
+    assert_eq!(
+        after.relay_networks,
+        nets(&["203.0.113.0/24", "2001:db8::/32"])
+    );
+    // Removing what is not there changes nothing; the rest of the record is untouched.
+    let (_, after2) = s
+        .change_org_relays("mpt", &[], &nets(&["192.0.2.0/24"]))
+        .await
+        .unwrap();
+    assert_eq!(after2, after);
+    assert_eq!(after2.status, OrgStatus::Active);
+    let (_, empty) = s
+        .change_org_relays("mpt", &[], &nets(&["203.0.113.0/24", "2001:db8::/32"]))
+        .await
+        .unwrap();
+    assert!(empty.relay_networks.is_empty());
+    assert_eq!(h.peer.get_org("mpt").await.unwrap(), Some(empty));
+}
+
+pub async fn org_relays_of_unknown_is_not_found(h: Harness) {
+    assert_not_found(
+        h.store
+            .change_org_relays("nope", &nets(&["10.0.0.0/8"]), &[])
+            .await,
+        "organisation",
+        "nope",
+    );
+}
+
+pub async fn racing_relay_changes_are_all_kept(h: Harness) {
+    h.store.create_org(&org("mpt")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8u8 {
+        let s = if i % 2 == 0 {
+            h.store.clone()
+        } else {
+            h.peer.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            s.change_org_relays("mpt", &nets(&[&format!("10.{i}.0.0/16")]), &[])
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let got = h
+        .store
+        .get_org("mpt")
+        .await
+        .unwrap()
+        .unwrap()
+        .relay_networks;
+    assert_eq!(got.len(), 8, "{got:?}");
 }
 
 // ---------------------------------------------------------------------------------------

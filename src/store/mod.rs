@@ -55,6 +55,15 @@ pub trait Store: Send + Sync + 'static {
         code: &str,
         change: &StatusChange<OrgStatus>,
     ) -> StoreResult<(Org, Org)>;
+    /// Adds and removes authorised relay networks of an organisation (R10) in one atomic
+    /// change (see [`changed_relays`]); the record before and after. `NotFound` if it does not
+    /// exist.
+    async fn change_org_relays(
+        &self,
+        code: &str,
+        add: &[ipnet::IpNet],
+        remove: &[ipnet::IpNet],
+    ) -> StoreResult<(Org, Org)>;
 
     /// Registers one account; `Conflict` when the address is taken, `NotFound` when its
     /// organisation does not exist.

@@ -21,7 +21,7 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `P:{dir}:org:<code>` | hash | one organisation |
+//! | `P:{dir}:org:<code>` | hash | one organisation (field `relays`: R10's networks, space-separated; absent when none) |
 //! | `P:{dir}:dom:<domain>` | string | the code of the organisation owning `<domain>` |
 //! | `P:{dir}:orgs` | sorted set | every code, score 0 (so ordered by code, bytewise) |
 //! | `P:{dir}:acct:<address>` | hash | one account |
@@ -439,6 +439,30 @@ return {'ok', before, redis.call('HGETALL', KEYS[1])}
     )
 });
 
+/// R10: compare-and-set of an organisation's relay networks. KEYS: the record. ARGV: change
+/// channel, announcement, encoding version, the value read before ('' = none), the new value.
+/// Returns {'notfound'}, {'changed'} (someone else changed it since: read again) or
+/// {'ok', before, after}.
+static SET_RELAYS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'notfound'} end
+local v = redis.call('HGET', KEYS[1], 'v')
+if v ~= ARGV[3] then return {'corrupt', 'record version ' .. tostring(v) .. ' is not ' .. ARGV[3]} end
+local current = redis.call('HGET', KEYS[1], 'relays') or ''
+if current ~= ARGV[4] then return {'changed'} end
+local before = redis.call('HGETALL', KEYS[1])
+if ARGV[5] == '' then
+  redis.call('HDEL', KEYS[1], 'relays')
+else
+  redis.call('HSET', KEYS[1], 'relays', ARGV[5])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return {'ok', before, redis.call('HGETALL', KEYS[1])}
+"#,
+    )
+});
+
 /// KEYS: the domain pointer. ARGV: the prefix of organisation record keys.
 /// Returns {} or {code, record}.
 static GET_ORG_BY_DOMAIN: LazyLock<Script> = LazyLock::new(|| {
@@ -480,7 +504,19 @@ fn org_fields(o: &Org) -> Vec<(&'static str, String)> {
     if let Some(r) = &o.status_reason {
         f.push(("status_reason", r.clone()));
     }
+    let relays = changed_relays(&o.relay_networks, &[], &[]);
+    if !relays.is_empty() {
+        f.push(("relays", networks_text(&relays)));
+    }
     f
+}
+
+/// The stored form of relay networks: space-separated CIDRs (the field is absent when none).
+fn networks_text(n: &[ipnet::IpNet]) -> String {
+    n.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn account_fields(a: &Account) -> Vec<(&'static str, String)> {
@@ -559,6 +595,14 @@ impl Record {
             status_reason: self.opt("status_reason"),
             created_at: self.parse("created_at")?,
             status_changed_at: self.parse("status_changed_at")?,
+            relay_networks: match self.opt("relays") {
+                None => Vec::new(),
+                Some(text) => text
+                    .split_whitespace()
+                    .map(|n| n.parse())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.corrupt("relays", format!("{text:?}: {e}")))?,
+            },
         })
     }
 
@@ -726,6 +770,68 @@ impl Store for RedisStore {
             )
             .await?;
         Ok((before.org()?, after.org()?))
+    }
+
+    async fn change_org_relays(
+        &self,
+        code: &str,
+        add: &[ipnet::IpNet],
+        remove: &[ipnet::IpNet],
+    ) -> StoreResult<(Org, Org)> {
+        let code = norm(code);
+        let key = self.keys.org(&code);
+        let not_found = || StoreError::NotFound {
+            what: "organisation",
+            name: code.clone(),
+        };
+        // Optimistic: read, compute, write only if unchanged since; a racing change makes
+        // us read again (a few rounds at most in practice).
+        for _ in 0..16 {
+            let current = self.get_org(&code).await?.ok_or_else(not_found)?;
+            let old = networks_text(&current.relay_networks);
+            let new = networks_text(&changed_relays(&current.relay_networks, add, remove));
+            let mut inv = SET_RELAYS.prepare_invoke();
+            inv.key(&key)
+                .arg(self.keys.changes())
+                .arg(format!("org:{code}"))
+                .arg(VERSION)
+                .arg(&old)
+                .arg(&new);
+            let v = self.call(Call::Script(&inv), false).await?;
+            let Value::Array(mut parts) = v else {
+                return Err(unexpected(&key, &v));
+            };
+            let tag: String = match parts.first() {
+                Some(t) => decode(t.clone(), &key)?,
+                None => return Err(StoreError::Corrupt(format!("{key}: empty script reply"))),
+            };
+            match (tag.as_str(), parts.len()) {
+                ("ok", 3) => {
+                    let after: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
+                    let before: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
+                    return Ok((
+                        Record::new(key.clone(), before).org()?,
+                        Record::new(key, after).org()?,
+                    ));
+                }
+                ("changed", _) => continue,
+                ("notfound", _) => return Err(not_found()),
+                ("corrupt", 2) => {
+                    let detail: String = decode(parts.pop().unwrap_or_default(), &key)?;
+                    return Err(StoreError::Corrupt(format!(
+                        "organisation {code}: {detail}"
+                    )));
+                }
+                _ => {
+                    return Err(StoreError::Corrupt(format!(
+                        "{key}: unexpected script reply {tag:?}"
+                    )));
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "relay networks of {code} kept changing under concurrent updates; try again"
+        )))
     }
 
     async fn create_account(&self, account: &Account) -> StoreResult<()> {

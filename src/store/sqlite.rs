@@ -85,6 +85,11 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX accounts_by_org ON accounts(org, address);
     "#,
+    // 2: R10's authorised relay networks per organisation: canonical CIDRs separated by
+    // spaces, sorted ('' = none declared).
+    r#"
+    ALTER TABLE orgs ADD COLUMN relay_networks TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -308,7 +313,7 @@ where
 }
 
 const ORG_COLUMNS: &str =
-    "code, name, domain, status, status_reason, created_at, status_changed_at";
+    "code, name, domain, status, status_reason, created_at, status_changed_at, relay_networks";
 const ACCOUNT_COLUMNS: &str = "address, org, kind, status, status_reason, display_name, \
                                created_at, status_changed_at, quota_bytes";
 
@@ -321,7 +326,23 @@ fn org_from_row(r: &Row<'_>) -> rusqlite::Result<Org> {
         status_reason: r.get(4)?,
         created_at: r.get(5)?,
         status_changed_at: r.get(6)?,
+        relay_networks: parse_networks(&r.get::<_, String>(7)?)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(7, Type::Text, e.into()))?,
     })
+}
+
+/// The stored form of relay networks: space-separated CIDRs.
+fn networks_text(n: &[ipnet::IpNet]) -> String {
+    n.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn parse_networks(text: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    text.split_whitespace()
+        .map(|n| n.parse().map_err(|e| format!("relay_networks {n:?}: {e}")))
+        .collect()
 }
 
 fn account_from_row(r: &Row<'_>) -> rusqlite::Result<Account> {
@@ -424,7 +445,9 @@ impl Store for SqliteStore {
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let result = tx.execute(
-                &format!("INSERT INTO orgs ({ORG_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+                &format!(
+                    "INSERT INTO orgs ({ORG_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                ),
                 params![
                     org.code,
                     org.name,
@@ -433,6 +456,7 @@ impl Store for SqliteStore {
                     org.status_reason,
                     org.created_at,
                     org.status_changed_at,
+                    networks_text(&changed_relays(&org.relay_networks, &[], &[])),
                 ],
             );
             if let Err(e) = result {
@@ -493,6 +517,35 @@ impl Store for SqliteStore {
                 "UPDATE orgs SET status = ?1, status_reason = ?2, status_changed_at = ?3 \
                  WHERE code = ?4",
                 params![change.status.as_str(), change.reason, change.at, code],
+            )?;
+            let after = select_org(&tx, "code", &code)?
+                .ok_or_else(|| StoreError::Corrupt(format!("organisation {code} vanished")))?;
+            tx.commit()?;
+            Ok((before, after))
+        })
+        .await
+    }
+
+    async fn change_org_relays(
+        &self,
+        code: &str,
+        add: &[ipnet::IpNet],
+        remove: &[ipnet::IpNet],
+    ) -> StoreResult<(Org, Org)> {
+        let code = norm(code);
+        let (add, remove) = (add.to_vec(), remove.to_vec());
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(before) = select_org(&tx, "code", &code)? else {
+                return Err(StoreError::NotFound {
+                    what: "organisation",
+                    name: code,
+                });
+            };
+            let networks = changed_relays(&before.relay_networks, &add, &remove);
+            tx.execute(
+                "UPDATE orgs SET relay_networks = ?1 WHERE code = ?2",
+                params![networks_text(&networks), code],
             )?;
             let after = select_org(&tx, "code", &code)?
                 .ok_or_else(|| StoreError::Corrupt(format!("organisation {code} vanished")))?;
@@ -731,6 +784,36 @@ mod tests {
         drop(store);
         let store = SqliteStore::open(&path).await.unwrap();
         assert_eq!(store.get_org("mpt").await.unwrap(), Some(org("mpt")));
+    }
+
+    /// A database written before R10 (schema 1) keeps its organisations, which read with no
+    /// relay networks, and takes them afterwards.
+    #[tokio::test]
+    async fn schema_1_database_is_migrated_keeping_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        {
+            let conn = raw(&path);
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO orgs VALUES ('mpt', 'Organisation mpt', 'mpt.gov.la', 'active', \
+                 NULL, 1700000000, 1700000000)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.get_org("mpt").await.unwrap(), Some(org("mpt")));
+        let (_, after) = store
+            .change_org_relays("mpt", &["10.1.0.0/16".parse().unwrap()], &[])
+            .await
+            .unwrap();
+        assert_eq!(after.relay_networks.len(), 1);
+        let version: i64 = raw(&path)
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
     }
 
     #[tokio::test]

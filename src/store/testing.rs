@@ -27,6 +27,7 @@ pub fn org(code: &str) -> Org {
         status_reason: None,
         created_at: 1_700_000_000,
         status_changed_at: 1_700_000_000,
+        relay_networks: Vec::new(),
     }
 }
 
@@ -208,6 +209,15 @@ impl Store for TestStore {
     ) -> StoreResult<(Org, Org)> {
         self.up()?;
         self.inner.set_org_status(code, change).await
+    }
+    async fn change_org_relays(
+        &self,
+        code: &str,
+        add: &[ipnet::IpNet],
+        remove: &[ipnet::IpNet],
+    ) -> StoreResult<(Org, Org)> {
+        self.up()?;
+        self.inner.change_org_relays(code, add, remove).await
     }
     async fn create_account(&self, account: &Account) -> StoreResult<()> {
         self.up()?;

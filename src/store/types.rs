@@ -84,6 +84,29 @@ pub struct Org {
     pub status_reason: Option<String>,
     pub created_at: Timestamp,
     pub status_changed_at: Timestamp,
+    /// R10 (Art. 7): the networks the organisation's own mail servers relay from, in
+    /// canonical form (host bits cleared), sorted. Empty: not declared (R10 does not apply).
+    #[serde(default)]
+    pub relay_networks: Vec<ipnet::IpNet>,
+}
+
+/// The relay networks `current` with `add` added and `remove` removed: canonical (host bits
+/// cleared), sorted, without duplicates. Both store backends apply changes with it.
+pub fn changed_relays(
+    current: &[ipnet::IpNet],
+    add: &[ipnet::IpNet],
+    remove: &[ipnet::IpNet],
+) -> Vec<ipnet::IpNet> {
+    let remove: Vec<ipnet::IpNet> = remove.iter().map(|n| n.trunc()).collect();
+    let mut out: Vec<ipnet::IpNet> = current
+        .iter()
+        .chain(add)
+        .map(|n| n.trunc())
+        .filter(|n| !remove.contains(n))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -77,6 +77,15 @@ impl Store for TestStore {
         self.up()?;
         self.inner.set_org_status(code, change).await
     }
+    async fn change_org_relays(
+        &self,
+        code: &str,
+        add: &[ipnet::IpNet],
+        remove: &[ipnet::IpNet],
+    ) -> StoreResult<(Org, Org)> {
+        self.up()?;
+        self.inner.change_org_relays(code, add, remove).await
+    }
     async fn create_account(&self, account: &Account) -> StoreResult<()> {
         self.up()?;
         self.inner.create_account(account).await
@@ -129,6 +138,7 @@ pub fn org(code: &str, status: OrgStatus) -> Org {
         status_reason: None,
         created_at: 0,
         status_changed_at: 0,
+        relay_networks: Vec::new(),
     }
 }
 

@@ -35,6 +35,8 @@ fn policy(toml: &str) -> Policy {
 fn tx(sender: &str) -> Transaction {
     let mut t = Transaction::new(Protocol::Policy);
     t.sender = Some(Sender::parse(sender));
+    // Over TLS, so that R11 (TLS-only submission) has nothing to say.
+    t.tls_version = Some("TLSv1.3".into());
     t
 }
 
