@@ -154,6 +154,29 @@ pub enum UserCommand {
     /// number) means nothing is imported.
     #[command(after_help = EXIT_CODES)]
     Import { file: PathBuf },
+    /// Grant (`--bulk`) or withdraw (`--no-bulk`) the bulk permission: an account holding
+    /// it is exempt from sending limits (R14, Art. 20.3/20.5). Needs an admin token.
+    #[command(after_help = EXIT_CODES)]
+    Permit {
+        address: String,
+        #[arg(long, conflicts_with = "no_bulk", required_unless_present = "no_bulk")]
+        bulk: bool,
+        #[arg(long)]
+        no_bulk: bool,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Show an account's sending counters (R14) in the current hour and day, with the
+    /// limits in force; `--reset` sets them back to 0 (audited).
+    #[command(after_help = EXIT_CODES)]
+    Limits {
+        address: String,
+        #[arg(long)]
+        reset: bool,
+        /// Why the counters are reset (audit log).
+        #[arg(long, requires = "reset")]
+        reason: Option<String>,
+    },
 }
 
 /// A failed command: what to print and the exit code.
@@ -286,6 +309,34 @@ pub async fn user(client: &ClientArgs, cmd: UserCommand) -> i32 {
                 let v = change(&address, "withdraw", body).await?;
                 Ok((v, Shape::User))
             }
+            UserCommand::Permit {
+                address,
+                bulk,
+                no_bulk: _,
+                reason,
+            } => {
+                let body = json!({ "bulk": bulk, "reason": reason });
+                let v = change(&address, "permissions", body).await?;
+                Ok((v, Shape::User))
+            }
+            UserCommand::Limits {
+                address,
+                reset: false,
+                ..
+            } => {
+                let v = api
+                    .call(Method::GET, &["v1", "users", &address, "limits"], None)
+                    .await?;
+                Ok((v, Shape::Limits))
+            }
+            UserCommand::Limits {
+                address, reason, ..
+            } => {
+                let body = json!({ "reason": reason });
+                let path = ["v1", "users", &address, "limits", "reset"];
+                let v = api.call(Method::POST, &path, Some(body)).await?;
+                Ok((v, Shape::Limits))
+            }
             UserCommand::Import { .. } => {
                 let body = json!({ "rows": rows.unwrap_or_default() });
                 let v = api
@@ -306,6 +357,7 @@ enum Shape {
     User,
     Users,
     Imported,
+    Limits,
 }
 
 fn finish(json_out: bool, res: Result<(Value, Shape), Fail>) -> i32 {
@@ -347,7 +399,7 @@ const ORG_FIELDS: [&str; 7] = [
     "created_at",
     "status_changed_at",
 ];
-const USER_FIELDS: [&str; 9] = [
+const USER_FIELDS: [&str; 10] = [
     "address",
     "org",
     "kind",
@@ -357,6 +409,7 @@ const USER_FIELDS: [&str; 9] = [
     "created_at",
     "status_changed_at",
     "quota_bytes",
+    "bulk",
 ];
 
 fn render(v: &Value, shape: &Shape) -> String {
@@ -374,6 +427,15 @@ fn render(v: &Value, shape: &Shape) -> String {
             "no accounts",
         ),
         Shape::Imported => format!("imported {} account(s)\n", s(v, "imported")),
+        Shape::Limits => {
+            let mut out = record(v, &["address", "bulk", "recipients_per_message"]);
+            out.push_str(&table(
+                v.get("counters"),
+                &["counter", "count", "limit", "window_end"],
+                "no counters",
+            ));
+            out
+        }
     }
 }
 

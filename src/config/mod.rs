@@ -252,7 +252,8 @@ impl Default for LogConfig {
     }
 }
 
-/// Per-rule switches.
+/// Per-rule switches. The limit keys are R14's (`[rules.R14]`) and an error elsewhere;
+/// unset ones take the defaults of [`crate::engine::rules::limits::Limits::DEFAULT`].
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuleConfig {
@@ -260,6 +261,18 @@ pub struct RuleConfig {
     /// What to do when the store cannot answer: `tempfail` (451 4.3.0, default) or `accept`
     /// (fail open, logged and counted).
     pub on_store_error: OnError,
+    /// R14: most recipients in one message (0: no limit).
+    pub recipients_per_message: Option<u64>,
+    /// R14: most messages per account per UTC hour (0: no limit).
+    pub messages_per_hour: Option<u64>,
+    /// R14: most messages per account per UTC day (0: no limit).
+    pub messages_per_day: Option<u64>,
+    /// R14: most accepted recipients per account per UTC hour (0: no limit).
+    pub recipients_per_hour: Option<u64>,
+    /// R14: most accepted recipients per account per UTC day (0: no limit).
+    pub recipients_per_day: Option<u64>,
+    /// R14: which front-end counts (a message seen by both must be counted once).
+    pub count_on: Option<CountOn>,
 }
 
 impl Default for RuleConfig {
@@ -267,8 +280,27 @@ impl Default for RuleConfig {
         RuleConfig {
             mode: Mode::Enforce,
             on_store_error: OnError::Tempfail,
+            recipients_per_message: None,
+            messages_per_hour: None,
+            messages_per_day: None,
+            recipients_per_hour: None,
+            recipients_per_day: None,
+            count_on: None,
         }
     }
+}
+
+/// Which front-end applies the sending limits (R14). When Postfix is wired to both the
+/// milter and the policy service, each RCPT reaches mailwarden twice; only one of them may
+/// count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CountOn {
+    /// The policy service when `server.policy_listen` is set, else the milter.
+    #[default]
+    Auto,
+    Policy,
+    Milter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -280,7 +312,7 @@ pub enum OnError {
 }
 
 /// Rules this build implements; a `[rules.X]` table for anything else is an error.
-pub const KNOWN_RULES: [RuleId; 4] = [RuleId::R1, RuleId::R2, RuleId::R6, RuleId::R9];
+pub const KNOWN_RULES: [RuleId; 5] = [RuleId::R1, RuleId::R2, RuleId::R6, RuleId::R9, RuleId::R14];
 
 impl Config {
     /// Reads, parses and validates a config file, reporting every error found.
@@ -448,7 +480,28 @@ impl Config {
             );
         }
         self.dkim.validate(&mut err);
-        for name in self.rules.keys() {
+        for (name, rule) in &self.rules {
+            let r14_keys = [
+                (
+                    "recipients_per_message",
+                    rule.recipients_per_message.is_some(),
+                ),
+                ("messages_per_hour", rule.messages_per_hour.is_some()),
+                ("messages_per_day", rule.messages_per_day.is_some()),
+                ("recipients_per_hour", rule.recipients_per_hour.is_some()),
+                ("recipients_per_day", rule.recipients_per_day.is_some()),
+                ("count_on", rule.count_on.is_some()),
+            ];
+            if name != RuleId::R14.as_str() {
+                for (key, set) in r14_keys {
+                    if set {
+                        err(
+                            &format!("rules.{name}.{key}"),
+                            "is a sending limit: it belongs in [rules.R14]".into(),
+                        );
+                    }
+                }
+            }
             if !KNOWN_RULES.iter().any(|r| r.as_str() == name) {
                 err(
                     &format!("rules.{name}"),

@@ -110,6 +110,19 @@ async fn assert_closed(c: &mut Client) {
 
 const DEFAULT: &str = "";
 
+/// A RCPT request of an authenticated client (`sasl` may be empty) in message `instance`.
+fn submission(sasl: &str, sender: &str, recipient: &str, instance: &str) -> Request {
+    Request::from_attrs([
+        ("request", "smtpd_access_policy"),
+        ("protocol_state", "RCPT"),
+        ("instance", instance),
+        ("client_address", "192.0.2.10"),
+        ("sasl_username", sasl),
+        ("sender", sender),
+        ("recipient", recipient),
+    ])
+}
+
 // ---- the tests -------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -524,4 +537,149 @@ async fn load_generator_reports_a_dead_server() {
     let report = loadgen::run(&spec).await.unwrap();
     assert_eq!(report.answered, 0);
     assert_eq!(report.failures.len(), 2);
+}
+
+#[tokio::test]
+async fn sending_limits_cut_off_at_exactly_the_configured_numbers() {
+    use crate::store::{Account, Counter, Store};
+    let s = Server::start(
+        "[rules.R14]\nrecipients_per_message = 3\nmessages_per_hour = 2\n\
+         recipients_per_hour = 5\n",
+    )
+    .await;
+    let mut c = s.client().await;
+    let champa = "champa@mpt.gov.la";
+    let mut ask = async |sasl: &str, sender: &str, rcpt: &str, instance: &str| {
+        let action = c
+            .ask(&submission(sasl, sender, rcpt, instance))
+            .await
+            .unwrap();
+        (code(&action), action)
+    };
+    // Message 1: a refused recipient is not counted; the 4th accepted one is one too many.
+    assert_eq!(
+        ask(champa, champa, "somsak@mpt.gov.la", "m1").await.0,
+        "550 5.2.1"
+    );
+    for i in 1..=3 {
+        let (code, a) = ask(champa, champa, &format!("r{i}@example.org"), "m1").await;
+        assert_eq!(code, "DUNNO", "recipient {i}: {a}");
+    }
+    let (code, a) = ask(champa, champa, "r4@example.org", "m1").await;
+    assert_eq!(code, "452 4.5.3", "{a}");
+    assert!(a.contains("at most 3 per message"), "{a}");
+    // Message 2: the hourly recipient limit (5) leaves room for 2 more.
+    for i in 1..=2 {
+        let (code, a) = ask(champa, champa, &format!("s{i}@example.org"), "m2").await;
+        assert_eq!(code, "DUNNO", "recipient {i}: {a}");
+    }
+    let (code, a) = ask(champa, champa, "s3@example.org", "m2").await;
+    assert_eq!(code, "450 4.7.1", "{a}");
+    assert!(a.contains("5 recipients per hour"), "{a}");
+    assert!(a.contains("try again after"), "{a}");
+    // Message 3: two messages this hour already (it is named first).
+    let (code, a) = ask(champa, champa, "t1@example.org", "m3").await;
+    assert_eq!(code, "450 4.7.1", "{a}");
+    assert!(a.contains("2 messages per hour"), "{a}");
+    // The login counts, not the envelope sender; without a login a local sender counts.
+    let (code, a) = ask("", champa, "u1@example.org", "m4").await;
+    assert_eq!(code, "450 4.7.1", "{a}");
+    // External senders without login are not R14's business.
+    for i in 0..10 {
+        let (code, a) = ask(
+            "",
+            "stranger@example.org",
+            &format!("v{i}@mpt.gov.la"),
+            "m5",
+        )
+        .await;
+        assert!(code == "DUNNO", "{a}");
+    }
+    // A bulk account is exempt.
+    let news = Account {
+        bulk: true,
+        ..crate::store::testing::account("news@mpt.gov.la", "mpt")
+    };
+    s.store.create_account(&news).await.unwrap();
+    for i in 0..10 {
+        let (code, a) = ask(
+            "news@mpt.gov.la",
+            "news@mpt.gov.la",
+            &format!("w{i}@example.org"),
+            "m6",
+        )
+        .await;
+        assert_eq!(code, "DUNNO", "{a}");
+    }
+    let now = chrono::Utc::now().timestamp();
+    let counts: Vec<(Counter, u64)> = s
+        .store
+        .counters(&crate::store::testing::addr(champa), now)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.counter, v.count))
+        .collect();
+    assert_eq!(
+        counts.iter().map(|c| c.1).collect::<Vec<_>>(),
+        [2, 2, 5, 5],
+        "{counts:?}"
+    );
+    let news_counts = s.store.counters(&news.address, now).await.unwrap();
+    assert!(
+        news_counts.iter().all(|v| v.count == 0),
+        "bulk is not counted"
+    );
+    let m = s.metrics();
+    assert!(
+        m.contains(r#"mailwarden_verdicts_total{rule="R14",stage="rcpt",outcome="tempfail",protocol="policy"} 4"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn sending_limits_count_only_on_the_configured_front_end() {
+    // count_on = "milter": the policy service neither counts nor limits.
+    let s = Server::start("[rules.R14]\nrecipients_per_message = 1\ncount_on = \"milter\"\n").await;
+    let mut c = s.client().await;
+    let champa = "champa@mpt.gov.la";
+    for i in 0..3 {
+        let action = c
+            .ask(&submission(
+                champa,
+                champa,
+                &format!("r{i}@example.org"),
+                "m1",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(code(&action), "DUNNO", "{action}");
+    }
+    let now = chrono::Utc::now().timestamp();
+    let counts =
+        crate::store::Store::counters(&*s.store, &crate::store::testing::addr(champa), now)
+            .await
+            .unwrap();
+    assert!(counts.iter().all(|v| v.count == 0), "{counts:?}");
+}
+
+#[tokio::test]
+async fn sending_limits_tempfail_when_the_store_is_down() {
+    let s = Server::start(
+        "[rules.R2]\nmode = \"off\"\n[rules.R1]\nmode = \"off\"\n[rules.R9]\nmode = \"off\"\n",
+    )
+    .await;
+    s.store.set_down(true);
+    let mut c = s.client().await;
+    let action = c
+        .ask(&submission(
+            "champa@mpt.gov.la",
+            "champa@mpt.gov.la",
+            "x@example.org",
+            "m1",
+        ))
+        .await
+        .unwrap();
+    assert!(action.starts_with("451 4.3.0"), "{action}");
+    assert!(s.metrics().contains(r#"rule="R14""#));
 }

@@ -50,6 +50,7 @@ pub fn account(address: &str, org: &str) -> Account {
         created_at: 1_700_000_100,
         status_changed_at: 1_700_000_100,
         quota_bytes: None,
+        bulk: false,
     }
 }
 
@@ -237,6 +238,27 @@ impl Store for TestStore {
     async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>> {
         self.up()?;
         self.inner.taken_locals(domain, locals).await
+    }
+    async fn set_bulk(&self, address: &Address, bulk: bool) -> StoreResult<(Account, Account)> {
+        self.up()?;
+        self.inner.set_bulk(address, bulk).await
+    }
+    async fn take(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<TakeOutcome> {
+        self.up()?;
+        self.inner.take(account, takes, now).await
+    }
+    async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        self.up()?;
+        self.inner.counters(account, now).await
+    }
+    async fn reset_counters(&self, account: &Address, now: Timestamp) -> StoreResult<()> {
+        self.up()?;
+        self.inner.reset_counters(account, now).await
     }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;
