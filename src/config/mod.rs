@@ -73,7 +73,7 @@ pub struct Config {
     pub log: LogConfig,
     /// DKIM signing (R6): keys, signed headers, internal networks.
     pub dkim: DkimConfig,
-    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`).
+    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R14`).
     pub rules: BTreeMap<String, RuleConfig>,
 }
 
