@@ -7,6 +7,7 @@ use crate::config::CountOn;
 use crate::dkim::SigningKey;
 use crate::engine::rules::dkim::{self as r6, NotSigned, SigningPlan};
 use crate::engine::rules::limits::{self as r14, Limits};
+use crate::engine::rules::quota as r13;
 use crate::engine::{self, Lookup, Policy, StoreFailure};
 use crate::model::{Action, Address, Decision, Mode, Protocol, RuleId, Stage, Transaction};
 use crate::store::cache::CachedDirectory;
@@ -128,6 +129,11 @@ impl Checker {
         } else {
             Decision::pass()
         };
+        if d.action == Action::Continue && snap.policy.rule(RuleId::R13).mode != Mode::Off {
+            let quota = self.check_quota(&snap, tx, rcpt).await;
+            d.action = quota.action;
+            d.outcomes.extend(quota.outcomes);
+        }
         // A refused recipient is not counted against the sender's limits.
         if d.action == Action::Continue && counts_limits(&snap, tx.protocol) {
             let limits = self.check_limits(&snap, tx).await;
@@ -136,6 +142,33 @@ impl Checker {
         }
         telemetry::record_decision(&self.metrics, tx, Stage::Rcpt, &d, start.elapsed());
         d
+    }
+
+    /// R13 for one recipient: a local account with a quota, against the usage its mailbox
+    /// server last reported and the announced size.
+    async fn check_quota(&self, snap: &Snapshot, tx: &Transaction, rcpt: &Address) -> Decision {
+        let policy = &snap.policy;
+        let account = match self.lookup(rcpt, "lookup_recipient").await {
+            Ok(facts) => match facts.account {
+                Some(a) if a.quota_bytes.is_some() => a,
+                _ => return Decision::pass(),
+            },
+            Err(_) => return r13::store_failure(policy, rcpt),
+        };
+        let store = self.directory.store();
+        let usage = match tokio::time::timeout(snap.config.store.timeout, store.usage(rcpt)).await {
+            Ok(Ok(u)) => Ok(u),
+            Ok(Err(e)) => Err(StoreFailure(e.to_string())),
+            Err(_) => Err(StoreFailure(format!(
+                "no answer within {:?}",
+                snap.config.store.timeout
+            ))),
+        };
+        if let Err(e) = &usage {
+            self.metrics.count_store_error("read_usage");
+            tracing::warn!(address = %rcpt, "mailbox usage unavailable: {}", e.0);
+        }
+        r13::check(policy, rcpt, &account, &usage, tx.size)
     }
 
     /// R14 for one recipient about to be accepted: finds the counted sender, skips bulk

@@ -1050,3 +1050,85 @@ async fn sending_limits_are_shown_reset_and_lifted_by_the_bulk_permission() {
     assert_eq!(audit[3]["after"]["bulk"], true);
     api.stop().await;
 }
+
+/// R13 through the API: the quota is set (audited), usage is reported by a mailbox server
+/// (not audited), and the mail path refuses the recipient once usage plus SIZE= pass it.
+#[tokio::test]
+async fn quota_is_set_usage_reported_and_enforced() {
+    let api = Api::start().await;
+    api.mpt().await;
+    api.post("/v1/users", WRITE, user("champa@mpt.gov.la", "person"))
+        .await;
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/quota",
+            WRITE,
+            json!({"bytes": 1000, "reason": "standard mailbox"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["quota_bytes"], 1000);
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/usage",
+            WRITE,
+            json!({"bytes": 900}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["usage_bytes"], 900);
+    assert_eq!(b["quota_bytes"], 1000);
+    let (s, _) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/usage",
+            READ,
+            json!({"bytes": 1}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/usage",
+            WRITE,
+            json!({"bytes": -1}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let rcpt = Address::parse("champa@mpt.gov.la").unwrap();
+    let mut tx = Transaction::new(Protocol::Policy);
+    tx.size = Some(100);
+    assert_eq!(
+        api.checker.check_rcpt(&tx, &rcpt).await.action,
+        Action::Continue
+    );
+    tx.size = Some(101);
+    match api.checker.check_rcpt(&tx, &rcpt).await.action {
+        Action::Tempfail(r) => assert_eq!((r.code, r.enhanced), (452, "4.2.2")),
+        other => panic!("over quota accepted: {other:?}"),
+    }
+    // Removing the quota lifts it at once.
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/quota",
+            WRITE,
+            json!({"bytes": null}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        api.checker.check_rcpt(&tx, &rcpt).await.action,
+        Action::Continue
+    );
+
+    let actions: Vec<String> = api
+        .audit()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        actions,
+        ["org.create", "user.create", "user.quota", "user.quota"]
+    );
+    api.stop().await;
+}

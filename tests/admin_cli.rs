@@ -467,6 +467,15 @@ async fn user_permit_and_limits() {
     .await;
     assert_eq!(code(&o), 0, "{}", err(&o));
     assert!(out(&o).contains("false"), "{}", out(&o));
+    // R13: the quota in bytes, or none.
+    let o = run(u, WRITE, &["user", "quota", "champa@mpt.gov.la", "1048576"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("1048576"), "{}", out(&o));
+    let o = run(u, WRITE, &["user", "quota", "champa@mpt.gov.la", "lots"]).await;
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    let o = run(u, WRITE, &["user", "quota", "champa@mpt.gov.la", "none"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(!out(&o).contains("quota_bytes"), "{}", out(&o));
     let actions: Vec<String> = api
         .audit()
         .iter()
@@ -474,7 +483,13 @@ async fn user_permit_and_limits() {
         .collect();
     assert_eq!(
         actions[2..],
-        ["user.limits_reset", "user.permit", "user.permit"]
+        [
+            "user.limits_reset",
+            "user.permit",
+            "user.permit",
+            "user.quota",
+            "user.quota"
+        ]
     );
     api.stop().await;
 }

@@ -42,6 +42,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/users/{address}", get(show_user))
         .route("/v1/users/{address}/permissions", post(set_permissions))
+        .route("/v1/users/{address}/quota", post(set_quota))
+        .route("/v1/users/{address}/usage", post(set_usage))
         .route("/v1/users/{address}/limits", get(show_limits))
         .route("/v1/users/{address}/limits/reset", post(reset_limits))
         .route("/v1/users/{address}/{action}", post(change_user))
@@ -762,6 +764,81 @@ async fn change_user(
         )
         .await?;
     Ok(Json(after_v))
+}
+
+// ---- storage quota (R13) --------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Quota {
+    /// Granted bytes; `null` removes the quota.
+    bytes: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Sets an account's granted storage. Audited as `user.quota`.
+async fn set_quota(
+    State(state): State<AppState>,
+    caller: Caller,
+    peer: axum::Extension<Peer>,
+    Path(address): Path<String>,
+    Body(req): Body<Quota>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Write, "change an account's quota")?;
+    let addr = path_address(&address)?;
+    let reason = directory::text("reason", req.reason.as_deref())?;
+    find_user(&state, &addr).await?;
+    state.audit_ready().await?;
+    let (before, after) = state
+        .checker
+        .directory
+        .store()
+        .set_quota(&addr, req.bytes)
+        .await?;
+    state.checker.directory.invalidate_account(&addr);
+    let after_v = to_value(UserView::from(&after));
+    state
+        .audit(
+            vec![record(
+                &caller,
+                &peer,
+                "user.quota",
+                addr.to_string(),
+                to_value(UserView::from(&before)),
+                after_v.clone(),
+                reason,
+            )],
+            after_v.clone(),
+        )
+        .await?;
+    Ok(Json(after_v))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Usage {
+    bytes: u64,
+}
+
+/// A mailbox server reports an account's usage. Metering, not a directory change: not
+/// audited (it may come every few minutes per account).
+async fn set_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(address): Path<String>,
+    Body(req): Body<Usage>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Write, "report mailbox usage")?;
+    let addr = path_address(&address)?;
+    let account = find_user(&state, &addr).await?;
+    let store = state.checker.directory.store();
+    store.set_usage(&addr, req.bytes, now()).await?;
+    Ok(Json(json!({
+        "address": addr.to_string(),
+        "usage_bytes": store.usage(&addr).await?,
+        "quota_bytes": account.quota_bytes,
+    })))
 }
 
 // ---- sending limits (R14) -------------------------------------------------------------

@@ -23,7 +23,7 @@ pub struct AuditRecord {
     pub actor: String,
     /// `org.create`, `org.cease`, `user.create`, `user.import`, `user.suspend`,
     /// `user.restore`, `user.activate`, `user.withdraw`, `user.permit` (bulk permission),
-    /// `user.limits_reset` (R14 counters).
+    /// `user.limits_reset` (R14 counters), `user.quota` (R13).
     pub action: &'static str,
     /// Organisation code or account address.
     pub object: String,

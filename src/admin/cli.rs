@@ -166,6 +166,15 @@ pub enum UserCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Set an account's storage quota in bytes, or `none` to remove it (R13).
+    #[command(after_help = EXIT_CODES)]
+    Quota {
+        address: String,
+        /// Bytes (e.g. 10737418240 for 10 GiB), or `none`.
+        bytes: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Show an account's sending counters (R14) in the current hour and day, with the
     /// limits in force; `--reset` sets them back to 0 (audited).
     #[command(after_help = EXIT_CODES)]
@@ -307,6 +316,24 @@ pub async fn user(client: &ClientArgs, cmd: UserCommand) -> i32 {
                 }
                 let body = json!({ "reason": reason, "confirm": address });
                 let v = change(&address, "withdraw", body).await?;
+                Ok((v, Shape::User))
+            }
+            UserCommand::Quota {
+                address,
+                bytes,
+                reason,
+            } => {
+                let bytes: Option<u64> = match bytes.as_str() {
+                    "none" => None,
+                    b => Some(b.parse().map_err(|_| {
+                        Fail::new(
+                            EXIT_USAGE,
+                            format!("{b:?} is not a number of bytes (or none)"),
+                        )
+                    })?),
+                };
+                let body = json!({ "bytes": bytes, "reason": reason });
+                let v = change(&address, "quota", body).await?;
                 Ok((v, Shape::User))
             }
             UserCommand::Permit {

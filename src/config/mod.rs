@@ -73,7 +73,7 @@ pub struct Config {
     pub log: LogConfig,
     /// DKIM signing (R6): keys, signed headers, internal networks.
     pub dkim: DkimConfig,
-    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R14`).
+    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R13`, `R14`).
     pub rules: BTreeMap<String, RuleConfig>,
 }
 
@@ -273,6 +273,8 @@ pub struct RuleConfig {
     pub recipients_per_day: Option<u64>,
     /// R14: which front-end counts (a message seen by both must be counted once).
     pub count_on: Option<CountOn>,
+    /// R13: refuse over-quota recipients with `552 5.2.2` instead of `452 4.2.2`.
+    pub permanent: Option<bool>,
 }
 
 impl Default for RuleConfig {
@@ -286,6 +288,7 @@ impl Default for RuleConfig {
             recipients_per_hour: None,
             recipients_per_day: None,
             count_on: None,
+            permanent: None,
         }
     }
 }
@@ -312,7 +315,14 @@ pub enum OnError {
 }
 
 /// Rules this build implements; a `[rules.X]` table for anything else is an error.
-pub const KNOWN_RULES: [RuleId; 5] = [RuleId::R1, RuleId::R2, RuleId::R6, RuleId::R9, RuleId::R14];
+pub const KNOWN_RULES: [RuleId; 6] = [
+    RuleId::R1,
+    RuleId::R2,
+    RuleId::R6,
+    RuleId::R9,
+    RuleId::R13,
+    RuleId::R14,
+];
 
 impl Config {
     /// Reads, parses and validates a config file, reporting every error found.
@@ -501,6 +511,12 @@ impl Config {
                         );
                     }
                 }
+            }
+            if name != RuleId::R13.as_str() && rule.permanent.is_some() {
+                err(
+                    &format!("rules.{name}.permanent"),
+                    "is the quota reply's kind: it belongs in [rules.R13]".into(),
+                );
             }
             if !KNOWN_RULES.iter().any(|r| r.as_str() == name) {
                 err(

@@ -11,6 +11,7 @@ pub enum RuleId {
     R2,
     R6,
     R9,
+    R13,
     R14,
     /// Not a policy rule: the store or another service needed by a rule failed.
     Store,
@@ -23,6 +24,7 @@ impl RuleId {
             RuleId::R2 => "R2",
             RuleId::R6 => "R6",
             RuleId::R9 => "R9",
+            RuleId::R13 => "R13",
             RuleId::R14 => "R14",
             RuleId::Store => "store",
         }

@@ -666,7 +666,7 @@ async fn sending_limits_count_only_on_the_configured_front_end() {
 #[tokio::test]
 async fn sending_limits_tempfail_when_the_store_is_down() {
     let s = Server::start(
-        "[rules.R2]\nmode = \"off\"\n[rules.R1]\nmode = \"off\"\n[rules.R9]\nmode = \"off\"\n",
+        "[rules.R2]\nmode = \"off\"\n[rules.R1]\nmode = \"off\"\n[rules.R9]\nmode = \"off\"\n[rules.R13]\nmode = \"off\"\n",
     )
     .await;
     s.store.set_down(true);
@@ -681,5 +681,56 @@ async fn sending_limits_tempfail_when_the_store_is_down() {
         .await
         .unwrap();
     assert!(action.starts_with("451 4.3.0"), "{action}");
-    assert!(s.metrics().contains(r#"rule="R14""#));
+    let m = s.metrics();
+    assert!(
+        m.contains(r#"mailwarden_verdicts_total{rule="R14",stage="rcpt",outcome="tempfail",protocol="policy"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn quota_refuses_a_full_mailbox_at_rcpt() {
+    use crate::store::Store;
+    let s = Server::start("").await;
+    let champa = crate::store::testing::addr("champa@mpt.gov.la");
+    s.store.set_quota(&champa, Some(10_000)).await.unwrap();
+    s.store.set_usage(&champa, 9_000, 0).await.unwrap();
+    s.checker.directory.invalidate_account(&champa);
+    let mut c = s.client().await;
+    let with_size = |size: &str| {
+        Request::from_attrs([
+            ("request", "smtpd_access_policy"),
+            ("protocol_state", "RCPT"),
+            ("instance", "q1"),
+            ("client_address", "192.0.2.10"),
+            ("sender", "friend@example.org"),
+            ("recipient", "champa@mpt.gov.la"),
+            ("size", size),
+        ])
+    };
+    let action = c.ask(&with_size("1000")).await.unwrap();
+    assert_eq!(code(&action), "DUNNO", "{action}");
+    let action = c.ask(&with_size("1001")).await.unwrap();
+    assert_eq!(code(&action), "452 4.2.2", "{action}");
+    assert!(action.contains("over its storage quota"), "{action}");
+    // Already full: refused without SIZE= too.
+    s.store.set_usage(&champa, 10_000, 1).await.unwrap();
+    let action = c.ask(&with_size("0")).await.unwrap();
+    assert_eq!(code(&action), "452 4.2.2", "{action}");
+    // Not a quota account: accepted whatever the size.
+    let other = Request::from_attrs([
+        ("request", "smtpd_access_policy"),
+        ("protocol_state", "RCPT"),
+        ("sender", "friend@example.org"),
+        ("recipient", "someone@example.org"),
+        ("size", "99999999"),
+    ]);
+    assert_eq!(code(&c.ask(&other).await.unwrap()), "DUNNO");
+
+    let p = Server::start("[rules.R13]\npermanent = true\n").await;
+    p.store.set_quota(&champa, Some(10)).await.unwrap();
+    p.store.set_usage(&champa, 10, 0).await.unwrap();
+    let mut c = p.client().await;
+    let action = c.ask(&with_size("0")).await.unwrap();
+    assert_eq!(code(&action), "552 5.2.2", "{action}");
 }

@@ -70,6 +70,7 @@ macro_rules! store_contract_tests {
             counters_follow_their_windows,
             counters_are_per_account_and_reset,
             concurrent_takes_from_two_instances_stop_at_exactly_the_limit,
+            quota_and_usage_roundtrip,
         );
     };
     (@each $harness:path; $($check:ident),+ $(,)?) => {
@@ -964,4 +965,48 @@ pub async fn concurrent_takes_from_two_instances_stop_at_exactly_the_limit(h: Ha
     assert_eq!(taken, LIMIT);
     assert_eq!(counts(&*h.store, &a, NOW).await, [LIMIT, 0, 2 * LIMIT, 0]);
     assert_eq!(counts(&*h.peer, &a, NOW).await, [LIMIT, 0, 2 * LIMIT, 0]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Storage quotas (R13)
+
+pub async fn quota_and_usage_roundtrip(h: Harness) {
+    with_orgs(&*h.store, &["mpt"]).await;
+    let a = addr("champa@mpt.gov.la");
+    h.store
+        .create_account(&account("champa@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+    let (before, after) = h.store.set_quota(&a, Some(10 << 30)).await.unwrap();
+    assert_eq!(
+        (before.quota_bytes, after.quota_bytes),
+        (None, Some(10 << 30))
+    );
+    assert_eq!(
+        after,
+        Account {
+            quota_bytes: Some(10 << 30),
+            ..before
+        }
+    );
+    let seen = h.peer.get_account(&a).await.unwrap().unwrap();
+    assert_eq!(seen.quota_bytes, Some(10 << 30));
+    let (_, after) = h.store.set_quota(&a, None).await.unwrap();
+    assert_eq!(after.quota_bytes, None);
+    assert_not_found(
+        h.store.set_quota(&addr("nobody@mpt.gov.la"), Some(1)).await,
+        "account",
+        "nobody@mpt.gov.la",
+    );
+
+    assert_eq!(h.store.usage(&a).await.unwrap(), None);
+    h.store.set_usage(&a, 123_456, NOW).await.unwrap();
+    assert_eq!(h.peer.usage(&a).await.unwrap(), Some(123_456));
+    h.peer.set_usage(&a, 99, NOW + 1).await.unwrap();
+    assert_eq!(
+        h.store.usage(&a).await.unwrap(),
+        Some(99),
+        "the latest report wins"
+    );
+    assert_eq!(h.store.usage(&addr("kham@mpt.gov.la")).await.unwrap(), None);
 }

@@ -79,6 +79,19 @@ pub trait Store: Send + Sync + 'static {
     /// account; returns (before, after). `NotFound` if unknown.
     async fn set_bulk(&self, address: &Address, bulk: bool) -> StoreResult<(Account, Account)>;
 
+    /// Sets (or with `None` removes) an account's granted storage in bytes (R13); returns
+    /// (before, after). `NotFound` if unknown.
+    async fn set_quota(
+        &self,
+        address: &Address,
+        quota_bytes: Option<u64>,
+    ) -> StoreResult<(Account, Account)>;
+    /// Records an account's mailbox usage in bytes, as reported by its mailbox server (R13).
+    /// The latest report wins.
+    async fn set_usage(&self, address: &Address, bytes: u64, at: Timestamp) -> StoreResult<()>;
+    /// The last usage reported for an account; `None` if none was.
+    async fn usage(&self, address: &Address) -> StoreResult<Option<u64>>;
+
     /// Sending limits (R14): adds each take's `n` to its counter (in the window containing
     /// `now`) only if no counter would pass its limit; otherwise changes nothing and names
     /// the first counter in the way. One atomic step, also against other instances sharing

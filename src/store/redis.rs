@@ -36,7 +36,9 @@
 //! | `P:{acct:<address>}:rate:<measure>:<window>:<start>` | string | a count, e.g. `mw:{acct:champa@mpt.gov.la}:rate:messages:hour:1796421600` |
 //!
 //! `<start>` is the window's start (Unix seconds); a key expires one window after its
-//! window ends, so old windows clean themselves up.
+//! window ends, so old windows clean themselves up. The mailbox usage its mailbox server
+//! reported (R13) is `P:{acct:<address>}:usage`, a decimal byte count (plain SET/GET: the
+//! last report wins).
 //!
 //! Names in keys are the normalised (lower-case) forms, which gives case-insensitive
 //! uniqueness (R4). Sorted sets with equal scores are ordered bytewise, which is the order
@@ -73,7 +75,8 @@
 //!   not retried after a broken connection: it may have run, and a tempfailed recipient
 //!   that was counted anyway errs on the safe side (never a count lost, at worst one
 //!   recipient counted that the client will send again).
-//! - `set_bulk`: like `set_status`, for the bulk permission (field `bulk`, `1` or absent).
+//! - `set_field`: like `set_status`, for one field: the bulk permission (`bulk`, `1` or
+//!   absent) and the quota (`quota_bytes`, absent for none).
 //! - `get_org_by_domain`, `taken_locals`: read-only (`flags=no-writes`) scripts, one round
 //!   trip and one consistent view each.
 //!
@@ -287,6 +290,54 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// Sets (`Some`) or removes (`None`) one field of an account record, announcing it.
+    async fn set_field(
+        &self,
+        address: &Address,
+        field: &str,
+        value: Option<String>,
+    ) -> StoreResult<(Account, Account)> {
+        let address = address.to_string();
+        let key = self.keys.account(&address);
+        let mut inv = SET_FIELD.prepare_invoke();
+        inv.key(&key)
+            .arg(self.keys.changes())
+            .arg(format!("acct:{address}"))
+            .arg(VERSION)
+            .arg(field)
+            .arg(if value.is_some() { "1" } else { "0" })
+            .arg(value.unwrap_or_default());
+        let v = self.call(Call::Script(&inv), false).await?;
+        let Value::Array(mut parts) = v else {
+            return Err(unexpected(&key, &v));
+        };
+        let tag: String = match parts.first() {
+            Some(t) => decode(t.clone(), &key)?,
+            None => return Err(StoreError::Corrupt(format!("{key}: empty script reply"))),
+        };
+        match (tag.as_str(), parts.len()) {
+            ("ok", 3) => {
+                let after: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
+                let before: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
+                Ok((
+                    Record::new(key.clone(), before).account()?,
+                    Record::new(key, after).account()?,
+                ))
+            }
+            ("notfound", _) => Err(StoreError::NotFound {
+                what: "account",
+                name: address,
+            }),
+            ("corrupt", 2) => {
+                let detail: String = decode(parts.pop().unwrap_or_default(), &key)?;
+                Err(StoreError::Corrupt(format!("account {address}: {detail}")))
+            }
+            _ => Err(StoreError::Corrupt(format!(
+                "{key}: unexpected script reply {tag:?}"
+            ))),
+        }
+    }
+
     /// Runs the status-change script on `(what, name, key)` with the statuses `known`;
     /// `announce` is the message for the change feed.
     async fn set_status<S: StatusName>(
@@ -351,6 +402,10 @@ impl Keys {
     /// A sending counter of `address` (R14) in the window starting at `window_start`. The
     /// hash tag is per account: all counters of one account are in one slot (one script),
     /// different accounts spread over the cluster.
+    /// The mailbox usage of `address` in bytes (R13), in the account's slot.
+    fn usage(&self, address: &str) -> String {
+        format!("{}:{{acct:{address}}}:usage", self.prefix)
+    }
     fn counter(&self, address: &str, counter: Counter, window_start: Timestamp) -> String {
         format!(
             "{}:{{acct:{address}}}:rate:{}:{window_start}",
@@ -491,19 +546,20 @@ return {'ok'}
     )
 });
 
-/// KEYS: the account record. ARGV: change channel, announcement, encoding version, bulk
-/// ('1' or '0'). Returns {'ok', before, after}, {'notfound'} or {'corrupt', detail}.
-static SET_BULK: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS: the account record. ARGV: change channel, announcement, encoding version, field,
+/// '1' to set it to the value that follows or '0' to remove it, the value.
+/// Returns {'ok', before, after}, {'notfound'} or {'corrupt', detail}.
+static SET_FIELD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"#!lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'notfound'} end
 local v = redis.call('HGET', KEYS[1], 'v')
 if v ~= ARGV[3] then return {'corrupt', 'record version ' .. tostring(v) .. ' is not ' .. ARGV[3]} end
 local before = redis.call('HGETALL', KEYS[1])
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'bulk', '1')
+if ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[4], ARGV[6])
 else
-  redis.call('HDEL', KEYS[1], 'bulk')
+  redis.call('HDEL', KEYS[1], ARGV[4])
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return {'ok', before, redis.call('HGETALL', KEYS[1])}
@@ -887,43 +943,37 @@ impl Store for RedisStore {
     }
 
     async fn set_bulk(&self, address: &Address, bulk: bool) -> StoreResult<(Account, Account)> {
-        let address = address.to_string();
-        let key = self.keys.account(&address);
-        let mut inv = SET_BULK.prepare_invoke();
-        inv.key(&key)
-            .arg(self.keys.changes())
-            .arg(format!("acct:{address}"))
-            .arg(VERSION)
-            .arg(if bulk { "1" } else { "0" });
-        let v = self.call(Call::Script(&inv), false).await?;
-        let Value::Array(mut parts) = v else {
-            return Err(unexpected(&key, &v));
-        };
-        let tag: String = match parts.first() {
-            Some(t) => decode(t.clone(), &key)?,
-            None => return Err(StoreError::Corrupt(format!("{key}: empty script reply"))),
-        };
-        match (tag.as_str(), parts.len()) {
-            ("ok", 3) => {
-                let after: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
-                let before: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
-                Ok((
-                    Record::new(key.clone(), before).account()?,
-                    Record::new(key, after).account()?,
-                ))
-            }
-            ("notfound", _) => Err(StoreError::NotFound {
-                what: "account",
-                name: address,
-            }),
-            ("corrupt", 2) => {
-                let detail: String = decode(parts.pop().unwrap_or_default(), &key)?;
-                Err(StoreError::Corrupt(format!("account {address}: {detail}")))
-            }
-            _ => Err(StoreError::Corrupt(format!(
-                "{key}: unexpected script reply {tag:?}"
-            ))),
-        }
+        let value = bulk.then(|| "1".to_owned());
+        self.set_field(address, "bulk", value).await
+    }
+
+    async fn set_quota(
+        &self,
+        address: &Address,
+        quota_bytes: Option<u64>,
+    ) -> StoreResult<(Account, Account)> {
+        self.set_field(address, "quota_bytes", quota_bytes.map(|q| q.to_string()))
+            .await
+    }
+
+    async fn set_usage(&self, address: &Address, bytes: u64, _at: Timestamp) -> StoreResult<()> {
+        let key = self.keys.usage(&address.to_string());
+        self.call(Call::Cmd(::redis::cmd("SET").arg(&key).arg(bytes)), true)
+            .await?;
+        Ok(())
+    }
+
+    async fn usage(&self, address: &Address) -> StoreResult<Option<u64>> {
+        let key = self.keys.usage(&address.to_string());
+        let v = self
+            .call(Call::Cmd(::redis::cmd("GET").arg(&key)), true)
+            .await?;
+        let s: Option<String> = decode(v, &key)?;
+        s.map(|s| {
+            s.parse::<u64>()
+                .map_err(|_| StoreError::Corrupt(format!("{key} holds {s:?}")))
+        })
+        .transpose()
     }
 
     async fn take(

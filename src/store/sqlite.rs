@@ -99,6 +99,14 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (account, counter)
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 3: storage quotas (R13): the mailbox usage each account's mailbox server last reported.
+    r#"
+    CREATE TABLE mailbox_usage (
+        account    TEXT    NOT NULL PRIMARY KEY,
+        bytes      INTEGER NOT NULL CHECK (bytes >= 0),
+        updated_at INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -644,6 +652,74 @@ impl Store for SqliteStore {
                 .ok_or_else(|| StoreError::Corrupt(format!("account {address} vanished")))?;
             tx.commit()?;
             Ok((before, after))
+        })
+        .await
+    }
+
+    async fn set_quota(
+        &self,
+        address: &Address,
+        quota_bytes: Option<u64>,
+    ) -> StoreResult<(Account, Account)> {
+        let address = address.to_string();
+        let quota = match quota_bytes {
+            None => None,
+            Some(q) => Some(i64::try_from(q).map_err(|_| {
+                StoreError::Corrupt(format!(
+                    "quota_bytes {q} for {address} is larger than the store can hold ({})",
+                    i64::MAX
+                ))
+            })?),
+        };
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(before) = select_account(&tx, &address)? else {
+                return Err(StoreError::NotFound {
+                    what: "account",
+                    name: address,
+                });
+            };
+            tx.execute(
+                "UPDATE accounts SET quota_bytes = ?1 WHERE address = ?2",
+                params![quota, address],
+            )?;
+            let after = select_account(&tx, &address)?
+                .ok_or_else(|| StoreError::Corrupt(format!("account {address} vanished")))?;
+            tx.commit()?;
+            Ok((before, after))
+        })
+        .await
+    }
+
+    async fn set_usage(&self, address: &Address, bytes: u64, at: Timestamp) -> StoreResult<()> {
+        let address = address.to_string();
+        let bytes = i64::try_from(bytes)
+            .map_err(|_| StoreError::Corrupt(format!("usage {bytes} of {address} is too large")))?;
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO mailbox_usage (account, bytes, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (account) DO UPDATE SET bytes = excluded.bytes, \
+                 updated_at = excluded.updated_at",
+            )?
+            .execute(params![address, bytes, at])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn usage(&self, address: &Address) -> StoreResult<Option<u64>> {
+        let address = address.to_string();
+        self.read(move |c| {
+            let bytes: Option<i64> = c
+                .prepare_cached("SELECT bytes FROM mailbox_usage WHERE account = ?1")?
+                .query_row([&address], |r| r.get(0))
+                .optional()?;
+            bytes
+                .map(|b| {
+                    u64::try_from(b)
+                        .map_err(|_| StoreError::Corrupt(format!("usage of {address} is {b}")))
+                })
+                .transpose()
         })
         .await
     }

@@ -260,6 +260,22 @@ impl Store for TestStore {
         self.up()?;
         self.inner.reset_counters(account, now).await
     }
+    async fn set_quota(
+        &self,
+        address: &Address,
+        quota_bytes: Option<u64>,
+    ) -> StoreResult<(Account, Account)> {
+        self.up()?;
+        self.inner.set_quota(address, quota_bytes).await
+    }
+    async fn set_usage(&self, address: &Address, bytes: u64, at: Timestamp) -> StoreResult<()> {
+        self.up()?;
+        self.inner.set_usage(address, bytes, at).await
+    }
+    async fn usage(&self, address: &Address) -> StoreResult<Option<u64>> {
+        self.up()?;
+        self.inner.usage(address).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;
         self.inner.ping().await

@@ -3,3 +3,4 @@
 pub mod directory;
 pub mod dkim;
 pub mod limits;
+pub mod quota;
