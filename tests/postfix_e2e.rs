@@ -483,3 +483,54 @@ fn both_wirings_count_a_message_once() {
         sent.transcript
     );
 }
+
+/// `POST path` with a JSON body to the daemon's admin API (the mailbox server's usage report).
+fn admin_post(mw: &Mailwarden, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let host = mw.admin_url().trim_start_matches("http://").to_owned();
+    let mut s = std::net::TcpStream::connect(&host).expect("connect to the admin API");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        common::daemon::TOKEN,
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// R13 through Postfix: a recipient whose reported usage reaches its quota gets `452 4.2.2`
+/// (the other recipient of the message is delivered), through both wirings.
+fn quota(path: Path) {
+    let (mw, pf) = setup(path, "");
+    mw.cli_ok("user", &["quota", SOMSAK, "1000"]);
+    let answer = admin_post(
+        &mw,
+        &format!("/v1/users/{SOMSAK}/usage"),
+        r#"{"bytes":1000}"#,
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let sent = swaks(&pf.server, OUTSIDE, &[SOMSAK, CHAMPA]);
+    let reply = sent.expect_reply(&format!("RCPT TO:<{SOMSAK}>"));
+    assert!(
+        reply.starts_with("452 4.2.2") && reply.contains("over its storage quota"),
+        "via {}: {reply:?}\n{}",
+        path.label(),
+        sent.transcript
+    );
+    assert!(sent.queued(), "{}", sent.transcript);
+    assert_eq!(pf.wait_delivered(&sent.tag).rcpts, [CHAMPA]);
+}
+
+#[test]
+fn policy_r13_quota() {
+    quota(Path::Policy);
+}
+
+#[test]
+fn milter_r13_quota() {
+    quota(Path::Milter);
+}
