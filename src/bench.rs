@@ -101,6 +101,7 @@ async fn seed(db: &Path, accounts: usize) -> anyhow::Result<Vec<String>> {
             created_at: now,
             status_changed_at: now,
             quota_bytes: None,
+            bulk: false,
         });
     }
     store.create_accounts(&rows).await?;

@@ -3,11 +3,14 @@
 //! the engine stays free of I/O.
 
 use crate::config::Config;
+use crate::config::CountOn;
 use crate::config::in_networks;
 use crate::dkim::SigningKey;
 use crate::engine::rules::dkim::{self as r6, NotSigned, SigningPlan};
-use crate::engine::{self, Lookup, Policy};
-use crate::model::{Action, Address, Decision, Mode, RuleId, Stage, Transaction};
+use crate::engine::rules::limits::{self as r14, Limits};
+use crate::engine::rules::quota as r13;
+use crate::engine::{self, Lookup, Policy, StoreFailure};
+use crate::model::{Action, Address, Decision, Mode, Protocol, RuleId, Stage, Transaction};
 use crate::store::cache::CachedDirectory;
 use crate::telemetry::{self, Metrics};
 use arc_swap::ArcSwap;
@@ -44,6 +47,32 @@ pub struct Checker {
     snapshot: ArcSwap<Snapshot>,
     pub directory: CachedDirectory,
     pub metrics: Arc<Metrics>,
+}
+
+/// Whether sending limits (R14) are applied on this front-end: active, and counted here
+/// (`[rules.R14] count_on`) so that a message seen by both the milter and the policy
+/// service is counted once.
+fn counts_limits(snap: &Snapshot, protocol: Protocol) -> bool {
+    let rule = snap.policy.rule(RuleId::R14);
+    if rule.mode == Mode::Off {
+        return false;
+    }
+    let on = match rule.count_on.unwrap_or_default() {
+        CountOn::Auto if snap.config.server.policy_listen.is_empty() => Protocol::Milter,
+        CountOn::Auto | CountOn::Policy => Protocol::Policy,
+        CountOn::Milter => Protocol::Milter,
+    };
+    on == protocol
+}
+
+/// Whose counters a recipient counts against (R14): the SASL login when the client
+/// authenticated with an address as login, else the envelope sender. The caller checks
+/// that it is local.
+fn counted_sender(tx: &Transaction) -> Option<Address> {
+    tx.sasl_username
+        .as_deref()
+        .and_then(|login| Address::parse(login).ok())
+        .or_else(|| tx.sender.as_ref().and_then(|s| s.address()).cloned())
 }
 
 impl Checker {
@@ -95,14 +124,92 @@ impl Checker {
     pub async fn check_rcpt(&self, tx: &Transaction, rcpt: &Address) -> Decision {
         let start = Instant::now();
         let snap = self.snapshot();
-        let d = if snap.policy.any_active(&engine::RECIPIENT_RULES) {
+        let mut d = if snap.policy.any_active(&engine::RECIPIENT_RULES) {
             let lookup = self.lookup(rcpt, "lookup_recipient").await;
             engine::check_recipient(&snap.policy, tx, rcpt, &lookup)
         } else {
             Decision::pass()
         };
+        if d.action == Action::Continue && snap.policy.rule(RuleId::R13).mode != Mode::Off {
+            let quota = self.check_quota(&snap, tx, rcpt).await;
+            d.action = quota.action;
+            d.outcomes.extend(quota.outcomes);
+        }
+        // A refused recipient is not counted against the sender's limits.
+        if d.action == Action::Continue && counts_limits(&snap, tx.protocol) {
+            let limits = self.check_limits(&snap, tx).await;
+            d.action = limits.action;
+            d.outcomes.extend(limits.outcomes);
+        }
         telemetry::record_decision(&self.metrics, tx, Stage::Rcpt, &d, start.elapsed());
         d
+    }
+
+    /// R13 for one recipient: a local account with a quota, against the usage its mailbox
+    /// server last reported and the announced size.
+    async fn check_quota(&self, snap: &Snapshot, tx: &Transaction, rcpt: &Address) -> Decision {
+        let policy = &snap.policy;
+        let account = match self.lookup(rcpt, "lookup_recipient").await {
+            Ok(facts) => match facts.account {
+                Some(a) if a.quota_bytes.is_some() => a,
+                _ => return Decision::pass(),
+            },
+            Err(_) => return r13::store_failure(policy, rcpt),
+        };
+        let store = self.directory.store();
+        let usage = match tokio::time::timeout(snap.config.store.timeout, store.usage(rcpt)).await {
+            Ok(Ok(u)) => Ok(u),
+            Ok(Err(e)) => Err(StoreFailure(e.to_string())),
+            Err(_) => Err(StoreFailure(format!(
+                "no answer within {:?}",
+                snap.config.store.timeout
+            ))),
+        };
+        if let Err(e) = &usage {
+            self.metrics.count_store_error("read_usage");
+            tracing::warn!(address = %rcpt, "mailbox usage unavailable: {}", e.0);
+        }
+        r13::check(policy, rcpt, &account, &usage, tx.size)
+    }
+
+    /// R14 for one recipient about to be accepted: finds the counted sender, skips bulk
+    /// accounts, checks the per-message limit, then takes one recipient (and, at the
+    /// message's first accepted recipient, one message) from the store's counters.
+    async fn check_limits(&self, snap: &Snapshot, tx: &Transaction) -> Decision {
+        let policy = &snap.policy;
+        let Some(sender) = counted_sender(tx) else {
+            return Decision::pass();
+        };
+        let now = chrono::Utc::now().timestamp();
+        let facts = match self.lookup(&sender, "lookup_limited_sender").await {
+            Ok(facts) => facts,
+            Err(e) => return r14::decide(policy, &sender, &Err(e), now),
+        };
+        if !facts.is_local() || facts.account.as_ref().is_some_and(|a| a.bulk) {
+            return Decision::pass();
+        }
+        let limits = Limits::from_rule(&policy.rule(RuleId::R14));
+        if let Some(d) = r14::per_message(policy, &limits, &sender, tx.rcpts_accepted) {
+            return d;
+        }
+        let takes = r14::takes(&limits, tx.rcpts_accepted);
+        let store = self.directory.store();
+        let outcome =
+            match tokio::time::timeout(snap.config.store.timeout, store.take(&sender, &takes, now))
+                .await
+            {
+                Ok(Ok(o)) => Ok(o),
+                Ok(Err(e)) => Err(StoreFailure(e.to_string())),
+                Err(_) => Err(StoreFailure(format!(
+                    "no answer within {:?}",
+                    snap.config.store.timeout
+                ))),
+            };
+        if let Err(e) = &outcome {
+            self.metrics.count_store_error("take_limits");
+            tracing::warn!(address = %sender, "sending counters unavailable: {}", e.0);
+        }
+        r14::decide(policy, &sender, &outcome, now)
     }
 
     /// End of headers (milter): whether and with which keys to sign (R6). Looks up the

@@ -1026,3 +1026,198 @@ async fn relay_networks_are_added_removed_audited_and_reach_the_mail_path() {
     );
     api.stop().await;
 }
+
+#[tokio::test]
+async fn sending_limits_are_shown_reset_and_lifted_by_the_bulk_permission() {
+    let api = Api::start_with(|c, _| {
+        c.rules.insert(
+            "R14".into(),
+            mailwarden::config::RuleTable {
+                messages_per_hour: Some(2),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    api.mpt().await;
+    api.post("/v1/users", WRITE, user("champa@mpt.gov.la", "person"))
+        .await;
+    let mut tx = Transaction::new(Protocol::Policy);
+    tx.sasl_username = Some("champa@mpt.gov.la".into());
+    let to = Address::parse("friend@example.org").unwrap();
+    let send = async || api.checker.check_rcpt(&tx, &to).await.action;
+    assert_eq!(send().await, Action::Continue);
+    assert_eq!(send().await, Action::Continue);
+    match send().await {
+        Action::Tempfail(r) => assert_eq!((r.code, r.enhanced), (450, "4.7.1")),
+        other => panic!("third message this hour passed: {other:?}"),
+    }
+
+    let (s, b) = api.get("/v1/users/champa@mpt.gov.la/limits", READ).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["bulk"], false);
+    assert_eq!(b["counters"][0]["counter"], "messages:hour");
+    assert_eq!(b["counters"][0]["count"], 2);
+    assert_eq!(b["counters"][0]["limit"], 2);
+    assert_eq!(b["counters"][2]["counter"], "recipients:hour");
+    assert_eq!(b["counters"][2]["count"], 2);
+
+    let (s, _) = api
+        .post("/v1/users/champa@mpt.gov.la/limits/reset", READ, json!({}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/limits/reset",
+            WRITE,
+            json!({"reason": "newsletter approved"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["counters"][0]["count"], 0);
+    assert_eq!(send().await, Action::Continue);
+
+    // The bulk permission needs admin; with it the limits no longer apply.
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/permissions",
+            WRITE,
+            json!({"bulk": true}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/permissions",
+            ADMIN,
+            json!({"bulk": true, "reason": "ministry newsletter"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["bulk"], true);
+    for _ in 0..5 {
+        assert_eq!(send().await, Action::Continue);
+    }
+    let (_, b) = api.get("/v1/users/champa@mpt.gov.la", READ).await;
+    assert_eq!(b["bulk"], true);
+    let (s, _) = api
+        .post(
+            "/v1/users/nobody@mpt.gov.la/permissions",
+            ADMIN,
+            json!({"bulk": true}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Withdrawing it brings the limits back (1 message counted since the reset).
+    api.post(
+        "/v1/users/champa@mpt.gov.la/permissions",
+        ADMIN,
+        json!({"bulk": false}),
+    )
+    .await;
+    assert_eq!(send().await, Action::Continue);
+    assert!(matches!(send().await, Action::Tempfail(_)));
+
+    let audit = api.audit();
+    let changes: Vec<(&str, &str)> = audit
+        .iter()
+        .skip(2)
+        .map(|r| (r["action"].as_str().unwrap(), r["object"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("user.limits_reset", "champa@mpt.gov.la"),
+            ("user.permit", "champa@mpt.gov.la"),
+            ("user.permit", "champa@mpt.gov.la"),
+        ]
+    );
+    assert_eq!(audit[2]["before"]["counters"][0]["count"], 2);
+    assert_eq!(audit[2]["reason"], "newsletter approved");
+    assert_eq!(audit[3]["before"]["bulk"], false);
+    assert_eq!(audit[3]["after"]["bulk"], true);
+    api.stop().await;
+}
+
+/// R13 through the API: the quota is set (audited), usage is reported by a mailbox server
+/// (not audited), and the mail path refuses the recipient once usage plus SIZE= pass it.
+
+#[tokio::test]
+async fn quota_is_set_usage_reported_and_enforced() {
+    let api = Api::start().await;
+    api.mpt().await;
+    api.post("/v1/users", WRITE, user("champa@mpt.gov.la", "person"))
+        .await;
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/quota",
+            WRITE,
+            json!({"bytes": 1000, "reason": "standard mailbox"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["quota_bytes"], 1000);
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/usage",
+            WRITE,
+            json!({"bytes": 900}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["usage_bytes"], 900);
+    assert_eq!(b["quota_bytes"], 1000);
+    let (s, _) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/usage",
+            READ,
+            json!({"bytes": 1}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/usage",
+            WRITE,
+            json!({"bytes": -1}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let rcpt = Address::parse("champa@mpt.gov.la").unwrap();
+    let mut tx = Transaction::new(Protocol::Policy);
+    tx.size = Some(100);
+    assert_eq!(
+        api.checker.check_rcpt(&tx, &rcpt).await.action,
+        Action::Continue
+    );
+    tx.size = Some(101);
+    match api.checker.check_rcpt(&tx, &rcpt).await.action {
+        Action::Tempfail(r) => assert_eq!((r.code, r.enhanced), (452, "4.2.2")),
+        other => panic!("over quota accepted: {other:?}"),
+    }
+    // Removing the quota lifts it at once.
+    let (s, b) = api
+        .post(
+            "/v1/users/champa@mpt.gov.la/quota",
+            WRITE,
+            json!({"bytes": null}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        api.checker.check_rcpt(&tx, &rcpt).await.action,
+        Action::Continue
+    );
+
+    let actions: Vec<String> = api
+        .audit()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        actions,
+        ["org.create", "user.create", "user.quota", "user.quota"]
+    );
+    api.stop().await;
+}

@@ -451,3 +451,107 @@ async fn org_relays_lists_adds_and_removes() {
     assert_eq!(out(&o), "2001:db8::/48\n");
     api.stop().await;
 }
+
+#[tokio::test]
+async fn user_permit_and_limits() {
+    use mailwarden::model::{Address, Protocol, Transaction};
+    let api = Api::start().await;
+    let u = api.url.as_str();
+    api.mpt().await;
+    let o = run(
+        u,
+        WRITE,
+        &["user", "add", "champa@mpt.gov.la", "--kind", "person"],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    // One message with two recipients through the mail path.
+    let mut tx = Transaction::new(Protocol::Policy);
+    tx.sasl_username = Some("champa@mpt.gov.la".into());
+    for (i, to) in ["a@example.org", "b@example.org"].iter().enumerate() {
+        tx.rcpts_accepted = i;
+        let d = api
+            .checker
+            .check_rcpt(&tx, &Address::parse(to).unwrap())
+            .await;
+        assert_eq!(d.action, mailwarden::model::Action::Continue);
+    }
+
+    let o = run(u, READ, &["user", "limits", "champa@mpt.gov.la"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let text = out(&o);
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row in:\n{text}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("messages:hour")[1..3], ["1", "100"], "{text}");
+    assert_eq!(row("recipients:day")[1..3], ["2", "1000"], "{text}");
+
+    let o = run(
+        u,
+        WRITE,
+        &["user", "limits", "champa@mpt.gov.la", "--reset"],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let o = run(u, READ, &["user", "limits", "champa@mpt.gov.la", "--json"]).await;
+    let v: Value = serde_json::from_str(&out(&o)).unwrap();
+    assert!(
+        v["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["count"] == 0),
+        "{v}"
+    );
+
+    // Neither or both of --bulk/--no-bulk is a usage error; granting needs admin.
+    let o = run(u, ADMIN, &["user", "permit", "champa@mpt.gov.la"]).await;
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    let o = run(u, WRITE, &["user", "permit", "champa@mpt.gov.la", "--bulk"]).await;
+    assert_ne!(code(&o), 0);
+    let o = run(u, ADMIN, &["user", "permit", "champa@mpt.gov.la", "--bulk"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(
+        out(&o).contains("bulk") && out(&o).contains("true"),
+        "{}",
+        out(&o)
+    );
+    let o = run(
+        u,
+        ADMIN,
+        &["user", "permit", "champa@mpt.gov.la", "--no-bulk"],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("false"), "{}", out(&o));
+    // R13: the quota in bytes, or none.
+    let o = run(u, WRITE, &["user", "quota", "champa@mpt.gov.la", "1048576"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("1048576"), "{}", out(&o));
+    let o = run(u, WRITE, &["user", "quota", "champa@mpt.gov.la", "lots"]).await;
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    let o = run(u, WRITE, &["user", "quota", "champa@mpt.gov.la", "none"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(!out(&o).contains("quota_bytes"), "{}", out(&o));
+    let actions: Vec<String> = api
+        .audit()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        actions[2..],
+        [
+            "user.limits_reset",
+            "user.permit",
+            "user.permit",
+            "user.quota",
+            "user.quota"
+        ]
+    );
+    api.stop().await;
+}

@@ -385,3 +385,152 @@ fn milter_mailwarden_stopped_tempfails() {
         "only the message sent while it ran"
     );
 }
+
+/// R14 through Postfix: with 2 recipients per message and 1 message per hour, the third
+/// recipient of a message gets `452 4.5.3` (the first two are delivered), and the next
+/// message `450 4.7.1`. The counters (`mailwarden user limits`) say 1 message, 2
+/// recipients: the refused ones are not counted, and a message is counted once.
+fn sending_limits(path: Path) {
+    let count_on = match path {
+        Path::Policy => "policy",
+        Path::Milter => "milter",
+    };
+    let (mw, pf) = setup(
+        path,
+        &format!(
+            "[rules.R14]\nrecipients_per_message = 2\nmessages_per_hour = 1\n\
+             count_on = \"{count_on}\"\n"
+        ),
+    );
+    let to = ["a@example.org", "b@example.org", "c@example.org"];
+    let sent = swaks(&pf.server, CHAMPA, &to);
+    for ok in &to[..2] {
+        let reply = sent.expect_reply(&format!("RCPT TO:<{ok}>"));
+        assert!(reply.starts_with("250"), "{}", sent.transcript);
+    }
+    let reply = sent.expect_reply("RCPT TO:<c@example.org>");
+    assert!(
+        reply.starts_with("452 4.5.3") && reply.contains("at most 2 per message"),
+        "via {}: {reply:?}\n{}",
+        path.label(),
+        sent.transcript
+    );
+    assert!(sent.queued(), "{}", sent.transcript);
+    let d = pf.wait_delivered(&sent.tag);
+    assert_eq!(d.rcpts, to[..2]);
+
+    let sent = swaks(&pf.server, CHAMPA, &["d@example.org"]);
+    let reply = sent.expect_reply("RCPT TO:<d@example.org>");
+    assert!(
+        reply.starts_with("450 4.7.1")
+            && reply.contains("1 messages per hour")
+            && reply.contains("try again after"),
+        "via {}: {reply:?}\n{}",
+        path.label(),
+        sent.transcript
+    );
+    assert!(!sent.queued(), "{}", sent.transcript);
+
+    let shown = mw.cli_ok("user", &["limits", CHAMPA, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let counts: Vec<u64> = v["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["count"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, [1, 1, 2, 2], "{shown}");
+}
+
+#[test]
+fn policy_r14_sending_limits() {
+    sending_limits(Path::Policy);
+}
+
+#[test]
+fn milter_r14_sending_limits() {
+    sending_limits(Path::Milter);
+}
+
+/// Postfix wired to both the policy service and the milter: every RCPT reaches mailwarden
+/// twice, and with the default `count_on = "auto"` only the policy service counts, so one
+/// message of two recipients is counted once, with two recipients.
+#[test]
+fn both_wirings_count_a_message_once() {
+    let mw = Mailwarden::start("[rules.R14]\nmessages_per_hour = 1\n");
+    populate(&mw);
+    let pf = Postfix::start(Wiring::Both(
+        mw.bound.policy.clone(),
+        mw.bound.milter.clone(),
+    ));
+    let sent = swaks(&pf.server, CHAMPA, &["a@example.org", "b@example.org"]);
+    assert!(sent.queued(), "{}", sent.transcript);
+    pf.wait_delivered(&sent.tag);
+    let shown = mw.cli_ok("user", &["limits", CHAMPA, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let counts: Vec<u64> = v["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["count"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, [1, 1, 2, 2], "{shown}");
+    let sent = swaks(&pf.server, CHAMPA, &["c@example.org"]);
+    assert!(
+        sent.expect_reply("RCPT TO:<c@example.org>")
+            .starts_with("450 4.7.1"),
+        "{}",
+        sent.transcript
+    );
+}
+
+/// `POST path` with a JSON body to the daemon's admin API (the mailbox server's usage report).
+fn admin_post(mw: &Mailwarden, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let host = mw.admin_url().trim_start_matches("http://").to_owned();
+    let mut s = std::net::TcpStream::connect(&host).expect("connect to the admin API");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        common::daemon::TOKEN,
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// R13 through Postfix: a recipient whose reported usage reaches its quota gets `452 4.2.2`
+/// (the other recipient of the message is delivered), through both wirings.
+fn quota(path: Path) {
+    let (mw, pf) = setup(path, "");
+    mw.cli_ok("user", &["quota", SOMSAK, "1000"]);
+    let answer = admin_post(
+        &mw,
+        &format!("/v1/users/{SOMSAK}/usage"),
+        r#"{"bytes":1000}"#,
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let sent = swaks(&pf.server, OUTSIDE, &[SOMSAK, CHAMPA]);
+    let reply = sent.expect_reply(&format!("RCPT TO:<{SOMSAK}>"));
+    assert!(
+        reply.starts_with("452 4.2.2") && reply.contains("over its storage quota"),
+        "via {}: {reply:?}\n{}",
+        path.label(),
+        sent.transcript
+    );
+    assert!(sent.queued(), "{}", sent.transcript);
+    assert_eq!(pf.wait_delivered(&sent.tag).rcpts, [CHAMPA]);
+}
+
+#[test]
+fn policy_r13_quota() {
+    quota(Path::Policy);
+}
+
+#[test]
+fn milter_r13_quota() {
+    quota(Path::Milter);
+}

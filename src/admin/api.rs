@@ -42,6 +42,11 @@ pub fn router(state: AppState) -> Router {
             post(import_users).layer(DefaultBodyLimit::max(32 * 1024 * 1024)),
         )
         .route("/v1/users/{address}", get(show_user))
+        .route("/v1/users/{address}/permissions", post(set_permissions))
+        .route("/v1/users/{address}/quota", post(set_quota))
+        .route("/v1/users/{address}/usage", post(set_usage))
+        .route("/v1/users/{address}/limits", get(show_limits))
+        .route("/v1/users/{address}/limits/reset", post(reset_limits))
         .route("/v1/users/{address}/{action}", post(change_user))
         .fallback(|| async { error::plain(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -149,6 +154,8 @@ pub struct UserView {
     pub created_at: String,
     pub status_changed_at: String,
     pub quota_bytes: Option<u64>,
+    /// The bulk permission: exempt from sending limits (R14).
+    pub bulk: bool,
 }
 
 impl From<&Account> for UserView {
@@ -163,6 +170,7 @@ impl From<&Account> for UserView {
             created_at: rfc3339(a.created_at),
             status_changed_at: rfc3339(a.status_changed_at),
             quota_bytes: a.quota_bytes,
+            bulk: a.bulk,
         }
     }
 }
@@ -614,6 +622,7 @@ fn validate_user(rules: &Rules, req: &NewUser, at: Timestamp) -> Result<Registra
             created_at: at,
             status_changed_at: at,
             quota_bytes: None,
+            bulk: false,
         },
     })
 }
@@ -832,6 +841,224 @@ async fn change_user(
         )
         .await?;
     Ok(Json(after_v))
+}
+
+// ---- storage quota (R13) --------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Quota {
+    /// Granted bytes; `null` removes the quota.
+    bytes: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Sets an account's granted storage. Audited as `user.quota`.
+async fn set_quota(
+    State(state): State<AppState>,
+    caller: Caller,
+    peer: axum::Extension<Peer>,
+    Path(address): Path<String>,
+    Body(req): Body<Quota>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Write, "change an account's quota")?;
+    let addr = path_address(&address)?;
+    let reason = directory::text("reason", req.reason.as_deref())?;
+    find_user(&state, &addr).await?;
+    state.audit_ready().await?;
+    let (before, after) = state
+        .checker
+        .directory
+        .store()
+        .set_quota(&addr, req.bytes)
+        .await?;
+    state.checker.directory.invalidate_account(&addr);
+    let after_v = to_value(UserView::from(&after));
+    state
+        .audit(
+            vec![record(
+                &caller,
+                &peer,
+                "user.quota",
+                addr.to_string(),
+                to_value(UserView::from(&before)),
+                after_v.clone(),
+                reason,
+            )],
+            after_v.clone(),
+        )
+        .await?;
+    Ok(Json(after_v))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Usage {
+    bytes: u64,
+}
+
+/// A mailbox server reports an account's usage. Metering, not a directory change: not
+/// audited (it may come every few minutes per account).
+async fn set_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(address): Path<String>,
+    Body(req): Body<Usage>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Write, "report mailbox usage")?;
+    let addr = path_address(&address)?;
+    let account = find_user(&state, &addr).await?;
+    let store = state.checker.directory.store();
+    store.set_usage(&addr, req.bytes, now()).await?;
+    Ok(Json(json!({
+        "address": addr.to_string(),
+        "usage_bytes": store.usage(&addr).await?,
+        "quota_bytes": account.quota_bytes,
+    })))
+}
+
+// ---- sending limits (R14) -------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Permissions {
+    /// Grant (`true`) or withdraw (`false`) the bulk permission.
+    bulk: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Grants or withdraws the bulk permission (exempt from R14's limits). Needs `admin`: it
+/// lifts a protection of everyone else's mail. Audited as `user.permit`.
+async fn set_permissions(
+    State(state): State<AppState>,
+    caller: Caller,
+    peer: axum::Extension<Peer>,
+    Path(address): Path<String>,
+    Body(req): Body<Permissions>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Admin, "change an account's permissions")?;
+    let addr = path_address(&address)?;
+    let reason = directory::text("reason", req.reason.as_deref())?;
+    find_user(&state, &addr).await?;
+    state.audit_ready().await?;
+    let (before, after) = state
+        .checker
+        .directory
+        .store()
+        .set_bulk(&addr, req.bulk)
+        .await?;
+    state.checker.directory.invalidate_account(&addr);
+    let after_v = to_value(UserView::from(&after));
+    state
+        .audit(
+            vec![record(
+                &caller,
+                &peer,
+                "user.permit",
+                addr.to_string(),
+                to_value(UserView::from(&before)),
+                after_v.clone(),
+                reason,
+            )],
+            after_v.clone(),
+        )
+        .await?;
+    Ok(Json(after_v))
+}
+
+/// An account's counters now, with the limits in force (0: no limit).
+async fn limits_view(state: &AppState, addr: &Address) -> Result<Value, ApiError> {
+    let account = find_user(state, addr).await?;
+    let at = now();
+    let counters = state.checker.directory.store().counters(addr, at).await?;
+    let snap = state.checker.snapshot();
+    let limits = crate::engine::rules::limits::Limits::from_rule(
+        &snap.policy.rule(crate::model::RuleId::R14),
+    );
+    let limit = |c: &crate::store::Counter| {
+        use crate::store::{Measure, Window};
+        match (c.measure, c.window) {
+            (Measure::Messages, Window::Hour) => limits.messages_per_hour,
+            (Measure::Messages, Window::Day) => limits.messages_per_day,
+            (Measure::Recipients, Window::Hour) => limits.recipients_per_hour,
+            (Measure::Recipients, Window::Day) => limits.recipients_per_day,
+        }
+    };
+    let rows: Vec<Value> = counters
+        .iter()
+        .map(|v| {
+            json!({
+                "counter": v.counter.name(),
+                "count": v.count,
+                "limit": limit(&v.counter),
+                "window_start": rfc3339(v.window_start),
+                "window_end": rfc3339(v.window_end),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "address": addr.to_string(),
+        "bulk": account.bulk,
+        "recipients_per_message": limits.recipients_per_message,
+        "counters": rows,
+    }))
+}
+
+async fn show_limits(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(address): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Read, "look at accounts")?;
+    let addr = path_address(&address)?;
+    Ok(Json(limits_view(&state, &addr).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Reset {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Sets an account's sending counters back to 0 (e.g. after a legitimate mailing was held
+/// up). Audited as `user.limits_reset` with the counts before.
+async fn reset_limits(
+    State(state): State<AppState>,
+    caller: Caller,
+    peer: axum::Extension<Peer>,
+    Path(address): Path<String>,
+    Body(req): Body<Reset>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Write, "reset an account's sending counters")?;
+    let addr = path_address(&address)?;
+    let reason = directory::text("reason", req.reason.as_deref())?;
+    let before = limits_view(&state, &addr).await?;
+    state.audit_ready().await?;
+    state
+        .checker
+        .directory
+        .store()
+        .reset_counters(&addr, now())
+        .await?;
+    let after = limits_view(&state, &addr).await?;
+    state
+        .audit(
+            vec![record(
+                &caller,
+                &peer,
+                "user.limits_reset",
+                addr.to_string(),
+                before,
+                after.clone(),
+                reason,
+            )],
+            after.clone(),
+        )
+        .await?;
+    Ok(Json(after))
 }
 
 #[derive(Debug, Deserialize)]

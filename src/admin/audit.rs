@@ -22,7 +22,8 @@ pub struct AuditRecord {
     /// The token name that made the change.
     pub actor: String,
     /// `org.create`, `org.cease`, `org.relays`, `user.create`, `user.import`, `user.suspend`,
-    /// `user.restore`, `user.activate`, `user.withdraw`.
+    /// `user.restore`, `user.activate`, `user.withdraw`, `user.permit` (bulk permission),
+    /// `user.limits_reset` (R14 counters), `user.quota` (R13).
     pub action: &'static str,
     /// Organisation code or account address.
     pub object: String,

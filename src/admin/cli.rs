@@ -170,6 +170,38 @@ pub enum UserCommand {
     /// number) means nothing is imported.
     #[command(after_help = EXIT_CODES)]
     Import { file: PathBuf },
+    /// Grant (`--bulk`) or withdraw (`--no-bulk`) the bulk permission: an account holding
+    /// it is exempt from sending limits (R14, Art. 20.3/20.5). Needs an admin token.
+    #[command(after_help = EXIT_CODES)]
+    Permit {
+        address: String,
+        #[arg(long, conflicts_with = "no_bulk", required_unless_present = "no_bulk")]
+        bulk: bool,
+        #[arg(long)]
+        no_bulk: bool,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Set an account's storage quota in bytes, or `none` to remove it (R13).
+    #[command(after_help = EXIT_CODES)]
+    Quota {
+        address: String,
+        /// Bytes (e.g. 10737418240 for 10 GiB), or `none`.
+        bytes: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Show an account's sending counters (R14) in the current hour and day, with the
+    /// limits in force; `--reset` sets them back to 0 (audited).
+    #[command(after_help = EXIT_CODES)]
+    Limits {
+        address: String,
+        #[arg(long)]
+        reset: bool,
+        /// Why the counters are reset (audit log).
+        #[arg(long, requires = "reset")]
+        reason: Option<String>,
+    },
 }
 
 /// A failed command: what to print and the exit code.
@@ -317,6 +349,52 @@ pub async fn user(client: &ClientArgs, cmd: UserCommand) -> i32 {
                 let v = change(&address, "withdraw", body).await?;
                 Ok((v, Shape::User))
             }
+            UserCommand::Quota {
+                address,
+                bytes,
+                reason,
+            } => {
+                let bytes: Option<u64> = match bytes.as_str() {
+                    "none" => None,
+                    b => Some(b.parse().map_err(|_| {
+                        Fail::new(
+                            EXIT_USAGE,
+                            format!("{b:?} is not a number of bytes (or none)"),
+                        )
+                    })?),
+                };
+                let body = json!({ "bytes": bytes, "reason": reason });
+                let v = change(&address, "quota", body).await?;
+                Ok((v, Shape::User))
+            }
+            UserCommand::Permit {
+                address,
+                bulk,
+                no_bulk: _,
+                reason,
+            } => {
+                let body = json!({ "bulk": bulk, "reason": reason });
+                let v = change(&address, "permissions", body).await?;
+                Ok((v, Shape::User))
+            }
+            UserCommand::Limits {
+                address,
+                reset: false,
+                ..
+            } => {
+                let v = api
+                    .call(Method::GET, &["v1", "users", &address, "limits"], None)
+                    .await?;
+                Ok((v, Shape::Limits))
+            }
+            UserCommand::Limits {
+                address, reason, ..
+            } => {
+                let body = json!({ "reason": reason });
+                let path = ["v1", "users", &address, "limits", "reset"];
+                let v = api.call(Method::POST, &path, Some(body)).await?;
+                Ok((v, Shape::Limits))
+            }
             UserCommand::Import { .. } => {
                 let body = json!({ "rows": rows.unwrap_or_default() });
                 let v = api
@@ -339,6 +417,7 @@ enum Shape {
     Imported,
     /// An organisation's relay networks, one per line.
     Relays,
+    Limits,
 }
 
 fn finish(json_out: bool, res: Result<(Value, Shape), Fail>) -> i32 {
@@ -390,7 +469,7 @@ const ORG_FIELDS: [&str; 8] = [
     "status_changed_at",
     "relay_networks",
 ];
-const USER_FIELDS: [&str; 9] = [
+const USER_FIELDS: [&str; 10] = [
     "address",
     "org",
     "kind",
@@ -400,6 +479,7 @@ const USER_FIELDS: [&str; 9] = [
     "created_at",
     "status_changed_at",
     "quota_bytes",
+    "bulk",
 ];
 
 fn render(v: &Value, shape: &Shape) -> String {
@@ -427,6 +507,15 @@ fn render(v: &Value, shape: &Shape) -> String {
             } else {
                 nets.split(' ').map(|n| format!("{n}\n")).collect()
             }
+        }
+        Shape::Limits => {
+            let mut out = record(v, &["address", "bulk", "recipients_per_message"]);
+            out.push_str(&table(
+                v.get("counters"),
+                &["counter", "count", "limit", "window_end"],
+                "no counters",
+            ));
+            out
         }
     }
 }

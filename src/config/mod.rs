@@ -75,7 +75,7 @@ pub struct Config {
     pub log: LogConfig,
     /// DKIM signing (R6): keys, signed headers, internal networks.
     pub dkim: DkimConfig,
-    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R10`, `R11`).
+    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R10`, `R11`, `R13`, `R14`).
     pub rules: BTreeMap<String, RuleTable>,
 }
 
@@ -254,7 +254,8 @@ impl Default for LogConfig {
     }
 }
 
-/// Per-rule switches.
+/// Per-rule switches. The limit keys are R14's (`[rules.R14]`) and an error elsewhere;
+/// unset ones take the defaults of [`crate::engine::rules::limits::Limits::DEFAULT`].
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuleConfig {
@@ -262,6 +263,20 @@ pub struct RuleConfig {
     /// What to do when the store cannot answer: `tempfail` (451 4.3.0, default) or `accept`
     /// (fail open, logged and counted).
     pub on_store_error: OnError,
+    /// R14: most recipients in one message (0: no limit).
+    pub recipients_per_message: Option<u64>,
+    /// R14: most messages per account per UTC hour (0: no limit).
+    pub messages_per_hour: Option<u64>,
+    /// R14: most messages per account per UTC day (0: no limit).
+    pub messages_per_day: Option<u64>,
+    /// R14: most accepted recipients per account per UTC hour (0: no limit).
+    pub recipients_per_hour: Option<u64>,
+    /// R14: most accepted recipients per account per UTC day (0: no limit).
+    pub recipients_per_day: Option<u64>,
+    /// R14: which front-end counts (a message seen by both must be counted once).
+    pub count_on: Option<CountOn>,
+    /// R13: refuse over-quota recipients with `552 5.2.2` instead of `452 4.2.2`.
+    pub permanent: Option<bool>,
 }
 
 impl Default for RuleConfig {
@@ -269,6 +284,13 @@ impl Default for RuleConfig {
         RuleConfig {
             mode: Mode::Enforce,
             on_store_error: OnError::Tempfail,
+            recipients_per_message: None,
+            messages_per_hour: None,
+            messages_per_day: None,
+            recipients_per_hour: None,
+            recipients_per_day: None,
+            count_on: None,
+            permanent: None,
         }
     }
 }
@@ -285,6 +307,15 @@ pub struct RuleTable {
     pub trusted_networks: Option<Vec<IpNet>>,
     /// R11 only: clients that may submit without TLS. Default: loopback.
     pub exempt_networks: Option<Vec<IpNet>>,
+    /// R14 only: the sending limits (see [`RuleConfig`]).
+    pub recipients_per_message: Option<u64>,
+    pub messages_per_hour: Option<u64>,
+    pub messages_per_day: Option<u64>,
+    pub recipients_per_hour: Option<u64>,
+    pub recipients_per_day: Option<u64>,
+    pub count_on: Option<CountOn>,
+    /// R13 only: permanent over-quota replies.
+    pub permanent: Option<bool>,
 }
 
 impl Default for RuleTable {
@@ -295,6 +326,13 @@ impl Default for RuleTable {
             on_store_error: c.on_store_error,
             trusted_networks: None,
             exempt_networks: None,
+            recipients_per_message: c.recipients_per_message,
+            messages_per_hour: c.messages_per_hour,
+            messages_per_day: c.messages_per_day,
+            recipients_per_hour: c.recipients_per_hour,
+            recipients_per_day: c.recipients_per_day,
+            count_on: c.count_on,
+            permanent: c.permanent,
         }
     }
 }
@@ -308,6 +346,19 @@ pub fn default_tls_exempt_networks() -> Vec<IpNet> {
     ]
 }
 
+/// Which front-end applies the sending limits (R14). When Postfix is wired to both the
+/// milter and the policy service, each RCPT reaches mailwarden twice; only one of them may
+/// count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CountOn {
+    /// The policy service when `server.policy_listen` is set, else the milter.
+    #[default]
+    Auto,
+    Policy,
+    Milter,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
@@ -317,13 +368,15 @@ pub enum OnError {
 }
 
 /// Rules this build implements; a `[rules.X]` table for anything else is an error.
-pub const KNOWN_RULES: [RuleId; 6] = [
+pub const KNOWN_RULES: [RuleId; 8] = [
     RuleId::R1,
     RuleId::R2,
     RuleId::R6,
     RuleId::R9,
     RuleId::R10,
     RuleId::R11,
+    RuleId::R13,
+    RuleId::R14,
 ];
 
 impl Config {
@@ -504,6 +557,33 @@ impl Config {
                     );
                 }
             }
+            let r14_keys = [
+                (
+                    "recipients_per_message",
+                    table.recipients_per_message.is_some(),
+                ),
+                ("messages_per_hour", table.messages_per_hour.is_some()),
+                ("messages_per_day", table.messages_per_day.is_some()),
+                ("recipients_per_hour", table.recipients_per_hour.is_some()),
+                ("recipients_per_day", table.recipients_per_day.is_some()),
+                ("count_on", table.count_on.is_some()),
+            ];
+            if name != RuleId::R14.as_str() {
+                for (key, set) in r14_keys {
+                    if set {
+                        err(
+                            &format!("rules.{name}.{key}"),
+                            "is a sending limit: it belongs in [rules.R14]".into(),
+                        );
+                    }
+                }
+            }
+            if name != RuleId::R13.as_str() && table.permanent.is_some() {
+                err(
+                    &format!("rules.{name}.permanent"),
+                    "is the quota reply's kind: it belongs in [rules.R13]".into(),
+                );
+            }
             if !KNOWN_RULES.iter().any(|r| r.as_str() == name) {
                 err(
                     &format!("rules.{name}"),
@@ -524,6 +604,13 @@ impl Config {
             .map(|t| RuleConfig {
                 mode: t.mode,
                 on_store_error: t.on_store_error,
+                recipients_per_message: t.recipients_per_message,
+                messages_per_hour: t.messages_per_hour,
+                messages_per_day: t.messages_per_day,
+                recipients_per_hour: t.recipients_per_hour,
+                recipients_per_day: t.recipients_per_day,
+                count_on: t.count_on,
+                permanent: t.permanent,
             })
             .unwrap_or_default()
     }

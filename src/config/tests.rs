@@ -237,3 +237,23 @@ fn dkim_bad_algorithm_and_network_name_the_line() {
     assert_eq!(errs[0].key, "line 4", "{errs:?}");
     assert!(errs[0].reason.contains("rsa-sha256"), "{}", errs[0].reason);
 }
+
+#[test]
+fn sending_limit_keys_belong_to_r14_and_the_example_matches_the_defaults() {
+    let errs = Config::from_toml(
+        "[rules.R1]\nmessages_per_hour = 5\n[rules.R14]\ncount_on = \"sometimes\"\n",
+    )
+    .unwrap_err();
+    // A bad value fails parsing, which names the line and the key.
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "line 4", "{errs:?}");
+    assert!(errs[0].reason.contains("count_on"), "{errs:?}");
+    let errs = Config::from_toml("[rules.R1]\nmessages_per_hour = 5\n").unwrap_err();
+    assert_eq!(errs[0].key, "rules.R1.messages_per_hour", "{errs:?}");
+    assert!(errs[0].reason.contains("[rules.R14]"), "{errs:?}");
+
+    let c = Config::from_toml(include_str!("../../config/mailwarden.toml")).unwrap();
+    let shipped = crate::engine::rules::limits::Limits::from_rule(&c.rule(RuleId::R14));
+    assert_eq!(shipped, crate::engine::rules::limits::Limits::DEFAULT);
+    assert_eq!(c.rule(RuleId::R14).count_on, Some(CountOn::Auto));
+}

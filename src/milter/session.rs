@@ -211,6 +211,7 @@ impl Session {
     /// Records a recipient the checker let through.
     pub fn accept_rcpt(&mut self, rcpt: Address) {
         self.tx.recipients.push(rcpt);
+        self.tx.rcpts_accepted += 1;
     }
 
     /// Whether another recipient may be kept (see [`MAX_RECIPIENTS`]).

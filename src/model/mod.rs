@@ -115,6 +115,10 @@ pub struct Transaction {
     pub sender: Option<Sender>,
     /// Recipients accepted so far (milter), or the current recipient (policy).
     pub recipients: Vec<Address>,
+    /// Recipients of this message accepted before the current one (R14 counts a message at
+    /// its first accepted recipient). The milter counts them; the policy server tracks them
+    /// per connection by Postfix's `instance` attribute.
+    pub rcpts_accepted: usize,
     /// Message size declared with `SIZE=` or measured at end of message.
     pub size: Option<u64>,
     /// Addresses of the `From:` header field(s), in message order (milter only, known from
@@ -144,6 +148,7 @@ impl Transaction {
             tls_version: None,
             sender: None,
             recipients: Vec::new(),
+            rcpts_accepted: 0,
             size: None,
             header_from: Vec::new(),
         }
@@ -155,6 +160,7 @@ impl Transaction {
         self.sender = None;
         self.sasl_username = None;
         self.recipients.clear();
+        self.rcpts_accepted = 0;
         self.size = None;
         self.header_from.clear();
     }

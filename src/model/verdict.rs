@@ -13,6 +13,8 @@ pub enum RuleId {
     R9,
     R10,
     R11,
+    R13,
+    R14,
     /// Not a policy rule: the store or another service needed by a rule failed.
     Store,
 }
@@ -26,6 +28,8 @@ impl RuleId {
             RuleId::R9 => "R9",
             RuleId::R10 => "R10",
             RuleId::R11 => "R11",
+            RuleId::R13 => "R13",
+            RuleId::R14 => "R14",
             RuleId::Store => "store",
         }
     }

@@ -289,6 +289,8 @@ async fn one_connection(spec: &LoadSpec, requests: &[Vec<u8>], index: usize) -> 
 /// A RCPT request shaped like Postfix's (same attribute set and sizes).
 pub fn rcpt_request(sender: &str, recipient: &str, n: usize) -> Request {
     let queue_id = format!("{:010X}", 0x8045F2AB23u64 + n as u64);
+    // Each request is a message of its own (R14 counts a message per `instance`).
+    let instance = format!("1a2b.5f3c1d2e.8a1b.{n}");
     Request::from_attrs([
         ("request", "smtpd_access_policy"),
         ("protocol_state", "RCPT"),
@@ -301,7 +303,7 @@ pub fn rcpt_request(sender: &str, recipient: &str, n: usize) -> Request {
         ("client_address", "192.0.2.10"),
         ("client_name", "mail.example.org"),
         ("reverse_client_name", "mail.example.org"),
-        ("instance", "1a2b.5f3c1d2e.8a1b.0"),
+        ("instance", instance.as_str()),
         ("sasl_method", ""),
         ("sasl_username", ""),
         ("sasl_sender", ""),

@@ -62,6 +62,8 @@ pub struct PolicyRequest {
     /// The `recipient` attribute as sent, when it does not parse (for the log; Postfix itself
     /// decides what to do with such a recipient).
     pub unparsed_recipient: Option<String>,
+    /// Postfix's `instance` attribute: the same for every request of one message.
+    pub instance: Option<String>,
 }
 
 impl PolicyRequest {
@@ -89,6 +91,7 @@ impl PolicyRequest {
             tx,
             recipient,
             unparsed_recipient,
+            instance: req.non_empty("instance").map(str::to_owned),
         })
     }
 }

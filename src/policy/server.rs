@@ -127,6 +127,7 @@ where
     let limits = Limits::from_config(&checker.snapshot().config.server);
     let mut decoder = Decoder::new(limits);
     let mut buf = vec![0u8; READ_CHUNK];
+    let mut message = MessageRecipients::default();
     loop {
         let idle = checker.snapshot().config.server.policy_idle_timeout;
         let req = match next_request(stream, &mut decoder, &mut buf, idle, shutdown).await {
@@ -134,7 +135,17 @@ where
             end => return end,
         };
         let action = match PolicyRequest::from_request(&req) {
-            Ok(req) => respond(checker, &req).await,
+            Ok(mut req) => {
+                let rcpt = req.state == ProtocolState::Rcpt && req.recipient.is_some();
+                if rcpt {
+                    req.tx.rcpts_accepted = message.before(req.instance.as_deref());
+                }
+                let action = respond(checker, &req).await;
+                if rcpt && action == Action::dunno() {
+                    message.accepted += 1;
+                }
+                action
+            }
             Err(e) => return Next::Protocol(e.into()),
         };
         let wire = action.encode();
@@ -143,6 +154,28 @@ where
             Ok(Err(e)) => return Next::Io(e),
             Err(_) => return Next::Idle(idle),
         }
+    }
+}
+
+/// The recipients this connection let through for the current message (R14 counts a
+/// message once, at its first accepted recipient). One smtpd process talks to the policy
+/// service over one connection, one SMTP session at a time, so requests of one message
+/// arrive in order on one connection; `instance` tells messages apart.
+#[derive(Default)]
+struct MessageRecipients {
+    instance: Option<String>,
+    accepted: usize,
+}
+
+impl MessageRecipients {
+    /// Recipients accepted before this request's; a new `instance` starts a new message.
+    /// Without an `instance` every request counts as a message of its own.
+    fn before(&mut self, instance: Option<&str>) -> usize {
+        if instance.is_none() || self.instance.as_deref() != instance {
+            self.instance = instance.map(str::to_owned);
+            self.accepted = 0;
+        }
+        self.accepted
     }
 }
 

@@ -112,6 +112,21 @@ async fn assert_closed(c: &mut Client) {
 
 const DEFAULT: &str = "";
 
+/// A RCPT request of an authenticated client (`sasl` may be empty) in message `instance`.
+fn submission(sasl: &str, sender: &str, recipient: &str, instance: &str) -> Request {
+    Request::from_attrs([
+        ("request", "smtpd_access_policy"),
+        ("protocol_state", "RCPT"),
+        ("instance", instance),
+        ("client_address", "192.0.2.10"),
+        // A submission over TLS, as R11 requires.
+        ("encryption_protocol", "TLSv1.3"),
+        ("sasl_username", sasl),
+        ("sender", sender),
+        ("recipient", recipient),
+    ])
+}
+
 // ---- the tests -------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -183,7 +198,7 @@ async fn sender_rules_r9_and_r2() {
 }
 
 /// An RCPT request from `client` with the given SASL login and TLS protocol ("" = none).
-fn submission(client: &str, sasl: &str, tls: &str, sender: &str) -> Request {
+fn tls_submission(client: &str, sasl: &str, tls: &str, sender: &str) -> Request {
     Request::from_attrs([
         ("request", "smtpd_access_policy"),
         ("protocol_state", "RCPT"),
@@ -207,7 +222,10 @@ async fn r11_submission_without_tls_is_refused_530_5_7_0() {
         ("192.0.2.10", "", "", "x@example.org", "DUNNO"), // inbound from outside
         ("127.0.0.1", "", "", champa, "DUNNO"),           // loopback is exempt
     ] {
-        let action = c.ask(&submission(client, sasl, tls, sender)).await.unwrap();
+        let action = c
+            .ask(&tls_submission(client, sasl, tls, sender))
+            .await
+            .unwrap();
         assert_eq!(code(&action), want, "{client} {sasl:?} {tls:?}: {action}");
         if want == "530 5.7.0" {
             assert!(action.contains("STARTTLS"), "{action}");
@@ -559,4 +577,200 @@ async fn load_generator_reports_a_dead_server() {
     let report = loadgen::run(&spec).await.unwrap();
     assert_eq!(report.answered, 0);
     assert_eq!(report.failures.len(), 2);
+}
+
+#[tokio::test]
+async fn sending_limits_cut_off_at_exactly_the_configured_numbers() {
+    use crate::store::{Account, Counter, Store};
+    let s = Server::start(
+        "[rules.R14]\nrecipients_per_message = 3\nmessages_per_hour = 2\n\
+         recipients_per_hour = 5\n",
+    )
+    .await;
+    let mut c = s.client().await;
+    let champa = "champa@mpt.gov.la";
+    let mut ask = async |sasl: &str, sender: &str, rcpt: &str, instance: &str| {
+        let action = c
+            .ask(&submission(sasl, sender, rcpt, instance))
+            .await
+            .unwrap();
+        (code(&action), action)
+    };
+    // Message 1: a refused recipient is not counted; the 4th accepted one is one too many.
+    assert_eq!(
+        ask(champa, champa, "somsak@mpt.gov.la", "m1").await.0,
+        "550 5.2.1"
+    );
+    for i in 1..=3 {
+        let (code, a) = ask(champa, champa, &format!("r{i}@example.org"), "m1").await;
+        assert_eq!(code, "DUNNO", "recipient {i}: {a}");
+    }
+    let (code, a) = ask(champa, champa, "r4@example.org", "m1").await;
+    assert_eq!(code, "452 4.5.3", "{a}");
+    assert!(a.contains("at most 3 per message"), "{a}");
+    // Message 2: the hourly recipient limit (5) leaves room for 2 more.
+    for i in 1..=2 {
+        let (code, a) = ask(champa, champa, &format!("s{i}@example.org"), "m2").await;
+        assert_eq!(code, "DUNNO", "recipient {i}: {a}");
+    }
+    let (code, a) = ask(champa, champa, "s3@example.org", "m2").await;
+    assert_eq!(code, "450 4.7.1", "{a}");
+    assert!(a.contains("5 recipients per hour"), "{a}");
+    assert!(a.contains("try again after"), "{a}");
+    // Message 3: two messages this hour already (it is named first).
+    let (code, a) = ask(champa, champa, "t1@example.org", "m3").await;
+    assert_eq!(code, "450 4.7.1", "{a}");
+    assert!(a.contains("2 messages per hour"), "{a}");
+    // The login counts, not the envelope sender; without a login a local sender counts.
+    let (code, a) = ask("", champa, "u1@example.org", "m4").await;
+    assert_eq!(code, "450 4.7.1", "{a}");
+    // External senders without login are not R14's business.
+    for i in 0..10 {
+        let (code, a) = ask(
+            "",
+            "stranger@example.org",
+            &format!("v{i}@mpt.gov.la"),
+            "m5",
+        )
+        .await;
+        assert!(code == "DUNNO", "{a}");
+    }
+    // A bulk account is exempt.
+    let news = Account {
+        bulk: true,
+        ..crate::store::testing::account("news@mpt.gov.la", "mpt")
+    };
+    s.store.create_account(&news).await.unwrap();
+    for i in 0..10 {
+        let (code, a) = ask(
+            "news@mpt.gov.la",
+            "news@mpt.gov.la",
+            &format!("w{i}@example.org"),
+            "m6",
+        )
+        .await;
+        assert_eq!(code, "DUNNO", "{a}");
+    }
+    let now = chrono::Utc::now().timestamp();
+    let counts: Vec<(Counter, u64)> = s
+        .store
+        .counters(&crate::store::testing::addr(champa), now)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.counter, v.count))
+        .collect();
+    assert_eq!(
+        counts.iter().map(|c| c.1).collect::<Vec<_>>(),
+        [2, 2, 5, 5],
+        "{counts:?}"
+    );
+    let news_counts = s.store.counters(&news.address, now).await.unwrap();
+    assert!(
+        news_counts.iter().all(|v| v.count == 0),
+        "bulk is not counted"
+    );
+    let m = s.metrics();
+    assert!(
+        m.contains(r#"mailwarden_verdicts_total{rule="R14",stage="rcpt",outcome="tempfail",protocol="policy"} 4"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn sending_limits_count_only_on_the_configured_front_end() {
+    // count_on = "milter": the policy service neither counts nor limits.
+    let s = Server::start("[rules.R14]\nrecipients_per_message = 1\ncount_on = \"milter\"\n").await;
+    let mut c = s.client().await;
+    let champa = "champa@mpt.gov.la";
+    for i in 0..3 {
+        let action = c
+            .ask(&submission(
+                champa,
+                champa,
+                &format!("r{i}@example.org"),
+                "m1",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(code(&action), "DUNNO", "{action}");
+    }
+    let now = chrono::Utc::now().timestamp();
+    let counts =
+        crate::store::Store::counters(&*s.store, &crate::store::testing::addr(champa), now)
+            .await
+            .unwrap();
+    assert!(counts.iter().all(|v| v.count == 0), "{counts:?}");
+}
+
+#[tokio::test]
+async fn sending_limits_tempfail_when_the_store_is_down() {
+    let s = Server::start(
+        "[rules.R2]\nmode = \"off\"\n[rules.R1]\nmode = \"off\"\n[rules.R9]\nmode = \"off\"\n[rules.R13]\nmode = \"off\"\n",
+    )
+    .await;
+    s.store.set_down(true);
+    let mut c = s.client().await;
+    let action = c
+        .ask(&submission(
+            "champa@mpt.gov.la",
+            "champa@mpt.gov.la",
+            "x@example.org",
+            "m1",
+        ))
+        .await
+        .unwrap();
+    assert!(action.starts_with("451 4.3.0"), "{action}");
+    let m = s.metrics();
+    assert!(
+        m.contains(r#"mailwarden_verdicts_total{rule="R14",stage="rcpt",outcome="tempfail",protocol="policy"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn quota_refuses_a_full_mailbox_at_rcpt() {
+    use crate::store::Store;
+    let s = Server::start("").await;
+    let champa = crate::store::testing::addr("champa@mpt.gov.la");
+    s.store.set_quota(&champa, Some(10_000)).await.unwrap();
+    s.store.set_usage(&champa, 9_000, 0).await.unwrap();
+    s.checker.directory.invalidate_account(&champa);
+    let mut c = s.client().await;
+    let with_size = |size: &str| {
+        Request::from_attrs([
+            ("request", "smtpd_access_policy"),
+            ("protocol_state", "RCPT"),
+            ("instance", "q1"),
+            ("client_address", "192.0.2.10"),
+            ("sender", "friend@example.org"),
+            ("recipient", "champa@mpt.gov.la"),
+            ("size", size),
+        ])
+    };
+    let action = c.ask(&with_size("1000")).await.unwrap();
+    assert_eq!(code(&action), "DUNNO", "{action}");
+    let action = c.ask(&with_size("1001")).await.unwrap();
+    assert_eq!(code(&action), "452 4.2.2", "{action}");
+    assert!(action.contains("over its storage quota"), "{action}");
+    // Already full: refused without SIZE= too.
+    s.store.set_usage(&champa, 10_000, 1).await.unwrap();
+    let action = c.ask(&with_size("0")).await.unwrap();
+    assert_eq!(code(&action), "452 4.2.2", "{action}");
+    // Not a quota account: accepted whatever the size.
+    let other = Request::from_attrs([
+        ("request", "smtpd_access_policy"),
+        ("protocol_state", "RCPT"),
+        ("sender", "friend@example.org"),
+        ("recipient", "someone@example.org"),
+        ("size", "99999999"),
+    ]);
+    assert_eq!(code(&c.ask(&other).await.unwrap()), "DUNNO");
+
+    let p = Server::start("[rules.R13]\npermanent = true\n").await;
+    p.store.set_quota(&champa, Some(10)).await.unwrap();
+    p.store.set_usage(&champa, 10, 0).await.unwrap();
+    let mut c = p.client().await;
+    let action = c.ask(&with_size("0")).await.unwrap();
+    assert_eq!(code(&action), "552 5.2.2", "{action}");
 }

@@ -67,6 +67,13 @@ macro_rules! store_contract_tests {
             two_registrars_racing_have_one_winner,
             two_registrars_racing_for_an_organisation_have_one_winner,
             bulk_import_racing_a_registration_is_all_or_nothing,
+            bulk_permission_is_granted_and_withdrawn,
+            take_counts_up_to_the_limit,
+            take_is_all_or_nothing,
+            counters_follow_their_windows,
+            counters_are_per_account_and_reset,
+            concurrent_takes_from_two_instances_stop_at_exactly_the_limit,
+            quota_and_usage_roundtrip,
         );
     };
     (@each $harness:path; $($check:ident),+ $(,)?) => {
@@ -837,4 +844,282 @@ pub async fn bulk_import_racing_a_registration_is_all_or_nothing(h: Harness) {
         }
         other => panic!("expected exactly one winner, got {other:?}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Sending limits (R14): the bulk permission and the counters
+
+pub async fn bulk_permission_is_granted_and_withdrawn(h: Harness) {
+    with_orgs(&*h.store, &["mpt"]).await;
+    let champa = addr("champa@mpt.gov.la");
+    h.store
+        .create_accounts(&[
+            account("champa@mpt.gov.la", "mpt"),
+            Account {
+                bulk: true,
+                ..account("news@mpt.gov.la", "mpt")
+            },
+        ])
+        .await
+        .unwrap();
+    let news = h.store.get_account(&addr("news@mpt.gov.la")).await.unwrap();
+    assert!(news.unwrap().bulk, "bulk given at registration is kept");
+    let (before, after) = h.store.set_bulk(&champa, true).await.unwrap();
+    assert!(!before.bulk);
+    assert!(after.bulk);
+    assert_eq!(
+        after,
+        Account {
+            bulk: true,
+            ..before.clone()
+        }
+    );
+    assert!(h.peer.get_account(&champa).await.unwrap().unwrap().bulk);
+    let (before, after) = h.store.set_bulk(&champa, false).await.unwrap();
+    assert!(before.bulk && !after.bulk);
+    assert!(!h.store.get_account(&champa).await.unwrap().unwrap().bulk);
+    assert_not_found(
+        h.store.set_bulk(&addr("nobody@mpt.gov.la"), true).await,
+        "account",
+        "nobody@mpt.gov.la",
+    );
+}
+
+/// 2026-12-04 10:40:00 UTC: well inside an hour and a day.
+const NOW: Timestamp = 1_796_379_600 + 1200;
+const MSG_HOUR: Counter = Counter::new(Measure::Messages, Window::Hour);
+const MSG_DAY: Counter = Counter::new(Measure::Messages, Window::Day);
+const RCPT_HOUR: Counter = Counter::new(Measure::Recipients, Window::Hour);
+const RCPT_DAY: Counter = Counter::new(Measure::Recipients, Window::Day);
+
+fn take(counter: Counter, n: u64, limit: Option<u64>) -> Take {
+    Take { counter, n, limit }
+}
+
+async fn counts(s: &dyn Store, account: &Address, now: Timestamp) -> Vec<u64> {
+    let values = s.counters(account, now).await.unwrap();
+    let order: Vec<Counter> = values.iter().map(|v| v.counter).collect();
+    assert_eq!(order, Counter::ALL);
+    for v in &values {
+        assert_eq!(v.window_start, v.counter.window.start(now));
+        assert_eq!(v.window_end, v.counter.window.end(now));
+    }
+    values.iter().map(|v| v.count).collect()
+}
+
+pub async fn take_counts_up_to_the_limit(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    assert_eq!(counts(&*h.store, &a, NOW).await, [0, 0, 0, 0]);
+    for _ in 0..3 {
+        let r = h.store.take(&a, &[take(RCPT_HOUR, 1, Some(3))], NOW).await;
+        assert_eq!(r.unwrap(), TakeOutcome::Taken);
+    }
+    let r = h.store.take(&a, &[take(RCPT_HOUR, 1, Some(3))], NOW).await;
+    assert_eq!(
+        r.unwrap(),
+        TakeOutcome::Refused {
+            counter: RCPT_HOUR,
+            count: 3,
+            limit: 3
+        }
+    );
+    // More than one at a time: refused when the sum would pass, even if the count does not.
+    let r = h.store.take(&a, &[take(RCPT_DAY, 5, Some(4))], NOW).await;
+    assert!(matches!(r.unwrap(), TakeOutcome::Refused { count: 0, .. }));
+    let r = h.store.take(&a, &[take(RCPT_DAY, 4, Some(4))], NOW).await;
+    assert_eq!(r.unwrap(), TakeOutcome::Taken);
+    // No limit: only counted.
+    let r = h.store.take(&a, &[take(MSG_DAY, 7, None)], NOW).await;
+    assert_eq!(r.unwrap(), TakeOutcome::Taken);
+    assert_eq!(counts(&*h.store, &a, NOW).await, [0, 7, 3, 4]);
+    assert_eq!(counts(&*h.peer, &a, NOW).await, [0, 7, 3, 4]);
+}
+
+pub async fn take_is_all_or_nothing(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    let all = |msg_day| {
+        [
+            take(MSG_HOUR, 1, Some(10)),
+            take(MSG_DAY, 1, Some(msg_day)),
+            take(RCPT_HOUR, 1, Some(10)),
+            take(RCPT_DAY, 1, Some(10)),
+        ]
+    };
+    assert_eq!(
+        h.store.take(&a, &all(2), NOW).await.unwrap(),
+        TakeOutcome::Taken
+    );
+    assert_eq!(
+        h.store.take(&a, &all(2), NOW).await.unwrap(),
+        TakeOutcome::Taken
+    );
+    // The daily message limit is reached: nothing else moves either.
+    assert_eq!(
+        h.store.take(&a, &all(2), NOW).await.unwrap(),
+        TakeOutcome::Refused {
+            counter: MSG_DAY,
+            count: 2,
+            limit: 2
+        }
+    );
+    assert_eq!(counts(&*h.store, &a, NOW).await, [2, 2, 2, 2]);
+    // The first counter in the way is named, in the order given.
+    let r = h
+        .store
+        .take(
+            &a,
+            &[take(RCPT_DAY, 1, Some(2)), take(MSG_DAY, 1, Some(2))],
+            NOW,
+        )
+        .await;
+    assert!(matches!(
+        r.unwrap(),
+        TakeOutcome::Refused {
+            counter: RCPT_DAY,
+            ..
+        }
+    ));
+}
+
+pub async fn counters_follow_their_windows(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    let both = [take(MSG_HOUR, 1, Some(1)), take(MSG_DAY, 1, Some(2))];
+    assert_eq!(
+        h.store.take(&a, &both, NOW).await.unwrap(),
+        TakeOutcome::Taken
+    );
+    assert!(matches!(
+        h.store.take(&a, &both, NOW + 60).await.unwrap(),
+        TakeOutcome::Refused {
+            counter: MSG_HOUR,
+            ..
+        }
+    ));
+    // The next hour (same day): the hourly counter starts again, the daily one goes on.
+    let next_hour = Window::Hour.end(NOW) + 5;
+    assert_eq!(counts(&*h.store, &a, next_hour).await, [0, 1, 0, 0]);
+    assert_eq!(
+        h.store.take(&a, &both, next_hour).await.unwrap(),
+        TakeOutcome::Taken
+    );
+    assert_eq!(counts(&*h.store, &a, next_hour).await, [1, 2, 0, 0]);
+    assert!(matches!(
+        h.store.take(&a, &both, next_hour + 3600).await.unwrap(),
+        TakeOutcome::Refused {
+            counter: MSG_DAY,
+            count: 2,
+            ..
+        }
+    ));
+    // The next day: both start again.
+    let tomorrow = Window::Day.end(NOW) + 5;
+    assert_eq!(counts(&*h.store, &a, tomorrow).await, [0, 0, 0, 0]);
+    assert_eq!(
+        h.store.take(&a, &both, tomorrow).await.unwrap(),
+        TakeOutcome::Taken
+    );
+}
+
+pub async fn counters_are_per_account_and_reset(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    let b = addr("kham@mpt.gov.la");
+    let t = [take(MSG_HOUR, 1, Some(1)), take(RCPT_DAY, 3, None)];
+    assert_eq!(h.store.take(&a, &t, NOW).await.unwrap(), TakeOutcome::Taken);
+    assert_eq!(h.store.take(&b, &t, NOW).await.unwrap(), TakeOutcome::Taken);
+    assert!(matches!(
+        h.store.take(&a, &t, NOW).await.unwrap(),
+        TakeOutcome::Refused { .. }
+    ));
+    h.peer.reset_counters(&a, NOW).await.unwrap();
+    assert_eq!(counts(&*h.store, &a, NOW).await, [0, 0, 0, 0]);
+    assert_eq!(counts(&*h.store, &b, NOW).await, [1, 0, 0, 3]);
+    assert_eq!(h.store.take(&a, &t, NOW).await.unwrap(), TakeOutcome::Taken);
+    // Resetting an account that never sent is not an error.
+    h.store
+        .reset_counters(&addr("quiet@mpt.gov.la"), NOW)
+        .await
+        .unwrap();
+}
+
+/// Takes racing from two instances: exactly `LIMIT` succeed, the counters say `LIMIT`.
+pub async fn concurrent_takes_from_two_instances_stop_at_exactly_the_limit(h: Harness) {
+    const TAKERS: usize = 48;
+    const LIMIT: u64 = 17;
+    let a = addr("champa@mpt.gov.la");
+    let barrier = Arc::new(Barrier::new(TAKERS));
+    let tasks: Vec<_> = (0..TAKERS)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                h.store.clone()
+            } else {
+                h.peer.clone()
+            };
+            let (barrier, a) = (barrier.clone(), a.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let t = [take(MSG_HOUR, 1, Some(LIMIT)), take(RCPT_HOUR, 2, None)];
+                store.take(&a, &t, NOW).await.unwrap()
+            })
+        })
+        .collect();
+    let mut taken = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            TakeOutcome::Taken => taken += 1,
+            TakeOutcome::Refused {
+                counter,
+                count,
+                limit,
+            } => {
+                assert_eq!((counter, count, limit), (MSG_HOUR, LIMIT, LIMIT));
+            }
+        }
+    }
+    assert_eq!(taken, LIMIT);
+    assert_eq!(counts(&*h.store, &a, NOW).await, [LIMIT, 0, 2 * LIMIT, 0]);
+    assert_eq!(counts(&*h.peer, &a, NOW).await, [LIMIT, 0, 2 * LIMIT, 0]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Storage quotas (R13)
+
+pub async fn quota_and_usage_roundtrip(h: Harness) {
+    with_orgs(&*h.store, &["mpt"]).await;
+    let a = addr("champa@mpt.gov.la");
+    h.store
+        .create_account(&account("champa@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+    let (before, after) = h.store.set_quota(&a, Some(10 << 30)).await.unwrap();
+    assert_eq!(
+        (before.quota_bytes, after.quota_bytes),
+        (None, Some(10 << 30))
+    );
+    assert_eq!(
+        after,
+        Account {
+            quota_bytes: Some(10 << 30),
+            ..before
+        }
+    );
+    let seen = h.peer.get_account(&a).await.unwrap().unwrap();
+    assert_eq!(seen.quota_bytes, Some(10 << 30));
+    let (_, after) = h.store.set_quota(&a, None).await.unwrap();
+    assert_eq!(after.quota_bytes, None);
+    assert_not_found(
+        h.store.set_quota(&addr("nobody@mpt.gov.la"), Some(1)).await,
+        "account",
+        "nobody@mpt.gov.la",
+    );
+
+    assert_eq!(h.store.usage(&a).await.unwrap(), None);
+    h.store.set_usage(&a, 123_456, NOW).await.unwrap();
+    assert_eq!(h.peer.usage(&a).await.unwrap(), Some(123_456));
+    h.peer.set_usage(&a, 99, NOW + 1).await.unwrap();
+    assert_eq!(
+        h.store.usage(&a).await.unwrap(),
+        Some(99),
+        "the latest report wins"
+    );
+    assert_eq!(h.store.usage(&addr("kham@mpt.gov.la")).await.unwrap(), None);
 }

@@ -8,12 +8,14 @@
 pub mod cache;
 #[cfg(test)]
 pub mod contract;
+pub mod counters;
 pub mod redis;
 pub mod sqlite;
 #[cfg(test)]
 pub mod testing;
 mod types;
 
+pub use counters::*;
 pub use types::*;
 
 use crate::model::Address;
@@ -81,6 +83,39 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<(Account, Account)>;
     /// Which of `locals` (in `domain`) are already registered; used to suggest free names.
     async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>>;
+
+    /// Grants (`true`) or withdraws the bulk permission (R14: no sending limits) of an
+    /// account; returns (before, after). `NotFound` if unknown.
+    async fn set_bulk(&self, address: &Address, bulk: bool) -> StoreResult<(Account, Account)>;
+
+    /// Sets (or with `None` removes) an account's granted storage in bytes (R13); returns
+    /// (before, after). `NotFound` if unknown.
+    async fn set_quota(
+        &self,
+        address: &Address,
+        quota_bytes: Option<u64>,
+    ) -> StoreResult<(Account, Account)>;
+    /// Records an account's mailbox usage in bytes, as reported by its mailbox server (R13).
+    /// The latest report wins.
+    async fn set_usage(&self, address: &Address, bytes: u64, at: Timestamp) -> StoreResult<()>;
+    /// The last usage reported for an account; `None` if none was.
+    async fn usage(&self, address: &Address) -> StoreResult<Option<u64>>;
+
+    /// Sending limits (R14): adds each take's `n` to its counter (in the window containing
+    /// `now`) only if no counter would pass its limit; otherwise changes nothing and names
+    /// the first counter in the way. One atomic step, also against other instances sharing
+    /// the store. See [`counters`] for the windows.
+    async fn take(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<TakeOutcome>;
+    /// The account's counters ([`Counter::ALL`], in that order) in the windows containing
+    /// `now`; 0 for a counter never incremented in its window.
+    async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>>;
+    /// Sets the account's counters in the windows containing `now` back to 0.
+    async fn reset_counters(&self, account: &Address, now: Timestamp) -> StoreResult<()>;
 
     /// Cheap liveness check for health metrics.
     async fn ping(&self) -> StoreResult<()>;

@@ -28,6 +28,18 @@
 //! | `P:{dir}:accts` | sorted set | every address, score 0 |
 //! | `P:{dir}:org-accts:<code>` | sorted set | the addresses of one organisation, score 0 |
 //!
+//! Sending counters (R14, see [`super::counters`]) are outside the directory, one hash tag
+//! per account so that each account's counters share one slot:
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `P:{acct:<address>}:rate:<measure>:<window>:<start>` | string | a count, e.g. `mw:{acct:champa@mpt.gov.la}:rate:messages:hour:1796421600` |
+//!
+//! `<start>` is the window's start (Unix seconds); a key expires one window after its
+//! window ends, so old windows clean themselves up. The mailbox usage its mailbox server
+//! reported (R13) is `P:{acct:<address>}:usage`, a decimal byte count (plain SET/GET: the
+//! last report wins).
+//!
 //! Names in keys are the normalised (lower-case) forms, which gives case-insensitive
 //! uniqueness (R4). Sorted sets with equal scores are ordered bytewise, which is the order
 //! the contract pins for lists (`code`; `local@domain`).
@@ -58,6 +70,13 @@
 //!   registrar on another daemon.
 //! - `set_status`: checks the record exists, has this version and a known status, returns
 //!   the record before and after changing status, reason and time.
+//! - `take` (R14): reads every requested counter of one account, and increments all of them
+//!   (INCRBY + EXPIRE) only if none would pass its limit: one round trip per check. It is
+//!   not retried after a broken connection: it may have run, and a tempfailed recipient
+//!   that was counted anyway errs on the safe side (never a count lost, at worst one
+//!   recipient counted that the client will send again).
+//! - `set_field`: like `set_status`, for one field: the bulk permission (`bulk`, `1` or
+//!   absent) and the quota (`quota_bytes`, absent for none).
 //! - `get_org_by_domain`, `taken_locals`: read-only (`flags=no-writes`) scripts, one round
 //!   trip and one consistent view each.
 //!
@@ -271,6 +290,54 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// Sets (`Some`) or removes (`None`) one field of an account record, announcing it.
+    async fn set_field(
+        &self,
+        address: &Address,
+        field: &str,
+        value: Option<String>,
+    ) -> StoreResult<(Account, Account)> {
+        let address = address.to_string();
+        let key = self.keys.account(&address);
+        let mut inv = SET_FIELD.prepare_invoke();
+        inv.key(&key)
+            .arg(self.keys.changes())
+            .arg(format!("acct:{address}"))
+            .arg(VERSION)
+            .arg(field)
+            .arg(if value.is_some() { "1" } else { "0" })
+            .arg(value.unwrap_or_default());
+        let v = self.call(Call::Script(&inv), false).await?;
+        let Value::Array(mut parts) = v else {
+            return Err(unexpected(&key, &v));
+        };
+        let tag: String = match parts.first() {
+            Some(t) => decode(t.clone(), &key)?,
+            None => return Err(StoreError::Corrupt(format!("{key}: empty script reply"))),
+        };
+        match (tag.as_str(), parts.len()) {
+            ("ok", 3) => {
+                let after: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
+                let before: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
+                Ok((
+                    Record::new(key.clone(), before).account()?,
+                    Record::new(key, after).account()?,
+                ))
+            }
+            ("notfound", _) => Err(StoreError::NotFound {
+                what: "account",
+                name: address,
+            }),
+            ("corrupt", 2) => {
+                let detail: String = decode(parts.pop().unwrap_or_default(), &key)?;
+                Err(StoreError::Corrupt(format!("account {address}: {detail}")))
+            }
+            _ => Err(StoreError::Corrupt(format!(
+                "{key}: unexpected script reply {tag:?}"
+            ))),
+        }
+    }
+
     /// Runs the status-change script on `(what, name, key)` with the statuses `known`;
     /// `announce` is the message for the change feed.
     async fn set_status<S: StatusName>(
@@ -322,13 +389,29 @@ impl RedisStore {
 /// The keys of one namespace (see the module docs).
 struct Keys {
     base: String,
+    prefix: String,
 }
 
 impl Keys {
     fn new(prefix: &str) -> Keys {
         Keys {
             base: format!("{prefix}:{{dir}}:"),
+            prefix: prefix.to_owned(),
         }
+    }
+    /// A sending counter of `address` (R14) in the window starting at `window_start`. The
+    /// hash tag is per account: all counters of one account are in one slot (one script),
+    /// different accounts spread over the cluster.
+    /// The mailbox usage of `address` in bytes (R13), in the account's slot.
+    fn usage(&self, address: &str) -> String {
+        format!("{}:{{acct:{address}}}:usage", self.prefix)
+    }
+    fn counter(&self, address: &str, counter: Counter, window_start: Timestamp) -> String {
+        format!(
+            "{}:{{acct:{address}}}:rate:{}:{window_start}",
+            self.prefix,
+            counter.name()
+        )
     }
     fn org(&self, code: &str) -> String {
         format!("{}org:{code}", self.base)
@@ -463,6 +546,51 @@ return {'ok', before, redis.call('HGETALL', KEYS[1])}
     )
 });
 
+/// Sending limits (R14). KEYS: one counter per take. ARGV: per take, its amount, its limit
+/// (empty: none) and the counter's lifetime in seconds. Checks every counter, then
+/// increments all or none. Returns {'ok'}, {'refused', index (1-based), count} or
+/// {'corrupt', key}.
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+for i, key in ipairs(KEYS) do
+  local count = tonumber(redis.call('GET', key) or '0')
+  if not count then return {'corrupt', key} end
+  local limit = tonumber(ARGV[3 * i - 1])
+  if limit and count + tonumber(ARGV[3 * i - 2]) > limit then
+    return {'refused', i, count}
+  end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('INCRBY', key, ARGV[3 * i - 2])
+  redis.call('EXPIRE', key, ARGV[3 * i])
+end
+return {'ok'}
+"#,
+    )
+});
+
+/// KEYS: the account record. ARGV: change channel, announcement, encoding version, field,
+/// '1' to set it to the value that follows or '0' to remove it, the value.
+/// Returns {'ok', before, after}, {'notfound'} or {'corrupt', detail}.
+static SET_FIELD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'notfound'} end
+local v = redis.call('HGET', KEYS[1], 'v')
+if v ~= ARGV[3] then return {'corrupt', 'record version ' .. tostring(v) .. ' is not ' .. ARGV[3]} end
+local before = redis.call('HGETALL', KEYS[1])
+if ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[4], ARGV[6])
+else
+  redis.call('HDEL', KEYS[1], ARGV[4])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return {'ok', before, redis.call('HGETALL', KEYS[1])}
+"#,
+    )
+});
+
 /// KEYS: the domain pointer. ARGV: the prefix of organisation record keys.
 /// Returns {} or {code, record}.
 static GET_ORG_BY_DOMAIN: LazyLock<Script> = LazyLock::new(|| {
@@ -537,6 +665,9 @@ fn account_fields(a: &Account) -> Vec<(&'static str, String)> {
     }
     if let Some(q) = a.quota_bytes {
         f.push(("quota_bytes", q.to_string()));
+    }
+    if a.bulk {
+        f.push(("bulk", "1".to_owned()));
     }
     f
 }
@@ -615,7 +746,13 @@ impl Record {
                     .map_err(|e| self.corrupt("quota_bytes", format!("{q:?}: {e}")))?,
             ),
         };
+        let bulk = match self.opt("bulk").as_deref() {
+            None => false,
+            Some("1") => true,
+            Some(other) => return Err(self.corrupt("bulk", format!("{other:?} is not 1"))),
+        };
         Ok(Account {
+            bulk,
             address: self.parse("address")?,
             org: self.req("org")?,
             kind: self.parse("kind")?,
@@ -909,6 +1046,145 @@ impl Store for RedisStore {
             )
             .await?;
         Ok((before.account()?, after.account()?))
+    }
+
+    async fn set_bulk(&self, address: &Address, bulk: bool) -> StoreResult<(Account, Account)> {
+        let value = bulk.then(|| "1".to_owned());
+        self.set_field(address, "bulk", value).await
+    }
+
+    async fn set_quota(
+        &self,
+        address: &Address,
+        quota_bytes: Option<u64>,
+    ) -> StoreResult<(Account, Account)> {
+        self.set_field(address, "quota_bytes", quota_bytes.map(|q| q.to_string()))
+            .await
+    }
+
+    async fn set_usage(&self, address: &Address, bytes: u64, _at: Timestamp) -> StoreResult<()> {
+        let key = self.keys.usage(&address.to_string());
+        self.call(Call::Cmd(::redis::cmd("SET").arg(&key).arg(bytes)), true)
+            .await?;
+        Ok(())
+    }
+
+    async fn usage(&self, address: &Address) -> StoreResult<Option<u64>> {
+        let key = self.keys.usage(&address.to_string());
+        let v = self
+            .call(Call::Cmd(::redis::cmd("GET").arg(&key)), true)
+            .await?;
+        let s: Option<String> = decode(v, &key)?;
+        s.map(|s| {
+            s.parse::<u64>()
+                .map_err(|_| StoreError::Corrupt(format!("{key} holds {s:?}")))
+        })
+        .transpose()
+    }
+
+    async fn take(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<TakeOutcome> {
+        if takes.is_empty() {
+            return Ok(TakeOutcome::Taken);
+        }
+        let address = account.to_string();
+        let mut inv = TAKE.prepare_invoke();
+        for t in takes {
+            let w = t.counter.window;
+            // Kept one window past its end: long enough for any instance whose clock lags.
+            let ttl = w.end(now) - now + w.seconds();
+            inv.key(self.keys.counter(&address, t.counter, w.start(now)))
+                .arg(t.n)
+                .arg(t.limit.map(|l| l.to_string()).unwrap_or_default())
+                .arg(ttl);
+        }
+        // Not retried: a script whose connection broke may have run (see the module docs).
+        let v = self.call(Call::Script(&inv), false).await?;
+        let what = format!("counters of {address}");
+        let Value::Array(mut parts) = v else {
+            return Err(unexpected(&what, &v));
+        };
+        let tag: String = match parts.first() {
+            Some(t) => decode(t.clone(), &what)?,
+            None => return Err(StoreError::Corrupt(format!("{what}: empty script reply"))),
+        };
+        match (tag.as_str(), parts.len()) {
+            ("ok", 1) => Ok(TakeOutcome::Taken),
+            ("refused", 3) => {
+                let count: u64 = decode(parts.pop().unwrap_or_default(), &what)?;
+                let index: usize = decode(parts.pop().unwrap_or_default(), &what)?;
+                let t = index
+                    .checked_sub(1)
+                    .and_then(|i| takes.get(i))
+                    .ok_or_else(|| StoreError::Corrupt(format!("{what}: refused take {index}")))?;
+                Ok(TakeOutcome::Refused {
+                    counter: t.counter,
+                    count,
+                    limit: t.limit.unwrap_or(u64::MAX),
+                })
+            }
+            ("corrupt", 2) => {
+                let key: String = decode(parts.pop().unwrap_or_default(), &what)?;
+                Err(StoreError::Corrupt(format!("{key} does not hold a count")))
+            }
+            _ => Err(StoreError::Corrupt(format!(
+                "{what}: unexpected script reply {tag:?}"
+            ))),
+        }
+    }
+
+    async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        let address = account.to_string();
+        let mut mget = ::redis::cmd("MGET");
+        for c in Counter::ALL {
+            mget.arg(self.keys.counter(&address, c, c.window.start(now)));
+        }
+        let v = self.call(Call::Cmd(&mget), true).await?;
+        let what = format!("counters of {address}");
+        let counts: Vec<Option<String>> = decode(v, &what)?;
+        if counts.len() != Counter::ALL.len() {
+            return Err(StoreError::Corrupt(format!(
+                "{what}: asked for {} counters, got {}",
+                Counter::ALL.len(),
+                counts.len()
+            )));
+        }
+        Counter::ALL
+            .into_iter()
+            .zip(counts)
+            .map(|(counter, count)| {
+                let count = match count {
+                    None => 0,
+                    Some(s) => s.parse::<u64>().map_err(|_| {
+                        StoreError::Corrupt(format!("{what}: {counter} holds {s:?}"))
+                    })?,
+                };
+                Ok(CounterValue {
+                    counter,
+                    count,
+                    window_start: counter.window.start(now),
+                    window_end: counter.window.end(now),
+                })
+            })
+            .collect()
+    }
+
+    async fn reset_counters(&self, account: &Address, now: Timestamp) -> StoreResult<()> {
+        let address = account.to_string();
+        // The current windows, and the previous ones (an instance whose clock lags may
+        // still count there). Older windows have expired.
+        let mut del = ::redis::cmd("DEL");
+        for c in Counter::ALL {
+            let start = c.window.start(now);
+            del.arg(self.keys.counter(&address, c, start))
+                .arg(self.keys.counter(&address, c, start - c.window.seconds()));
+        }
+        self.call(Call::Cmd(&del), true).await?;
+        Ok(())
     }
 
     async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>> {

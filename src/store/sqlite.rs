@@ -90,6 +90,28 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE orgs ADD COLUMN relay_networks TEXT NOT NULL DEFAULT '';
     "#,
+    // 3: sending limits (R14). `bulk`: the permission that exempts an account. One row per
+    // account and counter, holding the count of the window starting at `window_start`; a
+    // row of an older window counts as 0 and is overwritten by the next take, so the table
+    // holds at most four rows per account that ever sent.
+    r#"
+    ALTER TABLE accounts ADD COLUMN bulk INTEGER NOT NULL DEFAULT 0 CHECK (bulk IN (0, 1));
+    CREATE TABLE rate_counters (
+        account      TEXT    NOT NULL,
+        counter      TEXT    NOT NULL,
+        window_start INTEGER NOT NULL,
+        count        INTEGER NOT NULL CHECK (count >= 0),
+        PRIMARY KEY (account, counter)
+    ) STRICT, WITHOUT ROWID;
+    "#,
+    // 4: storage quotas (R13): the mailbox usage each account's mailbox server last reported.
+    r#"
+    CREATE TABLE mailbox_usage (
+        account    TEXT    NOT NULL PRIMARY KEY,
+        bytes      INTEGER NOT NULL CHECK (bytes >= 0),
+        updated_at INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -315,7 +337,7 @@ where
 const ORG_COLUMNS: &str =
     "code, name, domain, status, status_reason, created_at, status_changed_at, relay_networks";
 const ACCOUNT_COLUMNS: &str = "address, org, kind, status, status_reason, display_name, \
-                               created_at, status_changed_at, quota_bytes";
+                               created_at, status_changed_at, quota_bytes, bulk";
 
 fn org_from_row(r: &Row<'_>) -> rusqlite::Result<Org> {
     Ok(Org {
@@ -366,7 +388,31 @@ fn account_from_row(r: &Row<'_>) -> rusqlite::Result<Account> {
         created_at: r.get(6)?,
         status_changed_at: r.get(7)?,
         quota_bytes,
+        bulk: r.get(9)?,
     })
+}
+
+/// The count of `counter` in the window containing `now` (0 when the row is of an older
+/// window, or missing).
+fn current_count(
+    c: &Connection,
+    account: &str,
+    counter: Counter,
+    now: Timestamp,
+) -> StoreResult<u64> {
+    let row: Option<(i64, i64)> = c
+        .prepare_cached(
+            "SELECT window_start, count FROM rate_counters WHERE account = ?1 AND counter = ?2",
+        )?
+        .query_row(params![account, counter.name()], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    match row {
+        Some((start, count)) if start == counter.window.start(now) => u64::try_from(count)
+            .map_err(|_| StoreError::Corrupt(format!("counter {counter} of {account} is {count}"))),
+        _ => Ok(0),
+    }
 }
 
 fn select_org(c: &Connection, column: &str, key: &str) -> StoreResult<Option<Org>> {
@@ -405,7 +451,7 @@ fn account_row(a: &Account) -> StoreResult<Account> {
 
 fn insert_account(c: &Connection, a: &Account) -> StoreResult<()> {
     let sql = format!(
-        "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
     );
     let result = c.prepare_cached(&sql)?.execute(params![
         a.address.to_string(),
@@ -417,6 +463,7 @@ fn insert_account(c: &Connection, a: &Account) -> StoreResult<()> {
         a.created_at,
         a.status_changed_at,
         a.quota_bytes.map(|q| q as i64), // range checked in `account_row`
+        a.bulk,
     ]);
     match result {
         Ok(_) => Ok(()),
@@ -640,6 +687,172 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn set_bulk(&self, address: &Address, bulk: bool) -> StoreResult<(Account, Account)> {
+        let address = address.to_string();
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(before) = select_account(&tx, &address)? else {
+                return Err(StoreError::NotFound {
+                    what: "account",
+                    name: address,
+                });
+            };
+            tx.execute(
+                "UPDATE accounts SET bulk = ?1 WHERE address = ?2",
+                params![bulk, address],
+            )?;
+            let after = select_account(&tx, &address)?
+                .ok_or_else(|| StoreError::Corrupt(format!("account {address} vanished")))?;
+            tx.commit()?;
+            Ok((before, after))
+        })
+        .await
+    }
+
+    async fn set_quota(
+        &self,
+        address: &Address,
+        quota_bytes: Option<u64>,
+    ) -> StoreResult<(Account, Account)> {
+        let address = address.to_string();
+        let quota = match quota_bytes {
+            None => None,
+            Some(q) => Some(i64::try_from(q).map_err(|_| {
+                StoreError::Corrupt(format!(
+                    "quota_bytes {q} for {address} is larger than the store can hold ({})",
+                    i64::MAX
+                ))
+            })?),
+        };
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(before) = select_account(&tx, &address)? else {
+                return Err(StoreError::NotFound {
+                    what: "account",
+                    name: address,
+                });
+            };
+            tx.execute(
+                "UPDATE accounts SET quota_bytes = ?1 WHERE address = ?2",
+                params![quota, address],
+            )?;
+            let after = select_account(&tx, &address)?
+                .ok_or_else(|| StoreError::Corrupt(format!("account {address} vanished")))?;
+            tx.commit()?;
+            Ok((before, after))
+        })
+        .await
+    }
+
+    async fn set_usage(&self, address: &Address, bytes: u64, at: Timestamp) -> StoreResult<()> {
+        let address = address.to_string();
+        let bytes = i64::try_from(bytes)
+            .map_err(|_| StoreError::Corrupt(format!("usage {bytes} of {address} is too large")))?;
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO mailbox_usage (account, bytes, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (account) DO UPDATE SET bytes = excluded.bytes, \
+                 updated_at = excluded.updated_at",
+            )?
+            .execute(params![address, bytes, at])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn usage(&self, address: &Address) -> StoreResult<Option<u64>> {
+        let address = address.to_string();
+        self.read(move |c| {
+            let bytes: Option<i64> = c
+                .prepare_cached("SELECT bytes FROM mailbox_usage WHERE account = ?1")?
+                .query_row([&address], |r| r.get(0))
+                .optional()?;
+            bytes
+                .map(|b| {
+                    u64::try_from(b)
+                        .map_err(|_| StoreError::Corrupt(format!("usage of {address} is {b}")))
+                })
+                .transpose()
+        })
+        .await
+    }
+
+    async fn take(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<TakeOutcome> {
+        let account = account.to_string();
+        let takes = takes.to_vec();
+        self.write(move |c| {
+            // IMMEDIATE: the write lock is taken before reading, so another process sharing
+            // the file cannot read the same counts in between (no lost update).
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut counts = Vec::with_capacity(takes.len());
+            for t in &takes {
+                let count = current_count(&tx, &account, t.counter, now)?;
+                if let Some(limit) = t.limit {
+                    if count.saturating_add(t.n) > limit {
+                        return Ok(TakeOutcome::Refused {
+                            counter: t.counter,
+                            count,
+                            limit,
+                        });
+                    }
+                }
+                counts.push(count);
+            }
+            for (t, count) in takes.iter().zip(counts) {
+                let new = i64::try_from(count.saturating_add(t.n)).map_err(|_| {
+                    StoreError::Corrupt(format!("counter {} of {account} overflows", t.counter))
+                })?;
+                tx.prepare_cached(
+                    "INSERT INTO rate_counters (account, counter, window_start, count) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account, counter) \
+                     DO UPDATE SET window_start = excluded.window_start, count = excluded.count",
+                )?
+                .execute(params![
+                    account,
+                    t.counter.name(),
+                    t.counter.window.start(now),
+                    new
+                ])?;
+            }
+            tx.commit()?;
+            Ok(TakeOutcome::Taken)
+        })
+        .await
+    }
+
+    async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        let account = account.to_string();
+        self.read(move |c| {
+            let tx = c.unchecked_transaction()?; // one snapshot for all counters
+            let mut out = Vec::with_capacity(Counter::ALL.len());
+            for counter in Counter::ALL {
+                out.push(CounterValue {
+                    counter,
+                    count: current_count(&tx, &account, counter, now)?,
+                    window_start: counter.window.start(now),
+                    window_end: counter.window.end(now),
+                });
+            }
+            tx.finish()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn reset_counters(&self, account: &Address, _now: Timestamp) -> StoreResult<()> {
+        let account = account.to_string();
+        self.write(move |c| {
+            c.execute("DELETE FROM rate_counters WHERE account = ?1", [account])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>> {
         // Each candidate is normalised exactly like a registered address; a candidate that
         // is not a valid address cannot be registered, so it is not taken.
@@ -813,7 +1026,7 @@ mod tests {
         let version: i64 = raw(&path)
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, MIGRATIONS.len() as i64);
     }
 
     #[tokio::test]

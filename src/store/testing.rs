@@ -51,6 +51,7 @@ pub fn account(address: &str, org: &str) -> Account {
         created_at: 1_700_000_100,
         status_changed_at: 1_700_000_100,
         quota_bytes: None,
+        bulk: false,
     }
 }
 
@@ -247,6 +248,43 @@ impl Store for TestStore {
     async fn taken_locals(&self, domain: &str, locals: &[String]) -> StoreResult<Vec<String>> {
         self.up()?;
         self.inner.taken_locals(domain, locals).await
+    }
+    async fn set_bulk(&self, address: &Address, bulk: bool) -> StoreResult<(Account, Account)> {
+        self.up()?;
+        self.inner.set_bulk(address, bulk).await
+    }
+    async fn take(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<TakeOutcome> {
+        self.up()?;
+        self.inner.take(account, takes, now).await
+    }
+    async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        self.up()?;
+        self.inner.counters(account, now).await
+    }
+    async fn reset_counters(&self, account: &Address, now: Timestamp) -> StoreResult<()> {
+        self.up()?;
+        self.inner.reset_counters(account, now).await
+    }
+    async fn set_quota(
+        &self,
+        address: &Address,
+        quota_bytes: Option<u64>,
+    ) -> StoreResult<(Account, Account)> {
+        self.up()?;
+        self.inner.set_quota(address, quota_bytes).await
+    }
+    async fn set_usage(&self, address: &Address, bytes: u64, at: Timestamp) -> StoreResult<()> {
+        self.up()?;
+        self.inner.set_usage(address, bytes, at).await
+    }
+    async fn usage(&self, address: &Address) -> StoreResult<Option<u64>> {
+        self.up()?;
+        self.inner.usage(address).await
     }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;

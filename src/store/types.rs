@@ -123,6 +123,9 @@ pub struct Account {
     pub status_changed_at: Timestamp,
     /// Granted storage in bytes (R13; enforced by a later version).
     pub quota_bytes: Option<u64>,
+    /// The bulk permission (Art. 20.3, 20.5): the account is exempt from sending limits (R14).
+    #[serde(default)]
+    pub bulk: bool,
 }
 
 /// A status change request, stored with its reason and time.

@@ -7,8 +7,8 @@
 use async_trait::async_trait;
 use mailwarden::model::Address;
 use mailwarden::store::{
-    Account, AccountKind, AccountStatus, Org, OrgStatus, StatusChange, Store, StoreError,
-    StoreResult, sqlite::SqliteStore,
+    Account, AccountKind, AccountStatus, CounterValue, Org, OrgStatus, StatusChange, Store,
+    StoreError, StoreResult, Take, TakeOutcome, Timestamp, sqlite::SqliteStore,
 };
 use std::sync::{
     Arc, Mutex,
@@ -117,6 +117,43 @@ impl Store for TestStore {
         self.up()?;
         self.inner.taken_locals(domain, locals).await
     }
+    async fn set_bulk(&self, address: &Address, bulk: bool) -> StoreResult<(Account, Account)> {
+        self.up()?;
+        self.inner.set_bulk(address, bulk).await
+    }
+    async fn take(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<TakeOutcome> {
+        self.up()?;
+        self.inner.take(account, takes, now).await
+    }
+    async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        self.up()?;
+        self.inner.counters(account, now).await
+    }
+    async fn reset_counters(&self, account: &Address, now: Timestamp) -> StoreResult<()> {
+        self.up()?;
+        self.inner.reset_counters(account, now).await
+    }
+    async fn set_quota(
+        &self,
+        address: &Address,
+        quota_bytes: Option<u64>,
+    ) -> StoreResult<(Account, Account)> {
+        self.up()?;
+        self.inner.set_quota(address, quota_bytes).await
+    }
+    async fn set_usage(&self, address: &Address, bytes: u64, at: Timestamp) -> StoreResult<()> {
+        self.up()?;
+        self.inner.set_usage(address, bytes, at).await
+    }
+    async fn usage(&self, address: &Address) -> StoreResult<Option<u64>> {
+        self.up()?;
+        self.inner.usage(address).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;
         self.inner.ping().await
@@ -155,6 +192,7 @@ pub fn account(addr: &str, status: AccountStatus) -> Account {
         created_at: 0,
         status_changed_at: 0,
         quota_bytes: None,
+        bulk: false,
     }
 }
 

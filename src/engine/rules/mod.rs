@@ -2,4 +2,6 @@
 
 pub mod directory;
 pub mod dkim;
+pub mod limits;
+pub mod quota;
 pub mod submission;

@@ -123,6 +123,87 @@ mod cluster {
         super::changes_reach_other_instances(&url).await;
     }
 
+    /// R14 exactness across instances: two daemons' checkers, each with its own connection
+    /// to one Redis Cluster, accept recipients for one account concurrently. Exactly the
+    /// configured number of messages get through, every other one is told `450 4.7.1`, and
+    /// the stored counters equal the number accepted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sending_limits_are_exact_across_two_instances() {
+        use crate::checker::Checker;
+        use crate::config::Config;
+        use crate::model::{Action, Protocol, Transaction};
+        use crate::telemetry::Metrics;
+        const LIMIT: usize = 25;
+        const PER_INSTANCE: usize = 40;
+        let s = shared(&CLUSTER, Cluster::start).await;
+        let url = format!("redis+cluster://{}?prefix={}", s.hosts(), fresh_prefix());
+        let config = Config::from_toml(&format!(
+            "[rules.R14]\nmessages_per_hour = {LIMIT}\nrecipients_per_hour = 1000\n"
+        ))
+        .unwrap();
+        let mut checkers = Vec::new();
+        for _ in 0..2 {
+            let store: Arc<dyn Store> = Arc::new(RedisStore::open(&url).await.unwrap());
+            let directory = CachedDirectory::new(
+                store,
+                config.store.cache_ttl,
+                config.store.cache_size,
+                config.store.timeout,
+            );
+            checkers.push(Arc::new(Checker::new(
+                config.clone(),
+                directory,
+                Arc::new(Metrics::new()),
+            )));
+        }
+        let store = checkers[0].directory.store().clone();
+        store.create_org(&org("mpt")).await.unwrap();
+        store
+            .create_account(&account("champa@mpt.gov.la", "mpt"))
+            .await
+            .unwrap();
+        let barrier = Arc::new(tokio::sync::Barrier::new(2 * PER_INSTANCE));
+        let mut tasks = Vec::new();
+        for i in 0..2 * PER_INSTANCE {
+            let checker = checkers[i % 2].clone();
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                // Each task is one message with one recipient, authenticated as champa.
+                let mut tx = Transaction::new(Protocol::Policy);
+                tx.sasl_username = Some("champa@mpt.gov.la".into());
+                let to = addr(&format!("r{i}@example.org"));
+                barrier.wait().await;
+                checker.check_rcpt(&tx, &to).await.action
+            }));
+        }
+        let mut accepted = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Action::Continue => accepted += 1,
+                Action::Tempfail(r) => {
+                    assert_eq!((r.code, r.enhanced), (450, "4.7.1"), "{r}");
+                    assert!(r.text.contains("25 messages per hour"), "{r}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(accepted, LIMIT);
+        let now = chrono::Utc::now().timestamp();
+        for checker in &checkers {
+            let counts: Vec<u64> = checker
+                .directory
+                .store()
+                .counters(&addr("champa@mpt.gov.la"), now)
+                .await
+                .unwrap()
+                .iter()
+                .map(|v| v.count)
+                .collect();
+            // messages and recipients, per hour and per day: each accepted message once.
+            assert_eq!(counts, [LIMIT as u64; 4]);
+        }
+    }
+
     /// The directory's keys all hash to one slot (else the scripts would fail with CROSSSLOT
     /// on a cluster): a multi-key script over every key the store wrote succeeds.
     #[tokio::test]
