@@ -28,6 +28,11 @@ use std::{
 };
 
 const SENDER: &str = "user0@mpt.gov.la";
+
+/// Every rule on, as in production, but sending limits that the benchmark's single sender
+/// never reaches: 0 = no limit, still counted in the store on every RCPT (R14's real cost).
+const RULES: &str = "[rules.R14]\nrecipients_per_message = 0\nmessages_per_hour = 0\n\
+                     messages_per_day = 0\nrecipients_per_hour = 0\nrecipients_per_day = 0\n";
 const RECIPIENT: &str = "user1@mpt.gov.la";
 
 /// CPU seconds used so far by the processes whose command line contains `needle`
@@ -244,8 +249,8 @@ fn seed(d: &Mailwarden) -> Vec<String> {
 fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     // Two daemons: the default runtime (one worker thread per CPU) and one worker thread
     // (`server.worker_threads = 1`), to show what the setting does on a small shared box.
-    let mw = Mailwarden::start("");
-    let mw1 = Mailwarden::start_env("", &[("TOKIO_WORKER_THREADS", "1")]);
+    let mw = Mailwarden::start(RULES);
+    let mw1 = Mailwarden::start_env(RULES, &[("TOKIO_WORKER_THREADS", "1")]);
     let suspended = seed(&mw);
     seed(&mw1);
     let postfwd = Postfwd::start(&suspended);
@@ -311,9 +316,9 @@ fn dkim_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     let internal = "[dkim]\ninternal_networks = [\"127.0.0.0/8\"]\n";
     let rsa_key = key("rsa", "rsa-sha256", &rsa);
     let ed_key = key("ed", "ed25519-sha256", &ed);
-    let mw_rsa = Mailwarden::start(&format!("{internal}{rsa_key}"));
-    let mw_ed = Mailwarden::start(&format!("{internal}{ed_key}"));
-    let mw_both = Mailwarden::start(&format!("{internal}{rsa_key}{ed_key}"));
+    let mw_rsa = Mailwarden::start(&format!("{RULES}{internal}{rsa_key}"));
+    let mw_ed = Mailwarden::start(&format!("{RULES}{internal}{ed_key}"));
+    let mw_both = Mailwarden::start(&format!("{RULES}{internal}{rsa_key}{ed_key}"));
     for d in [&mw_rsa, &mw_ed, &mw_both] {
         seed(d);
     }

@@ -115,7 +115,9 @@ fn start_daemon(dir: &Path) -> anyhow::Result<(Child, serde_json::Value)> {
         format!(
             "[server]\nmilter_listen = \"inet:127.0.0.1:0\"\npolicy_listen = \"inet:127.0.0.1:0\"\n\
              [store]\nurl = \"sqlite:{db}\"\n[admin]\nlisten = \"\"\naudit_log = \"{audit}\"\n\
-             [log]\nlevel = \"warn\"\n",
+             [log]\nlevel = \"warn\"\n\
+             [rules.R14]\nrecipients_per_message = 0\nmessages_per_hour = 0\n\
+             messages_per_day = 0\nrecipients_per_hour = 0\nrecipients_per_day = 0\n",
             db = dir.join("bench.db").display(),
             audit = dir.join("audit.jsonl").display()
         ),
