@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Rounds per protocol (the best and median rounds are reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Turn the sending limits (R14) off. By default they are on with no limit reached, so
+    /// every RCPT also counts in the store, as in production.
+    #[arg(long)]
+    pub without_limits: bool,
 }
 
 /// CPU seconds (user + system, all threads) a process has used so far.
@@ -108,7 +112,7 @@ async fn seed(db: &Path, accounts: usize) -> anyhow::Result<Vec<String>> {
     Ok(recipients)
 }
 
-fn start_daemon(dir: &Path) -> anyhow::Result<(Child, serde_json::Value)> {
+fn start_daemon(dir: &Path, without_limits: bool) -> anyhow::Result<(Child, serde_json::Value)> {
     let config = dir.join("bench.toml");
     std::fs::write(
         &config,
@@ -116,10 +120,11 @@ fn start_daemon(dir: &Path) -> anyhow::Result<(Child, serde_json::Value)> {
             "[server]\nmilter_listen = \"inet:127.0.0.1:0\"\npolicy_listen = \"inet:127.0.0.1:0\"\n\
              [store]\nurl = \"sqlite:{db}\"\n[admin]\nlisten = \"\"\naudit_log = \"{audit}\"\n\
              [log]\nlevel = \"warn\"\n\
-             [rules.R14]\nrecipients_per_message = 0\nmessages_per_hour = 0\n\
+             [rules.R14]\nmode = \"{r14}\"\nrecipients_per_message = 0\nmessages_per_hour = 0\n\
              messages_per_day = 0\nrecipients_per_hour = 0\nrecipients_per_day = 0\n",
             db = dir.join("bench.db").display(),
-            audit = dir.join("audit.jsonl").display()
+            audit = dir.join("audit.jsonl").display(),
+            r14 = if without_limits { "off" } else { "enforce" },
         ),
     )?;
     let ready = dir.join("ready.json");
@@ -174,7 +179,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.accounts, args.connections, args.requests, args.rounds
     );
     let recipients = seed(&dir.join("bench.db"), args.accounts).await?;
-    let (child, bound) = start_daemon(&dir)?;
+    let (child, bound) = start_daemon(&dir, args.without_limits)?;
     let pid = child.child.id();
     let addr = |k: &str| -> anyhow::Result<ListenAddr> {
         bound[k]
