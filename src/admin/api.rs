@@ -812,27 +812,41 @@ async fn change_user(
     if let Some(why) = action.refusal(&addr, current.status) {
         return Err(ApiError::conflict(why).with("status", current.status.as_str()));
     }
-    state.audit_ready().await?;
     let change = StatusChange {
         status: action.target(),
         reason: reason.clone(),
         at: now(),
     };
-    let (before, after) = state
+    state.audit_ready().await?;
+    let changed = state
         .checker
         .directory
         .store()
         .set_account_status(&addr, &change)
         .await?;
-    state.checker.directory.invalidate_account(&addr);
+    finish_account_change(&state, &caller, &peer, action.audit_name(), reason, changed).await
+}
+
+/// The common end of every change to one account, once the store has made it: drop the
+/// account from the mail path's cache, append the audit record (before and after; the caller
+/// checked `audit_ready` before changing anything) and answer with the account as it is now.
+async fn finish_account_change(
+    state: &AppState,
+    caller: &Caller,
+    peer: &Peer,
+    action: &'static str,
+    reason: Option<String>,
+    (before, after): (Account, Account),
+) -> Result<Json<Value>, ApiError> {
+    state.checker.directory.invalidate_account(&after.address);
     let after_v = to_value(UserView::from(&after));
     state
         .audit(
             vec![record(
-                &caller,
-                &peer,
-                action.audit_name(),
-                addr.to_string(),
+                caller,
+                peer,
+                action,
+                after.address.to_string(),
                 to_value(UserView::from(&before)),
                 after_v.clone(),
                 reason,
@@ -867,29 +881,13 @@ async fn set_quota(
     let reason = directory::text("reason", req.reason.as_deref())?;
     find_user(&state, &addr).await?;
     state.audit_ready().await?;
-    let (before, after) = state
+    let changed = state
         .checker
         .directory
         .store()
         .set_quota(&addr, req.bytes)
         .await?;
-    state.checker.directory.invalidate_account(&addr);
-    let after_v = to_value(UserView::from(&after));
-    state
-        .audit(
-            vec![record(
-                &caller,
-                &peer,
-                "user.quota",
-                addr.to_string(),
-                to_value(UserView::from(&before)),
-                after_v.clone(),
-                reason,
-            )],
-            after_v.clone(),
-        )
-        .await?;
-    Ok(Json(after_v))
+    finish_account_change(&state, &caller, &peer, "user.quota", reason, changed).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -943,29 +941,13 @@ async fn set_permissions(
     let reason = directory::text("reason", req.reason.as_deref())?;
     find_user(&state, &addr).await?;
     state.audit_ready().await?;
-    let (before, after) = state
+    let changed = state
         .checker
         .directory
         .store()
         .set_bulk(&addr, req.bulk)
         .await?;
-    state.checker.directory.invalidate_account(&addr);
-    let after_v = to_value(UserView::from(&after));
-    state
-        .audit(
-            vec![record(
-                &caller,
-                &peer,
-                "user.permit",
-                addr.to_string(),
-                to_value(UserView::from(&before)),
-                after_v.clone(),
-                reason,
-            )],
-            after_v.clone(),
-        )
-        .await?;
-    Ok(Json(after_v))
+    finish_account_change(&state, &caller, &peer, "user.permit", reason, changed).await
 }
 
 /// An account's counters now, with the limits in force (0: no limit).
