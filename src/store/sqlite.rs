@@ -173,6 +173,34 @@ impl SqliteStore {
         blocking(move || f(&mut conn)).await
     }
 
+    /// One change to one account: in a single write transaction, read the record, apply
+    /// `update` to it, read it again; `NotFound` when there is no such account.
+    async fn change_account<F>(
+        &self,
+        address: &Address,
+        update: F,
+    ) -> StoreResult<(Account, Account)>
+    where
+        F: FnOnce(&rusqlite::Transaction<'_>, &str) -> rusqlite::Result<usize> + Send + 'static,
+    {
+        let address = address.to_string();
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(before) = select_account(&tx, &address)? else {
+                return Err(StoreError::NotFound {
+                    what: "account",
+                    name: address,
+                });
+            };
+            update(&tx, &address)?;
+            let after = select_account(&tx, &address)?
+                .ok_or_else(|| StoreError::Corrupt(format!("account {address} vanished")))?;
+            tx.commit()?;
+            Ok((before, after))
+        })
+        .await
+    }
+
     /// Runs `f` on a reader connection, on the blocking pool.
     async fn read<T, F>(&self, f: F) -> StoreResult<T>
     where
@@ -664,47 +692,23 @@ impl Store for SqliteStore {
         address: &Address,
         change: &StatusChange<AccountStatus>,
     ) -> StoreResult<(Account, Account)> {
-        let address = address.to_string();
         let change = change.clone();
-        self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let Some(before) = select_account(&tx, &address)? else {
-                return Err(StoreError::NotFound {
-                    what: "account",
-                    name: address,
-                });
-            };
+        self.change_account(address, move |tx, address| {
             tx.execute(
                 "UPDATE accounts SET status = ?1, status_reason = ?2, status_changed_at = ?3 \
                  WHERE address = ?4",
                 params![change.status.as_str(), change.reason, change.at, address],
-            )?;
-            let after = select_account(&tx, &address)?
-                .ok_or_else(|| StoreError::Corrupt(format!("account {address} vanished")))?;
-            tx.commit()?;
-            Ok((before, after))
+            )
         })
         .await
     }
 
     async fn set_bulk(&self, address: &Address, bulk: bool) -> StoreResult<(Account, Account)> {
-        let address = address.to_string();
-        self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let Some(before) = select_account(&tx, &address)? else {
-                return Err(StoreError::NotFound {
-                    what: "account",
-                    name: address,
-                });
-            };
+        self.change_account(address, move |tx, address| {
             tx.execute(
                 "UPDATE accounts SET bulk = ?1 WHERE address = ?2",
                 params![bulk, address],
-            )?;
-            let after = select_account(&tx, &address)?
-                .ok_or_else(|| StoreError::Corrupt(format!("account {address} vanished")))?;
-            tx.commit()?;
-            Ok((before, after))
+            )
         })
         .await
     }
@@ -714,7 +718,6 @@ impl Store for SqliteStore {
         address: &Address,
         quota_bytes: Option<u64>,
     ) -> StoreResult<(Account, Account)> {
-        let address = address.to_string();
         let quota = match quota_bytes {
             None => None,
             Some(q) => Some(i64::try_from(q).map_err(|_| {
@@ -724,22 +727,11 @@ impl Store for SqliteStore {
                 ))
             })?),
         };
-        self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let Some(before) = select_account(&tx, &address)? else {
-                return Err(StoreError::NotFound {
-                    what: "account",
-                    name: address,
-                });
-            };
+        self.change_account(address, move |tx, address| {
             tx.execute(
                 "UPDATE accounts SET quota_bytes = ?1 WHERE address = ?2",
                 params![quota, address],
-            )?;
-            let after = select_account(&tx, &address)?
-                .ok_or_else(|| StoreError::Corrupt(format!("account {address} vanished")))?;
-            tx.commit()?;
-            Ok((before, after))
+            )
         })
         .await
     }
