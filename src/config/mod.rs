@@ -254,10 +254,10 @@ impl Default for LogConfig {
     }
 }
 
-/// Per-rule switches. The limit keys are R14's (`[rules.R14]`) and an error elsewhere;
-/// unset ones take the defaults of [`crate::engine::rules::limits::Limits::DEFAULT`].
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+/// Per-rule switches as the engine reads them (`Config::rule`), taken from the rule's
+/// [`RuleTable`]. The limit keys are R14's (`[rules.R14]`) and an error elsewhere; unset
+/// ones take the defaults of [`crate::engine::rules::limits::Limits::DEFAULT`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RuleConfig {
     pub mode: Mode,
     /// What to do when the store cannot answer: `tempfail` (451 4.3.0, default) or `accept`
@@ -279,25 +279,9 @@ pub struct RuleConfig {
     pub permanent: Option<bool>,
 }
 
-impl Default for RuleConfig {
-    fn default() -> Self {
-        RuleConfig {
-            mode: Mode::Enforce,
-            on_store_error: OnError::Tempfail,
-            recipients_per_message: None,
-            messages_per_hour: None,
-            messages_per_day: None,
-            recipients_per_hour: None,
-            recipients_per_day: None,
-            count_on: None,
-            permanent: None,
-        }
-    }
-}
-
 /// One `[rules.Rn]` table as written in the file: the common switches plus the few
 /// rule-specific keys (each valid only for its rule; `validate` says so by key).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuleTable {
     pub mode: Mode,
@@ -316,25 +300,6 @@ pub struct RuleTable {
     pub count_on: Option<CountOn>,
     /// R13 only: permanent over-quota replies.
     pub permanent: Option<bool>,
-}
-
-impl Default for RuleTable {
-    fn default() -> Self {
-        let c = RuleConfig::default();
-        RuleTable {
-            mode: c.mode,
-            on_store_error: c.on_store_error,
-            trusted_networks: None,
-            exempt_networks: None,
-            recipients_per_message: c.recipients_per_message,
-            messages_per_hour: c.messages_per_hour,
-            messages_per_day: c.messages_per_day,
-            recipients_per_hour: c.recipients_per_hour,
-            recipients_per_day: c.recipients_per_day,
-            count_on: c.count_on,
-            permanent: c.permanent,
-        }
-    }
 }
 
 /// R11's default exemptions: loopback (local programs submitting through `sendmail` or a
