@@ -64,7 +64,11 @@ impl Daemon {
         let store = store::open(&config.store.url)
             .await
             .map_err(|e| anyhow::anyhow!("store.url: {e}"))?;
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        if let Some(stats) = store.stats() {
+            metrics.register_store(stats);
+        }
+        let metrics = Arc::new(metrics);
         let directory = CachedDirectory::new(
             store,
             config.store.cache_ttl,

@@ -129,6 +129,39 @@ pub trait Store: Send + Sync + 'static {
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<DirectoryChange>> {
         None
     }
+
+    /// Health counters of a networked backend (round trips, failures, latency), which the
+    /// daemon exposes on `/metrics`. `None` (the default): the backend keeps none (SQLite is
+    /// in-process; its failures show in `store_errors`).
+    fn stats(&self) -> Option<StoreStats> {
+        None
+    }
+}
+
+/// Round-trip statistics of a networked store, shared with the metrics registry (the
+/// handles are cheap clones of the same atomics).
+#[derive(Debug, Clone)]
+pub struct StoreStats {
+    /// Round trips to the server, retries included.
+    pub round_trips: prometheus_client::metrics::counter::Counter,
+    /// Round trips that failed (connection, timeout, server error).
+    pub failures: prometheus_client::metrics::counter::Counter,
+    /// Time per call (one round trip, or two when it was retried), in seconds.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for StoreStats {
+    fn default() -> Self {
+        StoreStats {
+            round_trips: Default::default(),
+            failures: Default::default(),
+            // 50 µs .. ~1.6 s: loopback Redis answers in tens of microseconds; the upper
+            // buckets show timeouts approaching `timeout=`.
+            latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
+            ),
+        }
+    }
 }
 
 /// A change announced on a store's [`Store::changes`] feed.

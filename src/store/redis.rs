@@ -169,6 +169,8 @@ pub struct RedisStore {
     url: RedisUrl,
     /// The change feed, started by the first [`Store::changes`] call.
     feed: OnceLock<Feed>,
+    /// Round trips, failures and latency for `/metrics`.
+    stats: StoreStats,
 }
 
 /// The subscriber task (stopped when the store drops) and the channel it feeds.
@@ -216,6 +218,7 @@ impl RedisStore {
             timeout,
             url: url.clone(),
             feed: OnceLock::new(),
+            stats: StoreStats::default(),
         };
         store
             .ping()
@@ -226,7 +229,17 @@ impl RedisStore {
 
     /// One round trip (plus at most one retry, see the module docs), bounded by the timeout.
     async fn call(&self, call: Call<'_>, idempotent: bool) -> StoreResult<Value> {
-        match tokio::time::timeout(self.timeout, self.backend.run(&call, idempotent)).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(
+            self.timeout,
+            self.backend.run(&call, idempotent, &self.stats),
+        )
+        .await;
+        self.stats.latency.observe(started.elapsed().as_secs_f64());
+        if !matches!(result, Ok(Ok(_))) {
+            self.stats.failures.inc();
+        }
+        match result {
             Ok(Ok(v)) => Ok(v),
             // A key holding another type than this version writes there.
             Ok(Err(e)) if e.code() == Some("WRONGTYPE") => {
@@ -1251,6 +1264,10 @@ impl Store for RedisStore {
         });
         Some(feed.tx.subscribe())
     }
+
+    fn stats(&self) -> Option<StoreStats> {
+        Some(self.stats.clone())
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1377,9 +1394,15 @@ enum Backend {
 }
 
 impl Backend {
-    async fn run(&self, call: &Call<'_>, idempotent: bool) -> RedisResult<Value> {
+    async fn run(
+        &self,
+        call: &Call<'_>,
+        idempotent: bool,
+        stats: &StoreStats,
+    ) -> RedisResult<Value> {
         let mut retried = false;
         loop {
+            stats.round_trips.inc();
             let result = match self {
                 Backend::Standalone(c) => exec(&mut c.clone(), call).await,
                 Backend::Cluster(c) => exec(&mut c.clone(), call).await,

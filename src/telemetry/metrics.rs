@@ -274,6 +274,26 @@ impl Metrics {
             .inc();
     }
 
+    /// Exposes a networked store's round-trip statistics (`store_round_trips`,
+    /// `store_round_trip_failures`, `store_round_trip_seconds`). Call before sharing.
+    pub fn register_store(&mut self, stats: crate::store::StoreStats) {
+        self.registry.register(
+            "store_round_trips",
+            "Round trips to the store server (Redis), retries included",
+            stats.round_trips,
+        );
+        self.registry.register(
+            "store_round_trip_failures",
+            "Store round trips that failed: connection lost, timeout or server error",
+            stats.failures,
+        );
+        self.registry.register(
+            "store_round_trip_seconds",
+            "Time per store call (one round trip, two when retried)",
+            stats.latency,
+        );
+    }
+
     /// OpenMetrics text for `/metrics`.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -324,6 +344,29 @@ mod tests {
         assert!(
             m.encode()
                 .contains(r#"mailwarden_connections_open{protocol="milter"} 0"#)
+        );
+    }
+
+    #[test]
+    fn store_round_trips_are_exposed_from_the_stores_own_counters() {
+        let mut m = Metrics::new();
+        let stats = crate::store::StoreStats::default();
+        m.register_store(stats.clone());
+        stats.round_trips.inc_by(3);
+        stats.failures.inc();
+        stats.latency.observe(0.0002);
+        let text = m.encode();
+        assert!(
+            text.contains("mailwarden_store_round_trips_total 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailwarden_store_round_trip_failures_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailwarden_store_round_trip_seconds_count 1"),
+            "{text}"
         );
     }
 }

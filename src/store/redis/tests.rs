@@ -204,6 +204,66 @@ mod cluster {
         }
     }
 
+    /// Issue 4's budget: with the directory cached, a RCPT check with every sending limit
+    /// on costs exactly one round trip to the cluster (one script in the account's slot),
+    /// counted by the store's own `store_round_trips` counter.
+    #[tokio::test]
+    async fn a_cached_rcpt_check_with_limits_is_one_round_trip() {
+        use crate::checker::Checker;
+        use crate::config::Config;
+        use crate::model::{Action, Protocol, Transaction};
+        use crate::telemetry::Metrics;
+        let s = shared(&CLUSTER, Cluster::start).await;
+        let url = format!("redis+cluster://{}?prefix={}", s.hosts(), fresh_prefix());
+        let config = Config::from_toml(
+            "[rules.R14]\nrecipients_per_message = 50\nmessages_per_hour = 1000\n\
+             messages_per_day = 1000\nrecipients_per_hour = 1000\nrecipients_per_day = 1000\n",
+        )
+        .unwrap();
+        let store = Arc::new(RedisStore::open(&url).await.unwrap());
+        store.create_org(&org("mpt")).await.unwrap();
+        store
+            .create_account(&account("champa@mpt.gov.la", "mpt"))
+            .await
+            .unwrap();
+        store
+            .create_account(&account("noy@mpt.gov.la", "mpt"))
+            .await
+            .unwrap();
+        let stats = store.stats().expect("Redis keeps round-trip statistics");
+        let directory = CachedDirectory::new(
+            store,
+            config.store.cache_ttl,
+            config.store.cache_size,
+            config.store.timeout,
+        );
+        let checker = Checker::new(config, directory, Arc::new(Metrics::new()));
+        let mut tx = Transaction::new(Protocol::Policy);
+        tx.sasl_username = Some("champa@mpt.gov.la".into());
+        tx.sender = Some(crate::model::Sender::Address(addr("champa@mpt.gov.la")));
+        tx.tls_version = Some("TLSv1.3".into());
+        let local = addr("noy@mpt.gov.la");
+        let outside = addr("someone@example.org");
+        // Warm the cache: the first check of each address reads the directory.
+        assert_eq!(checker.check_mail(&tx).await.action, Action::Continue);
+        assert_eq!(
+            checker.check_rcpt(&tx, &local).await.action,
+            Action::Continue
+        );
+        assert_eq!(
+            checker.check_rcpt(&tx, &outside).await.action,
+            Action::Continue
+        );
+        const CHECKS: u64 = 20;
+        let before = stats.round_trips.get();
+        for i in 0..CHECKS {
+            let to = if i % 2 == 0 { &local } else { &outside };
+            assert_eq!(checker.check_rcpt(&tx, to).await.action, Action::Continue);
+        }
+        assert_eq!(stats.round_trips.get() - before, CHECKS);
+        assert_eq!(stats.failures.get(), 0);
+    }
+
     /// The directory's keys all hash to one slot (else the scripts would fail with CROSSSLOT
     /// on a cluster): a multi-key script over every key the store wrote succeeds.
     #[tokio::test]
