@@ -36,6 +36,18 @@ pub struct BenchArgs {
     /// every RCPT also counts in the store, as in production.
     #[arg(long)]
     pub without_limits: bool,
+    /// Store URL shared by the daemons (`redis://…`, `redis+cluster://…`). Default: a fresh
+    /// SQLite file in a temporary directory. Redis URLs get a `prefix=` of this run unless
+    /// they name one, so runs do not collide (the keys are left behind: use a scratch server).
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Daemon instances sharing the store; the connections are spread over them.
+    #[arg(long, default_value_t = 1)]
+    pub instances: usize,
+    /// Distinct envelope senders (accounts) the policy load comes from, round-robin; each
+    /// has its own sending counters.
+    #[arg(long, default_value_t = 100)]
+    pub senders: usize,
 }
 
 /// CPU seconds (user + system, all threads) a process has used so far.
@@ -67,8 +79,13 @@ impl Drop for Child {
     }
 }
 
-async fn seed(db: &Path, accounts: usize) -> anyhow::Result<Vec<String>> {
-    let store = SqliteStore::open(db.to_str().unwrap()).await?;
+async fn seed(url: &str, accounts: usize) -> anyhow::Result<Vec<String>> {
+    let store: std::sync::Arc<dyn Store> = match url.strip_prefix("sqlite:") {
+        Some(path) => std::sync::Arc::new(SqliteStore::open(path).await?),
+        None => mailwarden::store::open(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("--store: {e}"))?,
+    };
     let now = chrono::Utc::now().timestamp();
     store
         .create_org(&Org {
@@ -112,22 +129,33 @@ async fn seed(db: &Path, accounts: usize) -> anyhow::Result<Vec<String>> {
     Ok(recipients)
 }
 
-fn start_daemon(dir: &Path, without_limits: bool) -> anyhow::Result<(Child, serde_json::Value)> {
-    let config = dir.join("bench.toml");
+fn start_daemon(
+    dir: &Path,
+    n: usize,
+    store: &str,
+    without_limits: bool,
+    count_on: &str,
+) -> anyhow::Result<(Child, serde_json::Value)> {
+    let config = dir.join(format!("bench{n}.toml"));
+    // Limits on and never reached: every RCPT counts in the store, as in production.
+    let big = 1_000_000_000u64;
     std::fs::write(
         &config,
         format!(
             "[server]\nmilter_listen = \"inet:127.0.0.1:0\"\npolicy_listen = \"inet:127.0.0.1:0\"\n\
-             [store]\nurl = \"sqlite:{db}\"\n[admin]\nlisten = \"\"\naudit_log = \"{audit}\"\n\
+             [store]\nurl = \"{store}\"\n\
+             [admin]\nlisten = \"inet:127.0.0.1:0\"\naudit_log = \"{audit}\"\n\
              [log]\nlevel = \"warn\"\n\
-             [rules.R14]\nmode = \"{r14}\"\nrecipients_per_message = 0\nmessages_per_hour = 0\n\
-             messages_per_day = 0\nrecipients_per_hour = 0\nrecipients_per_day = 0\n",
-            db = dir.join("bench.db").display(),
-            audit = dir.join("audit.jsonl").display(),
+             [rules.R14]\nmode = \"{r14}\"\nrecipients_per_message = 0\nmessages_per_hour = {big}\n\
+             messages_per_day = {big}\nrecipients_per_hour = {big}\nrecipients_per_day = {big}\n\
+             count_on = \"{count_on}\"\n",
+            audit = dir.join(format!("audit{n}.jsonl")).display(),
             r14 = if without_limits { "off" } else { "enforce" },
         ),
     )?;
-    let ready = dir.join("ready.json");
+    let ready = dir.join(format!("ready{n}.json"));
+    // A previous daemon's file would be taken for this one's.
+    let _ = std::fs::remove_file(&ready);
     let child = std::process::Command::new(std::env::current_exe()?)
         .args(["run", "--config"])
         .arg(&config)
@@ -152,11 +180,17 @@ struct Round {
     daemon_cpu_per_op: f64,
     client_cpu_per_op: f64,
     ops: u64,
+    /// Store round trips per check (Redis), from the daemons' metrics.
+    round_trips_per_op: Option<f64>,
 }
 
 fn print_round(label: &str, r: &Round) {
+    let trips = r
+        .round_trips_per_op
+        .map(|t| format!("  store round trips {t:.3}/op"))
+        .unwrap_or_default();
     println!(
-        "{label:<8} {:>9.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  daemon CPU {:>7.4} ms/op  loadgen CPU {:>7.4} ms/op  ({} ops)",
+        "{label:<8} {:>9.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  daemon CPU {:>7.4} ms/op  loadgen CPU {:>7.4} ms/op  ({} ops){trips}",
         r.rate,
         r.p50.as_secs_f64() * 1e3,
         r.p99.as_secs_f64() * 1e3,
@@ -173,21 +207,32 @@ fn summarize(label: &str, mut rounds: Vec<Round>) {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.instances == 0 || args.senders == 0 {
+        anyhow::bail!("--instances and --senders must be at least 1");
+    }
     let dir = tempfile_dir()?;
-    println!(
-        "seeding {} accounts; {} connections x {} requests, {} round(s)",
-        args.accounts, args.connections, args.requests, args.rounds
-    );
-    let recipients = seed(&dir.join("bench.db"), args.accounts).await?;
-    let (child, bound) = start_daemon(&dir, args.without_limits)?;
-    let pid = child.child.id();
-    let addr = |k: &str| -> anyhow::Result<ListenAddr> {
-        bound[k]
-            .as_str()
-            .ok_or_else(|| anyhow::anyhow!("daemon has no {k} listener"))?
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!(e))
+    let store = match &args.store {
+        None => format!("sqlite:{}", dir.join("bench.db").display()),
+        Some(url) if url.starts_with("redis") && !url.contains("prefix=") => {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}prefix=mwbench{}", std::process::id())
+        }
+        Some(url) => url.clone(),
     };
+    println!(
+        "store {}; {} instance(s); seeding {} accounts; {} connections x {} requests, {} senders, {} round(s)",
+        mailwarden::store::redact_url(&store),
+        args.instances,
+        args.accounts,
+        args.connections,
+        args.requests,
+        args.senders,
+        args.rounds
+    );
+    let recipients = seed(&store, args.accounts).await?;
+    let senders: Vec<String> = (0..args.senders)
+        .map(|i| format!("user{}@mpt.gov.la", i * 10 % (args.accounts.max(1))))
+        .collect();
     let protocols: Vec<&str> = match args.protocol.as_str() {
         "both" => vec!["policy", "milter"],
         "policy" => vec!["policy"],
@@ -195,18 +240,64 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--protocol {other:?}: expected policy, milter or both"),
     };
     for proto in protocols {
-        let target = addr(proto)?;
+        // Fresh daemons per protocol, counting the sending limits on the protocol loaded
+        // (`count_on`), so both protocols pay for the counting as in production.
+        let mut daemons = Vec::new();
+        for n in 0..args.instances {
+            daemons.push(start_daemon(&dir, n, &store, args.without_limits, proto)?);
+        }
+        let pids: Vec<u32> = daemons.iter().map(|(c, _)| c.child.id()).collect();
+        let addr = |n: usize, k: &str| -> anyhow::Result<ListenAddr> {
+            daemons[n].1[k]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("daemon has no {k} listener"))?
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!(e))
+        };
+        let daemons_cpu = || -> anyhow::Result<f64> {
+            pids.iter()
+                .map(|&p| cpu_seconds(p).map_err(anyhow::Error::from))
+                .sum()
+        };
+        let admins: Vec<ListenAddr> = (0..args.instances)
+            .map(|n| addr(n, "admin"))
+            .collect::<anyhow::Result<_>>()?;
+        let targets: Vec<ListenAddr> = (0..args.instances)
+            .map(|n| addr(n, proto))
+            .collect::<anyhow::Result<_>>()?;
         let mut rounds = Vec::new();
         // One short warm-up round fills the cache and the connection pools.
         let warm = args.requests.min(500);
         for round in 0..=args.rounds {
             let n = if round == 0 { warm } else { args.requests };
-            let (d0, c0) = (cpu_seconds(pid)?, own_cpu());
-            let report = match proto {
-                "policy" => policy_round(&target, &recipients, args.connections, n).await?,
-                _ => milter_round(&target, &recipients, args.connections, n, args.rcpts).await?,
-            };
-            let (d1, c1) = (cpu_seconds(pid)?, own_cpu());
+            let trips0 = round_trips(&admins).await?;
+            let (d0, c0) = (daemons_cpu()?, own_cpu());
+            let mut load = tokio::task::JoinSet::new();
+            for (i, target) in targets.iter().enumerate() {
+                // Spread the connections over the instances (the first ones get the rest).
+                let conns = args.connections / args.instances
+                    + usize::from(i < args.connections % args.instances);
+                if conns == 0 {
+                    continue;
+                }
+                let (target, recipients, senders) =
+                    (target.clone(), recipients.clone(), senders.clone());
+                let rcpts = args.rcpts;
+                let proto = proto.to_owned();
+                load.spawn(async move {
+                    match proto.as_str() {
+                        "policy" => policy_round(&target, &recipients, &senders, conns, n).await,
+                        _ => milter_round(&target, &recipients, conns, n, rcpts).await,
+                    }
+                });
+            }
+            let mut parts = Vec::new();
+            while let Some(r) = load.join_next().await {
+                parts.push(r??);
+            }
+            let report = Report::merge(parts);
+            let (d1, c1) = (daemons_cpu()?, own_cpu());
+            let trips1 = round_trips(&admins).await?;
             if round == 0 {
                 continue;
             }
@@ -218,15 +309,42 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 daemon_cpu_per_op: (d1 - d0) / ops as f64,
                 client_cpu_per_op: (c1 - c0) / ops as f64,
                 ops: report.answered,
+                round_trips_per_op: trips0.zip(trips1).map(|(a, b)| (b - a) as f64 / ops as f64),
             };
             print_round(&format!("{proto} #{round}"), &r);
             rounds.push(r);
         }
         summarize(proto, rounds);
+        drop(daemons);
     }
-    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The store round trips all daemons made so far (their `store_round_trips_total`), or
+/// `None` when the store keeps no count (SQLite).
+async fn round_trips(admins: &[ListenAddr]) -> anyhow::Result<Option<u64>> {
+    let http = mailwarden::admin::cli::http_client(None, false).map_err(anyhow::Error::msg)?;
+    let mut total = None;
+    for admin in admins {
+        let ListenAddr::Inet(sock) = admin else {
+            anyhow::bail!("admin listener {admin} is not TCP");
+        };
+        let text = http
+            .get(format!("http://{sock}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        if let Some(v) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("mailwarden_store_round_trips_total "))
+        {
+            *total.get_or_insert(0) += v.trim().parse::<f64>()? as u64;
+        }
+    }
+    Ok(total)
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
@@ -243,6 +361,26 @@ struct Report {
 }
 
 impl Report {
+    /// Several instances' loads, run at the same time, as one: the answers add up, the wall
+    /// time is the longest, the percentiles are the worst instance's (a conservative bound:
+    /// the latencies themselves are not kept).
+    fn merge(parts: Vec<Report>) -> Report {
+        parts
+            .into_iter()
+            .reduce(|a, b| Report {
+                answered: a.answered + b.answered,
+                elapsed: a.elapsed.max(b.elapsed),
+                p50: a.p50.max(b.p50),
+                p99: a.p99.max(b.p99),
+            })
+            .unwrap_or(Report {
+                answered: 0,
+                elapsed: Duration::ZERO,
+                p50: Duration::ZERO,
+                p99: Duration::ZERO,
+            })
+    }
+
     fn rate(&self) -> f64 {
         self.answered as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -251,6 +389,7 @@ impl Report {
 async fn policy_round(
     target: &ListenAddr,
     recipients: &[String],
+    senders: &[String],
     connections: usize,
     requests: usize,
 ) -> anyhow::Result<Report> {
@@ -259,7 +398,7 @@ async fn policy_round(
         connections,
         requests_per_connection: requests,
         recipients: recipients.to_vec(),
-        sender: "user0@mpt.gov.la".into(),
+        senders: senders.to_vec(),
         timeout: Duration::from_secs(5),
     };
     let r: LoadReport = loadgen::run(&spec).await?;

@@ -127,8 +127,9 @@ pub struct LoadSpec {
     pub requests_per_connection: usize,
     /// Recipients to draw from (round-robin); must not be empty.
     pub recipients: Vec<String>,
-    /// Envelope sender of every request (empty: the null sender).
-    pub sender: String,
+    /// Envelope senders, drawn round-robin like the recipients (request `i` comes from
+    /// `senders[i % len]`); none, or an empty string: the null sender.
+    pub senders: Vec<String>,
     /// A request without a reply within this time counts as failed and ends its connection.
     pub timeout: Duration,
 }
@@ -186,7 +187,13 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadReport, LoadError> {
         .recipients
         .iter()
         .enumerate()
-        .map(|(i, rcpt)| rcpt_request(&spec.sender, rcpt, i).encode())
+        .map(|(i, rcpt)| {
+            let sender = match spec.senders.len() {
+                0 => "",
+                n => spec.senders[i % n].as_str(),
+            };
+            rcpt_request(sender, rcpt, i).encode()
+        })
         .collect::<Result<_, _>>()?;
     let requests = std::sync::Arc::new(requests);
 
@@ -344,7 +351,7 @@ mod tests {
             connections: 1,
             requests_per_connection: 1,
             recipients: vec![],
-            sender: String::new(),
+            senders: Vec::new(),
             timeout: Duration::from_secs(1),
         };
         assert!(matches!(run(&spec).await, Err(LoadError::NoRecipients)));

@@ -546,7 +546,7 @@ async fn load_generator_gets_every_request_answered() {
             "friend@example.org".into(),
             "gone@mpt.gov.la".into(),
         ],
-        sender: "someone@example.org".into(),
+        senders: vec!["someone@example.org".into()],
         timeout: Duration::from_secs(10),
     };
     let report = loadgen::run(&spec).await.unwrap();
@@ -571,7 +571,7 @@ async fn load_generator_reports_a_dead_server() {
         connections: 2,
         requests_per_connection: 3,
         recipients: vec!["a@b.la".into()],
-        sender: String::new(),
+        senders: Vec::new(),
         timeout: Duration::from_secs(5),
     };
     let report = loadgen::run(&spec).await.unwrap();
