@@ -37,8 +37,11 @@
 //!
 //! `<start>` is the window's start (Unix seconds); a key expires one window after its
 //! window ends, so old windows clean themselves up. The mailbox usage its mailbox server
-//! reported (R13) is `P:{acct:<address>}:usage`, a decimal byte count (plain SET/GET: the
-//! last report wins).
+//! reported (R13) is `P:usage:<address>/quota/storage`, a decimal byte count (plain SET/GET:
+//! the last report wins). That is the key Dovecot's `quota_clone` plugin writes with
+//! `quota_clone_dict = redis:...:prefix=P:usage:` (its redis dict stores the private key
+//! `priv/quota/storage` of user U as `<prefix>U/quota/storage`), so Dovecot can report usage
+//! straight into the store; it is read with a single GET, so it needs no hash tag.
 //!
 //! Names in keys are the normalised (lower-case) forms, which gives case-insensitive
 //! uniqueness (R4). Sorted sets with equal scores are ordered bytewise, which is the order
@@ -417,7 +420,7 @@ impl Keys {
     /// different accounts spread over the cluster.
     /// The mailbox usage of `address` in bytes (R13), in the account's slot.
     fn usage(&self, address: &str) -> String {
-        format!("{}:{{acct:{address}}}:usage", self.prefix)
+        format!("{}:usage:{address}/quota/storage", self.prefix)
     }
     fn counter(&self, address: &str, counter: Counter, window_start: Timestamp) -> String {
         format!(

@@ -700,6 +700,33 @@ async fn unknown_stored_values_are_corrupt_and_left_alone() {
     assert!(store.get_org("mpt").await.unwrap().is_some());
 }
 
+/// Dovecot's `quota_clone` plugin, configured as the README says
+/// (`quota_clone_dict = redis:host=H:port=P:prefix=<prefix>:usage:`), stores user U's
+/// private key `priv/quota/storage` as `<dict prefix>U/quota/storage` (dict-redis: the user
+/// name, '/', the key without `priv/`) with a plain SET. mailwarden reads exactly that key,
+/// and a later report (ours or Dovecot's) replaces the value.
+#[tokio::test]
+async fn usage_written_by_dovecot_quota_clone_is_read() {
+    let s = standalone().await;
+    let prefix = fresh_prefix();
+    let store = RedisStore::open(&format!("redis://127.0.0.1:{}/0?prefix={prefix}", s.port()))
+        .await
+        .unwrap();
+    let user = "champa@mpt.gov.la";
+    assert_eq!(store.usage(&addr(user)).await.unwrap(), None);
+    // What Dovecot's dict-redis sends for dict_set("priv/quota/storage", "123456789").
+    let dict_prefix = format!("{prefix}:usage:");
+    let dovecot_key = format!("{dict_prefix}{user}/quota/storage");
+    let _: () = query(s.port(), cmd("SET").arg(&dovecot_key).arg("123456789"))
+        .await
+        .unwrap();
+    assert_eq!(store.usage(&addr(user)).await.unwrap(), Some(123456789));
+    // The admin API's report lands in the same key.
+    store.set_usage(&addr(user), 42, 0).await.unwrap();
+    let raw: String = query(s.port(), cmd("GET").arg(&dovecot_key)).await.unwrap();
+    assert_eq!(raw, "42");
+}
+
 #[tokio::test]
 async fn quota_up_to_u64_max_round_trips() {
     let s = standalone().await;
