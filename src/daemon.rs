@@ -134,6 +134,10 @@ impl Daemon {
         );
 
         let health = tokio::spawn(health_loop(checker.clone(), shutdown.clone()));
+        // Owner alerts (R16): webhook deliveries and new-country detection, off the mail path.
+        checker
+            .alerts
+            .start(checker.directory.store().clone(), shutdown.clone());
         // Changes made through other daemons sharing the store (Redis) reach this cache too.
         if let Some(changes) = checker.directory.store().changes() {
             let (checker, shutdown) = (checker.clone(), shutdown.clone());
