@@ -225,6 +225,7 @@ pub struct Alerts {
     logins: mpsc::Sender<Login>,
     shared: Arc<Shared>,
     queues: Mutex<Option<(mpsc::Receiver<Alert>, mpsc::Receiver<Login>)>>,
+    tasks: TaskTracker,
 }
 
 impl Alerts {
@@ -247,7 +248,10 @@ impl Alerts {
             logins,
             shared,
             queues: Mutex::new(Some((alerts, login_rx))),
+            tasks: TaskTracker::new(),
         };
+        // Closed from the start: `stopped` returns once whatever `start` spawned has ended.
+        a.tasks.close();
         a.load_geoip(&config.alerts);
         a
     }
@@ -355,8 +359,9 @@ impl Alerts {
         else {
             return false;
         };
-        tokio::spawn(deliveries(self.shared.clone(), alerts, shutdown.clone()));
-        tokio::spawn(locate_logins(
+        self.tasks
+            .spawn(deliveries(self.shared.clone(), alerts, shutdown.clone()));
+        self.tasks.spawn(locate_logins(
             self.shared.clone(),
             self.sender.clone(),
             logins,
@@ -364,6 +369,12 @@ impl Alerts {
             shutdown,
         ));
         true
+    }
+
+    /// Waits until the tasks started by [`start`](Self::start) have stopped (after
+    /// `shutdown`): every alert is then counted with its final outcome.
+    pub async fn stopped(&self) {
+        self.tasks.wait().await;
     }
 }
 
