@@ -280,3 +280,38 @@ fn reload_rereads_the_geoip_file_and_keeps_the_old_one_when_it_is_broken() {
         "kept the last good one"
     );
 }
+
+#[test]
+fn bad_alert_settings_are_reported_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.mmdb");
+    std::fs::write(&junk, b"not a database").unwrap();
+    let text = format!(
+        r#"[alerts]
+webhook_url = "ftp://gateway.example/alerts"
+webhook_secret = "short"
+webhook_max_attempts = 0
+webhook_backoff = "0s"
+queue_size = 0
+geoip_database = "{}"
+"#,
+        junk.display()
+    );
+    let errors = Config::from_toml(&text).unwrap_err();
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    for key in [
+        "alerts.webhook_url",
+        "alerts.webhook_secret",
+        "alerts.webhook_max_attempts",
+        "alerts.webhook_backoff",
+        "alerts.queue_size",
+        "alerts.geoip_database",
+    ] {
+        assert!(keys.contains(&key), "{key} not in {errors:?}");
+    }
+    let no_secret =
+        Config::from_toml("[alerts]\nwebhook_url = \"https://gw.example/a\"\n").unwrap_err();
+    assert_eq!(no_secret[0].key, "alerts.webhook_secret");
+    let good = config(dir.path(), 10);
+    assert!(good.validate().is_empty(), "{:?}", good.validate());
+}
