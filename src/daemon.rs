@@ -174,6 +174,15 @@ impl Daemon {
         health.abort();
         while servers.join_next().await.is_some() {}
         drain(&sessions, &checker).await;
+        // An alert being posted finishes its attempt (bounded by alerts.webhook_timeout);
+        // queued ones and those waiting for a retry are counted as dropped.
+        let grace = checker.snapshot().config.server.shutdown_grace;
+        if tokio::time::timeout(grace, checker.alerts.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!("owner alert deliveries still running at exit");
+        }
         tracing::info!("mailwarden stopped");
         Ok(())
     }
