@@ -47,6 +47,8 @@ pub struct Checker {
     snapshot: ArcSwap<Snapshot>,
     pub directory: CachedDirectory,
     pub metrics: Arc<Metrics>,
+    /// Owner alerts (R16): `alerts.sender()` raises them; logins feed new-country detection.
+    pub alerts: crate::alerts::Alerts,
 }
 
 /// Whether sending limits (R14) are applied on this front-end: active, and counted here
@@ -77,7 +79,9 @@ fn counted_sender(tx: &Transaction) -> Option<Address> {
 
 impl Checker {
     pub fn new(config: Config, directory: CachedDirectory, metrics: Arc<Metrics>) -> Checker {
+        let alerts = crate::alerts::Alerts::new(&config, metrics.alerts.clone());
         Checker {
+            alerts,
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
             directory,
             metrics,
@@ -91,6 +95,7 @@ impl Checker {
 
     /// Swaps in a new validated configuration.
     pub fn replace_config(&self, config: Config) {
+        self.alerts.reload(&config);
         self.snapshot.store(Arc::new(Snapshot::new(config)));
         self.directory.invalidate_all();
     }
@@ -107,6 +112,10 @@ impl Checker {
     /// MAIL stage: sender rules.
     pub async fn check_mail(&self, tx: &Transaction) -> Decision {
         let start = Instant::now();
+        // R16: an authenticated login feeds new-country detection (queued, never waited on).
+        if let (Some(login), Some(ip)) = (tx.sasl_username.as_deref(), tx.client_addr) {
+            self.alerts.login(login, ip, "smtp");
+        }
         let snap = self.snapshot();
         let sender = tx.sender.as_ref().and_then(|s| s.address());
         let lookup = match sender {

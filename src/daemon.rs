@@ -138,6 +138,10 @@ impl Daemon {
         );
 
         let health = tokio::spawn(health_loop(checker.clone(), shutdown.clone()));
+        // Owner alerts (R16): webhook deliveries and new-country detection, off the mail path.
+        checker
+            .alerts
+            .start(checker.directory.store().clone(), shutdown.clone());
         // Changes made through other daemons sharing the store (Redis) reach this cache too.
         if let Some(changes) = checker.directory.store().changes() {
             let (checker, shutdown) = (checker.clone(), shutdown.clone());
@@ -174,6 +178,15 @@ impl Daemon {
         health.abort();
         while servers.join_next().await.is_some() {}
         drain(&sessions, &checker).await;
+        // An alert being posted finishes its attempt (bounded by alerts.webhook_timeout);
+        // queued ones and those waiting for a retry are counted as dropped.
+        let grace = checker.snapshot().config.server.shutdown_grace;
+        if tokio::time::timeout(grace, checker.alerts.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!("owner alert deliveries still running at exit");
+        }
         tracing::info!("mailwarden stopped");
         Ok(())
     }

@@ -13,12 +13,14 @@
 //! - [`directory`]: registration rules (R3 address structure, R4 first come first served, R5 kinds).
 //! - [`config`]: file model, validation (every error by key), reload snapshots.
 //! - [`telemetry`]: logging setup, decision events, Prometheus metrics.
+//! - [`alerts`]: owner alerts (R16): signed webhook, new-country login detection (GeoIP).
 //! - [`admin`]: the admin HTTP API (and `/metrics`), the audit log, and the CLI client.
 //! - [`daemon`]: binds listeners and runs everything until shutdown; used by `main` and tests.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod alerts;
 pub mod checker;
 pub mod config;
 pub mod daemon;

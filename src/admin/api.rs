@@ -48,6 +48,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/users/{address}/limits", get(show_limits))
         .route("/v1/users/{address}/limits/reset", post(reset_limits))
         .route("/v1/users/{address}/{action}", post(change_user))
+        .route(
+            "/dovecot/auth-policy",
+            post(dovecot_auth_policy).layer(DefaultBodyLimit::max(64 * 1024)),
+        )
         .fallback(|| async { error::plain(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             error::plain(
@@ -1209,6 +1213,48 @@ async fn import_users(
     let result = json!({ "imported": accounts.len(), "users": views });
     state.audit(records, result.clone()).await?;
     Ok((StatusCode::CREATED, Json(result)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct PolicyCommand {
+    command: Option<String>,
+}
+
+/// Dovecot's authentication policy server (`auth_policy_server_url`, R16): Dovecot POSTs
+/// `?command=allow` before (and after) authenticating and `?command=report` with the result;
+/// the JSON body carries `login`, `remote` (the client's IP), `protocol`, and in reports
+/// `success` and `policy_reject`. A successful login feeds new-country detection (queued,
+/// never waited on). The answer is always `{"status":0,"msg":""}` (allow: mailwarden never
+/// refuses or delays a login). Needs a token with the `auth_policy` scope, sent by Dovecot
+/// through `auth_policy_server_api_header`. The password hash Dovecot sends is ignored.
+async fn dovecot_auth_policy(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<PolicyCommand>,
+    Body(req): Body<Value>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::AuthPolicy, "report Dovecot logins")?;
+    match q.command.as_deref() {
+        Some("allow") => {}
+        Some("report") => {
+            let flag = |name: &str| req.get(name).and_then(Value::as_bool) == Some(true);
+            let text = |name: &str| req.get(name).and_then(Value::as_str);
+            if flag("success") && !flag("policy_reject") {
+                let remote = text("remote").and_then(|r| r.trim().parse().ok());
+                if let (Some(login), Some(ip)) = (text("login"), remote) {
+                    let via = text("protocol").unwrap_or("dovecot");
+                    state.checker.alerts.login(login, ip, via);
+                }
+            }
+        }
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "unknown command {:?}: Dovecot sends ?command=allow or ?command=report",
+                other.unwrap_or("")
+            )));
+        }
+    }
+    Ok(Json(json!({"status": 0, "msg": ""})))
 }
 
 fn error_text(e: &ApiError) -> String {

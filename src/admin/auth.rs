@@ -18,11 +18,14 @@ pub struct Caller {
     pub scopes: Vec<Scope>,
 }
 
-fn level(s: Scope) -> u8 {
+/// The rank of an administrative scope; `None` for `auth_policy`, which is outside the
+/// order (granted only by itself).
+fn level(s: Scope) -> Option<u8> {
     match s {
-        Scope::Read => 0,
-        Scope::Write => 1,
-        Scope::Admin => 2,
+        Scope::Read => Some(0),
+        Scope::Write => Some(1),
+        Scope::Admin => Some(2),
+        Scope::AuthPolicy => None,
     }
 }
 
@@ -31,12 +34,19 @@ pub fn scope_name(s: Scope) -> &'static str {
         Scope::Read => "read",
         Scope::Write => "write",
         Scope::Admin => "admin",
+        Scope::AuthPolicy => "auth_policy",
     }
 }
 
 impl Caller {
     pub fn allows(&self, need: Scope) -> bool {
-        self.scopes.iter().any(|&s| level(s) >= level(need))
+        match level(need) {
+            None => self.scopes.contains(&need),
+            Some(need) => self
+                .scopes
+                .iter()
+                .any(|&s| level(s).is_some_and(|l| l >= need)),
+        }
     }
 
     /// 403 naming the missing scope when the caller may not `what` ("withdraw an account").

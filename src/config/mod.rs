@@ -4,9 +4,11 @@
 //! `Config::load` reads and validates; on success the caller gets a `Config` that is never
 //! mutated again. A reload builds a new one and swaps it in only when it has no errors.
 
+mod alerts;
 mod dkim;
 mod listen;
 
+pub use alerts::AlertsConfig;
 pub(crate) use dkim::is_internal as in_networks;
 pub use dkim::{
     DEFAULT_OVERSIGN_HEADERS, DEFAULT_SIGN_HEADERS, DkimAlgorithm, DkimConfig, DkimKeyConfig,
@@ -75,6 +77,8 @@ pub struct Config {
     pub log: LogConfig,
     /// DKIM signing (R6): keys, signed headers, internal networks.
     pub dkim: DkimConfig,
+    /// Owner alerts (R16): webhook and new-country login detection.
+    pub alerts: AlertsConfig,
     /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R10`, `R11`, `R13`, `R14`).
     pub rules: BTreeMap<String, RuleTable>,
 }
@@ -225,7 +229,7 @@ pub struct TokenConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// Look at organisations, accounts, metrics.
     Read,
@@ -233,6 +237,9 @@ pub enum Scope {
     Write,
     /// Destructive changes: withdraw accounts, cease organisations.
     Admin,
+    /// Only Dovecot's auth-policy requests (`POST /dovecot/auth-policy`, R16); granted by no
+    /// other scope, and grants nothing else.
+    AuthPolicy,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -493,7 +500,7 @@ impl Config {
             if t.scopes.is_empty() {
                 err(
                     &format!("{key}.scopes"),
-                    "must name at least one of read, write, admin".into(),
+                    "must name at least one of read, write, admin, auth_policy".into(),
                 );
             }
         }
@@ -510,6 +517,7 @@ impl Config {
             );
         }
         self.dkim.validate(&mut err);
+        self.alerts.validate(&mut err);
         for (name, table) in &self.rules {
             for (key, set, owner) in [
                 ("trusted_networks", table.trusted_networks.is_some(), "R10"),

@@ -74,6 +74,8 @@ macro_rules! store_contract_tests {
             counters_are_per_account_and_reset,
             concurrent_takes_from_two_instances_stop_at_exactly_the_limit,
             quota_and_usage_roundtrip,
+            login_countries_are_recorded_once_per_account,
+            racing_logins_from_a_new_country_see_it_new_once,
         );
     };
     (@each $harness:path; $($check:ident),+ $(,)?) => {
@@ -1122,4 +1124,87 @@ pub async fn quota_and_usage_roundtrip(h: Harness) {
         "the latest report wins"
     );
     assert_eq!(h.store.usage(&addr("kham@mpt.gov.la")).await.unwrap(), None);
+}
+
+pub async fn login_countries_are_recorded_once_per_account(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    assert!(h.store.login_countries(&a).await.unwrap().is_empty());
+    let first = h.store.record_login_country(&a, "LA", NOW).await.unwrap();
+    assert_eq!(
+        first,
+        LoginCountry {
+            new: true,
+            known_before: vec![]
+        }
+    );
+    let again = h
+        .peer
+        .record_login_country(&a, "LA", NOW + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        LoginCountry {
+            new: false,
+            known_before: vec!["LA".into()]
+        }
+    );
+    let other = h
+        .store
+        .record_login_country(&a, "TH", NOW + 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        other,
+        LoginCountry {
+            new: true,
+            known_before: vec!["LA".into()]
+        }
+    );
+    let third = h
+        .store
+        .record_login_country(&a, "FR", NOW + 3)
+        .await
+        .unwrap();
+    assert_eq!(third.known_before, vec!["LA".to_owned(), "TH".to_owned()]);
+    assert_eq!(
+        h.peer.login_countries(&a).await.unwrap(),
+        vec!["FR".to_owned(), "LA".to_owned(), "TH".to_owned()]
+    );
+    // Per account.
+    let b = addr("kham@mpt.gov.la");
+    assert!(h.store.login_countries(&b).await.unwrap().is_empty());
+    assert!(
+        h.store
+            .record_login_country(&b, "TH", NOW)
+            .await
+            .unwrap()
+            .new
+    );
+}
+
+pub async fn racing_logins_from_a_new_country_see_it_new_once(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    h.store.record_login_country(&a, "LA", NOW).await.unwrap();
+    let barrier = Arc::new(Barrier::new(16));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = if i % 2 == 0 {
+            h.store.clone()
+        } else {
+            h.peer.clone()
+        };
+        let (a, barrier) = (a.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            s.record_login_country(&a, "TH", NOW + 1).await.unwrap()
+        }));
+    }
+    let mut new = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        new += r.new as usize;
+        assert!(r.known_before.contains(&"LA".to_owned()));
+    }
+    assert_eq!(new, 1, "exactly one racing login sees the country as new");
 }

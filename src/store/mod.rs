@@ -136,6 +136,19 @@ pub trait Store: Send + Sync + 'static {
     fn stats(&self) -> Option<StoreStats> {
         None
     }
+
+    /// Owner alerts (R16): records that `account` logged in from `country` (ISO 3166-1
+    /// alpha-2, upper case) at `at`, and says whether the country is new for the account and
+    /// which ones were recorded before. One atomic step, also against other instances sharing
+    /// the store: when several logins from one new country race, exactly one sees `new`.
+    async fn record_login_country(
+        &self,
+        account: &Address,
+        country: &str,
+        at: Timestamp,
+    ) -> StoreResult<LoginCountry>;
+    /// The countries recorded for `account` (R16), sorted; empty when none is.
+    async fn login_countries(&self, account: &Address) -> StoreResult<Vec<String>>;
 }
 
 /// Round-trip statistics of a networked store, shared with the metrics registry (the

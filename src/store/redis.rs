@@ -42,6 +42,9 @@
 //! `quota_clone_dict = redis:...:prefix=P:usage:` (its redis dict stores the private key
 //! `priv/quota/storage` of user U as `<prefix>U/quota/storage`), so Dovecot can report usage
 //! straight into the store; it is read with a single GET, so it needs no hash tag.
+//! The countries an account logged in from (R16) are the hash `P:{acct:<address>}:countries`,
+//! country code -> first seen (Unix seconds); one script reads the known ones and adds the
+//! new one (HKEYS + HSETNX), so only one of several racing instances sees a country as new.
 //!
 //! Names in keys are the normalised (lower-case) forms, which gives case-insensitive
 //! uniqueness (R4). Sorted sets with equal scores are ordered bytewise, which is the order
@@ -422,6 +425,11 @@ impl Keys {
     fn usage(&self, address: &str) -> String {
         format!("{}:usage:{address}/quota/storage", self.prefix)
     }
+    /// The countries `address` logged in from (R16): a hash country -> first seen (Unix
+    /// seconds), in the account's slot.
+    fn countries(&self, address: &str) -> String {
+        format!("{}:{{acct:{address}}}:countries", self.prefix)
+    }
     fn counter(&self, address: &str, counter: Counter, window_start: Timestamp) -> String {
         format!(
             "{}:{{acct:{address}}}:rate:{}:{window_start}",
@@ -582,6 +590,18 @@ for i, key in ipairs(KEYS) do
   redis.call('EXPIRE', key, ARGV[3 * i])
 end
 return {'ok'}
+"#,
+    )
+});
+
+/// KEYS: the account's login countries (R16). ARGV: the country, the time.
+/// Returns {1 if it was new else 0, countries recorded before}.
+static RECORD_COUNTRY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+local before = redis.call('HKEYS', KEYS[1])
+local added = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+return {added, before}
 "#,
     )
 });
@@ -1250,6 +1270,36 @@ impl Store for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    async fn record_login_country(
+        &self,
+        account: &Address,
+        country: &str,
+        at: Timestamp,
+    ) -> StoreResult<LoginCountry> {
+        let key = self.keys.countries(&account.to_string());
+        let mut inv = RECORD_COUNTRY.prepare_invoke();
+        inv.key(&key).arg(country).arg(at);
+        // Not retried: a script whose connection broke may have run, and its retry would
+        // find the country known and lose the alert.
+        let v = self.call(Call::Script(&inv), false).await?;
+        let (added, mut known_before): (i64, Vec<String>) = decode(v, &key)?;
+        known_before.sort();
+        Ok(LoginCountry {
+            new: added == 1,
+            known_before,
+        })
+    }
+
+    async fn login_countries(&self, account: &Address) -> StoreResult<Vec<String>> {
+        let key = self.keys.countries(&account.to_string());
+        let v = self
+            .call(Call::Cmd(::redis::cmd("HKEYS").arg(&key)), true)
+            .await?;
+        let mut countries: Vec<String> = decode(v, &key)?;
+        countries.sort();
+        Ok(countries)
     }
 
     fn changes(&self) -> Option<broadcast::Receiver<DirectoryChange>> {

@@ -112,6 +112,16 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 7 (numbered for the merge of the issue-4 branches; 5 and 6 are other rules'): owner
+    // alerts (R16), the countries each account has logged in from, with the first time.
+    r#"
+    CREATE TABLE login_countries (
+        account    TEXT    NOT NULL,
+        country    TEXT    NOT NULL,
+        first_seen INTEGER NOT NULL,
+        PRIMARY KEY (account, country)
+    ) STRICT, WITHOUT ROWID;
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -313,6 +323,15 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     }
     tx.commit()?;
     Ok(())
+}
+
+/// The countries recorded for `account` (R16), sorted.
+fn select_countries(c: &Connection, account: &str) -> StoreResult<Vec<String>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT country FROM login_countries WHERE account = ?1 ORDER BY country",
+    )?;
+    let rows = stmt.query_map([account], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -883,6 +902,34 @@ impl Store for SqliteStore {
 
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    async fn record_login_country(
+        &self,
+        account: &Address,
+        country: &str,
+        at: Timestamp,
+    ) -> StoreResult<LoginCountry> {
+        let (account, country) = (account.to_string(), country.to_owned());
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let known_before = select_countries(&tx, &account)?;
+            let new = tx
+                .prepare_cached(
+                    "INSERT INTO login_countries (account, country, first_seen) \
+                     VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![account, country, at])?
+                == 1;
+            tx.commit()?;
+            Ok(LoginCountry { new, known_before })
+        })
+        .await
+    }
+
+    async fn login_countries(&self, account: &Address) -> StoreResult<Vec<String>> {
+        let account = account.to_string();
+        self.read(move |c| select_countries(c, &account)).await
     }
 }
 

@@ -293,4 +293,17 @@ impl Store for TestStore {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
+    async fn record_login_country(
+        &self,
+        account: &Address,
+        country: &str,
+        at: Timestamp,
+    ) -> StoreResult<LoginCountry> {
+        self.up()?;
+        self.inner.record_login_country(account, country, at).await
+    }
+    async fn login_countries(&self, account: &Address) -> StoreResult<Vec<String>> {
+        self.up()?;
+        self.inner.login_countries(account).await
+    }
 }

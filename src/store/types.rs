@@ -135,3 +135,12 @@ pub struct StatusChange<S> {
     pub reason: Option<String>,
     pub at: Timestamp,
 }
+
+/// What recording one login's country found (R16, see [`super::Store::record_login_country`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginCountry {
+    /// The country was not recorded for the account before this login.
+    pub new: bool,
+    /// The countries recorded before this login, sorted (empty at the first recorded login).
+    pub known_before: Vec<String>,
+}

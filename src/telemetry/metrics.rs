@@ -77,6 +77,8 @@ pub struct Metrics {
     admin_requests: Family<ResultLabels, Counter>,
     dkim_signed: Family<DkimSignedLabels, Counter>,
     dkim_unsigned_tempfail: Family<DomainLabels, Counter>,
+    /// Owner alerts (R16): alerts by kind and outcome, GeoIP lookups, queue depths.
+    pub alerts: crate::alerts::AlertMetrics,
 }
 
 impl Default for Metrics {
@@ -156,7 +158,9 @@ impl Metrics {
             "Outbound messages of a local domain tempfailed (451 4.7.5) because they could not be signed: no key, or signing failed",
             dkim_unsigned_tempfail.clone(),
         );
+        let alerts = crate::alerts::AlertMetrics::register(&mut registry);
         Metrics {
+            alerts,
             registry,
             dkim_signed,
             dkim_unsigned_tempfail,

@@ -13,10 +13,12 @@
 pub mod daemon;
 pub mod dkim;
 pub mod milter;
+pub mod mmdb;
 pub mod postfix;
 pub mod process;
 pub mod smtp;
 pub mod store;
+pub mod webhook;
 
 use mailwarden::checker::Checker;
 use mailwarden::config::{Config, ListenAddr, Scope, TokenConfig};

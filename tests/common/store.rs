@@ -7,8 +7,8 @@
 use async_trait::async_trait;
 use mailwarden::model::Address;
 use mailwarden::store::{
-    Account, AccountKind, AccountStatus, CounterValue, Org, OrgStatus, StatusChange, Store,
-    StoreError, StoreResult, Take, TakeOutcome, Timestamp, sqlite::SqliteStore,
+    Account, AccountKind, AccountStatus, CounterValue, LoginCountry, Org, OrgStatus, StatusChange,
+    Store, StoreError, StoreResult, Take, TakeOutcome, Timestamp, sqlite::SqliteStore,
 };
 use std::sync::{
     Arc, Mutex,
@@ -160,6 +160,19 @@ impl Store for TestStore {
     }
     fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+    async fn record_login_country(
+        &self,
+        account: &Address,
+        country: &str,
+        at: Timestamp,
+    ) -> StoreResult<LoginCountry> {
+        self.up()?;
+        self.inner.record_login_country(account, country, at).await
+    }
+    async fn login_countries(&self, account: &Address) -> StoreResult<Vec<String>> {
+        self.up()?;
+        self.inner.login_countries(account).await
     }
 }
 
