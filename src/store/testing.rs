@@ -293,4 +293,20 @@ impl Store for TestStore {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
+    async fn add_delegate(&self, mailbox: &Address, delegate: &Address) -> StoreResult<bool> {
+        self.up()?;
+        self.inner.add_delegate(mailbox, delegate).await
+    }
+    async fn remove_delegate(&self, mailbox: &Address, delegate: &Address) -> StoreResult<bool> {
+        self.up()?;
+        self.inner.remove_delegate(mailbox, delegate).await
+    }
+    async fn delegates(&self, mailbox: &Address) -> StoreResult<Vec<Address>> {
+        self.up()?;
+        self.inner.delegates(mailbox).await
+    }
+    async fn delegated_to(&self, delegate: &Address) -> StoreResult<Vec<Address>> {
+        self.up()?;
+        self.inner.delegated_to(delegate).await
+    }
 }
