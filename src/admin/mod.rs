@@ -20,6 +20,8 @@
 //! | `POST /v1/users/{address}/restore` | write | `{"reason"?}` | User |
 //! | `POST /v1/users/{address}/activate` | write | `{"reason"?}` | User |
 //! | `POST /v1/users/{address}/withdraw` | admin | `{"reason","confirm": address}` | User |
+//! | `POST /v1/users/{address}/delegates` | write | `{"delegate","reason"?}` | `{"address","delegate","changed","delegates"}` (R8) |
+//! | `POST /v1/users/{address}/delegates/remove` | write | `{"delegate","reason"?}` | same; 404 when not a delegate |
 //!
 //! Errors are `{"error": "...", ...}` (`rule`, `suggestions`, `missing_scope`, `rows`,
 //! `confirm_required` where they apply). Every change appends one JSON line to

@@ -440,8 +440,9 @@ impl RedisStore {
         names
             .iter()
             .map(|n| {
-                Address::parse(n)
-                    .map_err(|e| StoreError::Corrupt(format!("{key}: {n:?} is not an address: {e}")))
+                Address::parse(n).map_err(|e| {
+                    StoreError::Corrupt(format!("{key}: {n:?} is not an address: {e}"))
+                })
             })
             .collect()
     }
