@@ -133,14 +133,14 @@ impl Checker {
     /// R8's facts: the account the SASL login names, whether it is registered, and the
     /// delegates of each address in `used` other than its own (all cached lookups).
     async fn identity(&self, snap: &Snapshot, tx: &Transaction, used: Vec<&Address>) -> Identity {
-        let login = tx.sasl_username.clone().unwrap_or_default();
-        let account = r8::login_address(&login, snap.policy.login_domain.as_deref());
+        let login = tx.sasl_username.as_deref().unwrap_or_default();
+        let account = r8::login_address(login, snap.policy.login_domain.as_deref());
         let registered = match &account {
             None => Ok(false),
             Some(a) => self
                 .lookup(a, "lookup_login")
                 .await
-                .map(|facts| facts.account.is_some()),
+                .map(|facts| facts.account.is_some_and(|a| r8::may_send(&a))),
         };
         let mut delegates = Vec::new();
         if registered == Ok(true) {
@@ -154,7 +154,6 @@ impl Checker {
             }
         }
         Identity {
-            login,
             account,
             registered,
             delegates,

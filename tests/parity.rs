@@ -594,14 +594,16 @@ async fn r8_send_as_gives_the_same_verdict_through_both() {
         .await
         .unwrap();
     let (cabinet, champa) = ("cabinet@mpt.gov.la", "champa@mpt.gov.la");
-    store
-        .add_delegate(&cabinet.parse().unwrap(), &champa.parse().unwrap())
-        .await
-        .unwrap();
+    for delegate in [champa, "old@mpt.gov.la"] {
+        store
+            .add_delegate(&cabinet.parse().unwrap(), &delegate.parse().unwrap())
+            .await
+            .unwrap();
+    }
     let both = Both::spawn("[rules.R8]\nlogin_domain = \"mpt.gov.la\"\n", store).await;
     let ip = "192.0.2.7";
     let tls = "TLSv1.3";
-    let cases: [Envelope; 11] = [
+    let cases: [Envelope; 12] = [
         (ip, champa, tls, champa, None),
         (ip, "Champa@MPT.gov.la", tls, champa, None),
         (ip, "champa", tls, champa, None),        // login_domain
@@ -614,6 +616,8 @@ async fn r8_send_as_gives_the_same_verdict_through_both() {
         (ip, "bounmy", tls, champa, Some("553 5.7.1")),
         // A login that is no registered account owns nothing, not even its own address.
         (ip, "x@example.org", tls, "x@example.org", Some("553 5.7.1")),
+        // A withdrawn account keeps no delegation in force (nor does a pending one).
+        (ip, "old@mpt.gov.la", tls, cabinet, Some("553 5.7.1")),
     ];
     run_envelopes(&both, &cases).await;
     let (policy_counts, milter_counts) = both.counted();
@@ -623,7 +627,7 @@ async fn r8_send_as_gives_the_same_verdict_through_both() {
     );
     assert_eq!(
         policy_counts.get(r#"rule="R8",stage="mail",outcome="reject""#),
-        Some(&5),
+        Some(&6),
         "{policy_counts:?}"
     );
     both.stop().await;

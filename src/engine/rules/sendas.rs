@@ -9,8 +9,9 @@
 //! - a login with `@` is that address (compared case-insensitively, like every name);
 //! - a login without `@` is `login@DOMAIN` with `[rules.R8] login_domain`; without that key
 //!   it is no account;
-//! - a login that is no registered account (whatever its status) owns nothing: every
-//!   address it uses is refused.
+//! - a login that is no registered account, or whose account may not send (pending approval,
+//!   withdrawn), owns nothing: every address it uses is refused. A suspended account still
+//!   sends.
 //!
 //! An account owns its own address, and the addresses of the mailboxes delegated to it
 //! (`mailwarden user delegate cabinet@mpt.gov.la --to champa@mpt.gov.la`).
@@ -25,6 +26,7 @@
 
 use super::super::{StoreFailure, Verdicts};
 use crate::model::{Address, HeaderAddresses, Reply, RuleId, Sender, Transaction};
+use crate::store::{Account, AccountStatus};
 
 /// The account a SASL login names (see the module docs), or `None` when it names none.
 pub fn login_address(login: &str, login_domain: Option<&str>) -> Option<Address> {
@@ -36,14 +38,23 @@ pub fn login_address(login: &str, login_domain: Option<&str>) -> Option<Address>
     Address::parse(&format!("{login}@{domain}")).ok()
 }
 
+/// Whether a login's account may own addresses: registered and neither pending approval
+/// (Art. 20.8) nor withdrawn (Art. 16). A suspended account still sends (Art. 14.1 is about
+/// mail to it).
+pub fn may_send(account: &Account) -> bool {
+    !matches!(
+        account.status,
+        AccountStatus::Pending | AccountStatus::Withdrawn
+    )
+}
+
 /// What the directory says about the login and the addresses it uses.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    /// The login as given (for the reply text).
-    pub login: String,
     /// The account the login names ([`login_address`]).
     pub account: Option<Address>,
-    /// Whether that account is registered (`Ok(false)` also when `account` is `None`).
+    /// Whether that account is registered and [`may_send`] (`Ok(false)` also when `account`
+    /// is `None`).
     pub registered: Result<bool, StoreFailure>,
     /// For each address used other than the login's own: the accounts delegated to send as
     /// it. Looked up only when the login is a registered account.
@@ -89,14 +100,14 @@ impl Identity {
     /// Why the login may not use an address, in plain words.
     fn not_yours(&self) -> String {
         match (&self.account, &self.registered) {
-            (None, _) => format!(
-                "your login \"{}\" is not a registered address, so it may send as nobody; \
-                 log in with your full address",
-                self.login
-            ),
+            // The raw login is not repeated: it goes to the logs with the reply, and a login
+            // field sometimes holds what was meant for the password field.
+            (None, _) => "your login is not a registered address, so it may send as nobody; \
+                 log in with your full address"
+                .to_owned(),
             (Some(a), Ok(false)) => format!(
-                "your login {a} is not a registered account, so it may send as nobody; \
-                 contact your administrator"
+                "your login {a} is not a registered account allowed to send (it may be pending \
+                 or withdrawn), so it may send as nobody; contact your administrator"
             ),
             (Some(a), _) => format!(
                 "you are logged in as {a}, which may send only as itself and the mailboxes \

@@ -25,7 +25,6 @@ fn tx(login: Option<&str>, sender: &str) -> Transaction {
 /// The login `champa@mpt.gov.la`, registered; `cabinet@` is delegated to it, `dg@` is not.
 fn champa() -> Identity {
     Identity {
-        login: "champa@mpt.gov.la".into(),
         account: Some(addr("champa@mpt.gov.la")),
         registered: Ok(true),
         delegates: vec![
@@ -151,21 +150,23 @@ fn a_login_that_is_no_account_owns_nothing() {
     let p = policy("");
     // A bare login without `login_domain`.
     let bare = Identity {
-        login: "champa".into(),
         account: None,
         registered: Ok(false),
         delegates: vec![],
     };
     let d = mail(&p, &tx(Some("champa"), "champa@mpt.gov.la"), &bare);
     r8_553(&d, "<champa@mpt.gov.la> is not yours");
+    let text = &rejected(&d).text;
     assert!(
-        rejected(&d)
-            .text
-            .contains("login \"champa\" is not a registered address")
+        text.contains("your login is not a registered address"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("\"champa\""),
+        "the raw login is not echoed: {text}"
     );
     // A full address that is not registered (even its own address is refused).
     let ghost = Identity {
-        login: "ghost@mpt.gov.la".into(),
         account: Some(addr("ghost@mpt.gov.la")),
         registered: Ok(false),
         delegates: vec![],
@@ -285,4 +286,19 @@ fn exactly_one_from_field_with_exactly_one_address() {
     r8_553(&d, "holds 0 addresses (none)");
     let d = check_headers(&p, &with_headers(t, &[&["<>"]], &[]), &champa());
     r8_553(&d, "From: address <> is empty");
+}
+
+#[test]
+fn pending_and_withdrawn_logins_may_not_send() {
+    use crate::store::testing::account;
+    let mut a = account("champa@mpt.gov.la", "mpt");
+    for (status, may) in [
+        (AccountStatus::Active, true),
+        (AccountStatus::Suspended, true),
+        (AccountStatus::Pending, false),
+        (AccountStatus::Withdrawn, false),
+    ] {
+        a.status = status;
+        assert_eq!(may_send(&a), may, "{status}");
+    }
 }
