@@ -170,7 +170,11 @@ impl Checker {
         }
         let identity = self.identity(&snap, tx, r8::header_addresses(tx)).await;
         let d = engine::check_headers(&snap.policy, tx, &identity);
-        telemetry::record_decision(&self.metrics, tx, Stage::EndOfMessage, &d, start.elapsed());
+        // A pass here is not the message's answer yet (R6 and end of message follow, and
+        // record it): only a verdict is recorded, so each message counts one eom decision.
+        if d != Decision::pass() {
+            telemetry::record_decision(&self.metrics, tx, Stage::EndOfMessage, &d, start.elapsed());
+        }
         d
     }
 

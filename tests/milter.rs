@@ -695,6 +695,18 @@ async fn send_as_judges_from_and_sender_headers_at_end_of_headers() {
         ),
         "{metrics}"
     );
+    // One eom decision per refused message; a pass at end of headers is not an answer yet
+    // (without DKIM nothing more is decided for those messages).
+    assert!(
+        metrics.contains(
+            r#"mailwarden_decisions_total{stage="eom",action="reject",protocol="milter"} 5"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"mailwarden_decisions_total{stage="eom",action="continue""#),
+        "{metrics}"
+    );
     c.close().await.unwrap();
     m.stop().await;
 }
