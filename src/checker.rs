@@ -9,6 +9,7 @@ use crate::dkim::SigningKey;
 use crate::engine::rules::dkim::{self as r6, NotSigned, SigningPlan};
 use crate::engine::rules::limits::{self as r14, Limits};
 use crate::engine::rules::quota as r13;
+use crate::engine::rules::sendas::{self as r8, Identity};
 use crate::engine::{self, Lookup, Policy, StoreFailure};
 use crate::model::{Action, Address, Decision, Mode, Protocol, RuleId, Stage, Transaction};
 use crate::store::cache::CachedDirectory;
@@ -124,8 +125,65 @@ impl Checker {
             }
             _ => None,
         };
-        let d = engine::check_sender(&snap.policy, tx, lookup.as_ref());
+        let identity = match self.sends_as_judged(&snap, tx) {
+            true => Some(self.identity(&snap, tx, r8::envelope_addresses(tx)).await),
+            false => None,
+        };
+        let d = engine::check_sender_as(&snap.policy, tx, lookup.as_ref(), identity.as_ref());
         telemetry::record_decision(&self.metrics, tx, Stage::Mail, &d, start.elapsed());
+        d
+    }
+
+    /// Whether R8 judges this transaction: on, and the client authenticated.
+    fn sends_as_judged(&self, snap: &Snapshot, tx: &Transaction) -> bool {
+        tx.sasl_username.is_some() && snap.policy.rule(RuleId::R8).mode != Mode::Off
+    }
+
+    /// R8's facts: the account the SASL login names, whether it is registered, and the
+    /// delegates of each address in `used` other than its own (all cached lookups).
+    async fn identity(&self, snap: &Snapshot, tx: &Transaction, used: Vec<&Address>) -> Identity {
+        let login = tx.sasl_username.as_deref().unwrap_or_default();
+        let account = r8::login_address(login, snap.policy.login_domain.as_deref());
+        let registered = match &account {
+            None => Ok(false),
+            Some(a) => self
+                .lookup(a, "lookup_login")
+                .await
+                .map(|facts| facts.account.is_some_and(|a| r8::may_send(&a))),
+        };
+        let mut delegates = Vec::new();
+        if registered == Ok(true) {
+            for addr in Identity::addresses_to_look_up(account.as_ref(), used) {
+                let found = self.directory.delegates(&addr).await;
+                if let Err(e) = &found {
+                    self.metrics.count_store_error("lookup_delegates");
+                    tracing::warn!(address = %addr, "delegates lookup failed: {}", e.0);
+                }
+                delegates.push((addr, found));
+            }
+        }
+        Identity {
+            account,
+            registered,
+            delegates,
+        }
+    }
+
+    /// End of headers (milter): R8 on the `From:` and `Sender:` fields of an authenticated
+    /// client's message. A pass when R8 is off or the client did not authenticate.
+    pub async fn check_headers(&self, tx: &Transaction) -> Decision {
+        let start = Instant::now();
+        let snap = self.snapshot();
+        if !self.sends_as_judged(&snap, tx) {
+            return Decision::pass();
+        }
+        let identity = self.identity(&snap, tx, r8::header_addresses(tx)).await;
+        let d = engine::check_headers(&snap.policy, tx, &identity);
+        // A pass here is not the message's answer yet (R6 and end of message follow, and
+        // record it): only a verdict is recorded, so each message counts one eom decision.
+        if d != Decision::pass() {
+            telemetry::record_decision(&self.metrics, tx, Stage::EndOfMessage, &d, start.elapsed());
+        }
         d
     }
 

@@ -1221,3 +1221,138 @@ async fn quota_is_set_usage_reported_and_enforced() {
     );
     api.stop().await;
 }
+
+#[tokio::test]
+async fn delegations_are_added_removed_audited_shown_and_reach_the_mail_path_at_once() {
+    let api = Api::start().await;
+    api.mpt().await;
+    for (a, kind) in [
+        ("cabinet@mpt.gov.la", "unit"),
+        ("champa@mpt.gov.la", "person"),
+    ] {
+        let (s, b) = api.post("/v1/users", WRITE, user(a, kind)).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+    }
+    // champa, logged in, sending as cabinet@: refused, and that answer is now cached.
+    let mut tx = Transaction::new(Protocol::Milter);
+    tx.sasl_username = Some("champa@mpt.gov.la".into());
+    tx.tls_version = Some("TLSv1.3".into());
+    tx.sender = Some(mailwarden::model::Sender::parse("<cabinet@mpt.gov.la>"));
+    let send_as_cabinet = async || api.checker.check_mail(&tx).await.action;
+    match send_as_cabinet().await {
+        Action::Reject(r) => {
+            assert_eq!((r.code, r.enhanced), (553, "5.7.1"));
+            assert!(r.text.contains("<cabinet@mpt.gov.la> is not yours"), "{r}");
+        }
+        other => panic!("not delegated yet, but {other:?}"),
+    }
+
+    let path = "/v1/users/cabinet@mpt.gov.la/delegates";
+    let (s, _) = api
+        .post(path, READ, json!({"delegate": "champa@mpt.gov.la"}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, b) = api
+        .post(
+            path,
+            WRITE,
+            json!({"delegate": "Champa@MPT.gov.la", "reason": "secretary of the cabinet"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["changed"], true);
+    assert_eq!(b["delegates"], json!(["champa@mpt.gov.la"]));
+    // The mail path sees it at once (the cached "no delegates" was dropped).
+    assert_eq!(send_as_cabinet().await, Action::Continue);
+    // Again: nothing changes, nothing audited.
+    let (s, b) = api
+        .post(path, WRITE, json!({"delegate": "champa@mpt.gov.la"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["changed"], false);
+
+    // `user show` lists both directions.
+    let (_, b) = api.get("/v1/users/cabinet@mpt.gov.la", READ).await;
+    assert_eq!(b["delegates"], json!(["champa@mpt.gov.la"]));
+    assert_eq!(b["may_send_as"], json!([]));
+    let (_, b) = api.get("/v1/users/champa@mpt.gov.la", READ).await;
+    assert_eq!(b["may_send_as"], json!(["cabinet@mpt.gov.la"]));
+
+    // Refusals: unknown accounts, self-delegation, bad addresses, unknown fields.
+    for (path, body, status, says) in [
+        (
+            path,
+            json!({"delegate": "nobody@mpt.gov.la"}),
+            StatusCode::NOT_FOUND,
+            "nobody@mpt.gov.la is not registered",
+        ),
+        (
+            "/v1/users/nobody@mpt.gov.la/delegates",
+            json!({"delegate": "champa@mpt.gov.la"}),
+            StatusCode::NOT_FOUND,
+            "nobody@mpt.gov.la is not registered",
+        ),
+        (
+            path,
+            json!({"delegate": "cabinet@mpt.gov.la"}),
+            StatusCode::BAD_REQUEST,
+            "always sends as itself",
+        ),
+        (
+            path,
+            json!({"delegate": "not an address"}),
+            StatusCode::BAD_REQUEST,
+            "is not an address",
+        ),
+        (
+            path,
+            json!({"to": "champa@mpt.gov.la"}),
+            StatusCode::BAD_REQUEST,
+            "",
+        ),
+    ] {
+        let (s, b) = api.post(path, WRITE, body.clone()).await;
+        assert_eq!(s, status, "{body}: {b}");
+        assert!(b["error"].as_str().unwrap().contains(says), "{b}");
+    }
+
+    let remove = "/v1/users/cabinet@mpt.gov.la/delegates/remove";
+    let (s, b) = api
+        .post(
+            remove,
+            WRITE,
+            json!({"delegate": "champa@mpt.gov.la", "reason": "left the cabinet"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["delegates"], json!([]));
+    assert!(matches!(send_as_cabinet().await, Action::Reject(_)));
+    let (s, b) = api
+        .post(remove, WRITE, json!({"delegate": "champa@mpt.gov.la"}))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("is not a delegate of")
+    );
+
+    let audit: Vec<Value> = api
+        .audit()
+        .into_iter()
+        .filter(|r| r["action"].as_str().unwrap().contains("delegate"))
+        .collect();
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert_eq!(audit[0]["action"], "user.delegate");
+    assert_eq!(audit[0]["object"], "cabinet@mpt.gov.la");
+    assert_eq!(audit[0]["before"], json!({"delegates": []}));
+    assert_eq!(
+        audit[0]["after"],
+        json!({"delegates": ["champa@mpt.gov.la"]})
+    );
+    assert_eq!(audit[0]["reason"], "secretary of the cabinet");
+    assert_eq!(audit[1]["action"], "user.undelegate");
+    assert_eq!(audit[1]["after"], json!({"delegates": []}));
+    api.stop().await;
+}

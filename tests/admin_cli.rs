@@ -555,3 +555,117 @@ async fn user_permit_and_limits() {
     );
     api.stop().await;
 }
+
+#[tokio::test]
+async fn user_delegate_undelegate_and_show() {
+    let api = Api::start().await;
+    let u = api.url.as_str();
+    api.mpt().await;
+    for (a, kind) in [
+        ("cabinet@mpt.gov.la", "unit"),
+        ("champa@mpt.gov.la", "person"),
+    ] {
+        let o = run(u, WRITE, &["user", "add", a, "--kind", kind]).await;
+        assert_eq!(code(&o), 0, "{}", err(&o));
+    }
+    let o = run(
+        u,
+        WRITE,
+        &[
+            "user",
+            "delegate",
+            "cabinet@mpt.gov.la",
+            "--to",
+            "champa@mpt.gov.la",
+            "--reason",
+            "secretary",
+        ],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_eq!(
+        out(&o),
+        "cabinet@mpt.gov.la: changed; may be sent as by: champa@mpt.gov.la\n"
+    );
+    let o = run(u, READ, &["user", "show", "cabinet@mpt.gov.la"]).await;
+    let row = out(&o)
+        .lines()
+        .find(|l| l.starts_with("delegates"))
+        .map(str::to_owned);
+    assert_eq!(
+        row.as_deref()
+            .map(|r| r.split_whitespace().collect::<Vec<_>>()),
+        Some(vec!["delegates", "champa@mpt.gov.la"]),
+        "{}",
+        out(&o)
+    );
+    let o = run(u, READ, &["user", "show", "champa@mpt.gov.la"]).await;
+    assert!(
+        out(&o)
+            .lines()
+            .any(|l| l.starts_with("may_send_as") && l.ends_with("cabinet@mpt.gov.la")),
+        "{}",
+        out(&o)
+    );
+    // --to is required; a delegate that is not registered is a clear error.
+    let o = run(u, WRITE, &["user", "delegate", "cabinet@mpt.gov.la"]).await;
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    let o = run(
+        u,
+        WRITE,
+        &[
+            "user",
+            "delegate",
+            "cabinet@mpt.gov.la",
+            "--to",
+            "nobody@mpt.gov.la",
+        ],
+    )
+    .await;
+    assert_ne!(code(&o), 0);
+    assert!(
+        err(&o).contains("nobody@mpt.gov.la is not registered"),
+        "{}",
+        err(&o)
+    );
+
+    let o = run(
+        u,
+        WRITE,
+        &[
+            "user",
+            "undelegate",
+            "cabinet@mpt.gov.la",
+            "--from",
+            "champa@mpt.gov.la",
+        ],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_eq!(
+        out(&o),
+        "cabinet@mpt.gov.la: changed; may be sent as by: (nobody else)\n"
+    );
+    let o = run(
+        u,
+        WRITE,
+        &[
+            "user",
+            "undelegate",
+            "cabinet@mpt.gov.la",
+            "--from",
+            "champa@mpt.gov.la",
+        ],
+    )
+    .await;
+    assert_ne!(code(&o), 0);
+    assert!(err(&o).contains("is not a delegate of"), "{}", err(&o));
+    let actions: Vec<String> = api
+        .audit()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap().to_owned())
+        .filter(|a| a.contains("delegate"))
+        .collect();
+    assert_eq!(actions, ["user.delegate", "user.undelegate"]);
+    api.stop().await;
+}

@@ -206,7 +206,8 @@ async fn store_outage_tempfails_the_recipient_451_4_3_0() {
 async fn macros_reach_the_decision_log_and_messages_on_one_connection_are_separate() {
     let logs = Logs::default();
     let _guard = logs.install();
-    let m = Milter::spawn("", seeded_store().await).await;
+    // Send-as (R8) is not this test's subject: its envelope-only negotiation is.
+    let m = Milter::spawn("[rules.R8]\nmode = \"off\"\n", seeded_store().await).await;
     let mut c = open(&m).await;
 
     // Message 1: queue id known from RCPT on (Postfix's default), one refused recipient.
@@ -280,7 +281,8 @@ async fn a_panic_below_the_checker_tempfails_that_message_only() {
     let _guard = logs.install();
     let store = seeded_store().await;
     *store.panic_on.lock().unwrap() = Some("bounmy@mpt.gov.la".parse().unwrap());
-    let m = Milter::spawn("", store).await;
+    // Envelope stages only (R8 off: no header stages).
+    let m = Milter::spawn("[rules.R8]\nmode = \"off\"\n", store).await;
     let mut c = open(&m).await;
 
     c.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap();
@@ -316,7 +318,8 @@ async fn a_panic_below_the_checker_tempfails_that_message_only() {
 
 #[tokio::test]
 async fn negotiation_skips_unneeded_stages_and_asks_for_the_queue_id() {
-    let m = Milter::spawn("", seeded_store().await).await;
+    // Every header rule off (R8 is the only one on by default that reads headers).
+    let m = Milter::spawn("[rules.R8]\nmode = \"off\"\n", seeded_store().await).await;
     let c = MtaConnection::open(&m.addr, TIMEOUT).await.unwrap();
     let opts = c.negotiated_opts();
     // Only MAIL, RCPT and end of message are stages of their own: every skipped stage is
@@ -595,4 +598,115 @@ async fn the_daemon_drains_the_milter_on_shutdown() {
         .expect("daemon stops once the message is done")
         .unwrap()
         .unwrap();
+}
+
+/// R8 at end of headers: the From: and Sender: fields of an authenticated client's message
+/// must be its own or delegated addresses, exactly one From: with one address; refusals are
+/// `553 5.7.1` naming the address, given at the end of DATA.
+#[tokio::test]
+async fn send_as_judges_from_and_sender_headers_at_end_of_headers() {
+    use mailwarden::store::{AccountStatus, Store};
+    let store = seeded_store().await;
+    store
+        .create_account(&common::store::account(
+            "cabinet@mpt.gov.la",
+            AccountStatus::Active,
+        ))
+        .await
+        .unwrap();
+    store
+        .add_delegate(
+            &"cabinet@mpt.gov.la".parse().unwrap(),
+            &"champa@mpt.gov.la".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    let m = Milter::spawn("", store).await;
+    let mut c = open(&m).await;
+    // Headers are asked for (R8 is on by default), the body is not.
+    assert!(!c.negotiated_opts().contains(ProtoOpts::NO_HEADER));
+    assert!(c.negotiated_opts().contains(ProtoOpts::NO_BODY));
+    let message =
+        |headers: Vec<(&'static str, &'static str)>, login: Option<&'static str>| Message {
+            sender: "<champa@mpt.gov.la>",
+            recipients: vec!["<bounmy@mpt.gov.la>"],
+            headers,
+            body: b"hello\r\n",
+            mail_macros: login.map(|l| ("{auth_authen}", l)).into_iter().collect(),
+            ..Message::default()
+        };
+    let champa = Some("champa@mpt.gov.la");
+    for (headers, login) in [
+        (vec![("From", "Champa <Champa@MPT.gov.la>")], champa),
+        (vec![("From", "Cabinet <cabinet@mpt.gov.la>")], champa),
+        (
+            vec![
+                ("From", "cabinet@mpt.gov.la"),
+                ("Sender", "champa@mpt.gov.la"),
+            ],
+            champa,
+        ),
+        // Not authenticated: not R8's business (R7 judges inbound mail).
+        (vec![("From", "dg@mpt.gov.la"), ("From", "x@y.org")], None),
+    ] {
+        let out = c
+            .transaction(&message(headers.clone(), login))
+            .await
+            .unwrap();
+        assert_eq!(out.eom, Some(Status::Continue), "{headers:?}");
+    }
+    for (headers, want) in [
+        (
+            vec![("From", "Boss <bounmy@mpt.gov.la>")],
+            "553 5.7.1 From: address <bounmy@mpt.gov.la> is not yours",
+        ),
+        (
+            vec![("From", "champa@mpt.gov.la"), ("From", "champa@mpt.gov.la")],
+            "553 5.7.1 The message has 2 From: header fields",
+        ),
+        (
+            vec![("From", "champa@mpt.gov.la, cabinet@mpt.gov.la")],
+            "553 5.7.1 The From: header holds 2 addresses",
+        ),
+        (
+            vec![("Subject", "no author")],
+            "553 5.7.1 The message has 0 From: header fields",
+        ),
+        (
+            vec![
+                ("From", "champa@mpt.gov.la"),
+                ("Sender", "bounmy@mpt.gov.la"),
+            ],
+            "553 5.7.1 Sender: address <bounmy@mpt.gov.la> is not yours",
+        ),
+    ] {
+        let out = c
+            .transaction(&message(headers.clone(), champa))
+            .await
+            .unwrap();
+        let eom = out.eom.expect("refused at end of headers");
+        assert!(is_reject(&eom), "{headers:?}: {eom:?}");
+        assert!(text(&eom).starts_with(want), "{headers:?}: {}", text(&eom));
+    }
+    let metrics = m.checker.metrics.encode();
+    assert!(
+        metrics.contains(
+            r#"mailwarden_verdicts_total{rule="R8",stage="eom",outcome="reject",protocol="milter"} 5"#
+        ),
+        "{metrics}"
+    );
+    // One eom decision per refused message; a pass at end of headers is not an answer yet
+    // (without DKIM nothing more is decided for those messages).
+    assert!(
+        metrics.contains(
+            r#"mailwarden_decisions_total{stage="eom",action="reject",protocol="milter"} 5"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"mailwarden_decisions_total{stage="eom",action="continue""#),
+        "{metrics}"
+    );
+    c.close().await.unwrap();
+    m.stop().await;
 }

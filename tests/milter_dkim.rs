@@ -32,6 +32,10 @@ domain = "{domain}"
 selector = "ed1"
 algorithm = "ed25519-sha256"
 key_file = "{}"
+# The SASL logins of these tests are bare names (`champa`): send-as (R8) maps them to
+# addresses in mpt.gov.la. Lines of `extra` before any table header belong to [rules.R8].
+[rules.R8]
+login_domain = "mpt.gov.la"
 {extra}
 "#,
         fixture("rsa2048-pkcs1.pem"),
@@ -206,7 +210,13 @@ async fn monitor_mode_lets_the_unsigned_message_through_and_counts_it() {
 
 #[tokio::test]
 async fn unauthenticated_or_foreign_mail_is_not_signed() {
-    let m = Milter::spawn(&config("mpt.gov.la", ""), seeded_store().await).await;
+    // R8 in monitor mode: an authenticated user's foreign From: would be refused by send-as
+    // otherwise (see tests/postfix_sendas.rs); here it must go out, unsigned.
+    let m = Milter::spawn(
+        &config("mpt.gov.la", "mode = \"monitor\"\n"),
+        seeded_store().await,
+    )
+    .await;
     // An outside client (not authenticated, not internal) with a local From: not ours to
     // sign (verification, R7, judges it).
     let mut c = open(&m, "192.0.2.7").await;
@@ -327,7 +337,15 @@ async fn state_is_reset_between_messages_and_after_abort() {
 
 #[tokio::test]
 async fn without_keys_no_content_is_requested() {
+    // Send-as (R8, on by default) needs the headers, never the body.
     let m = Milter::spawn("", seeded_store().await).await;
+    let c = MtaConnection::open(&m.addr, TIMEOUT).await.unwrap();
+    assert!(c.negotiated_opts().contains(ProtoOpts::NO_BODY));
+    assert!(!c.negotiated_opts().contains(ProtoOpts::NO_HEADER));
+    c.close().await.unwrap();
+    m.stop().await;
+    // Without R8 neither is asked.
+    let m = Milter::spawn("[rules.R8]\nmode = \"off\"\n", seeded_store().await).await;
     let c = MtaConnection::open(&m.addr, TIMEOUT).await.unwrap();
     assert!(
         c.negotiated_opts()

@@ -580,3 +580,55 @@ async fn r10_relay_networks_give_the_same_verdict_through_both() {
     );
     both.stop().await;
 }
+
+/// R8 (send-as) at MAIL through both: the SASL login may use its own address and the
+/// mailboxes delegated to it as envelope sender; anything else is `553 5.7.1`, naming the
+/// address, to the letter the same through policy and milter.
+#[tokio::test]
+async fn r8_send_as_gives_the_same_verdict_through_both() {
+    use common::store::account;
+    use mailwarden::store::{AccountStatus, Store};
+    let store = seeded_store().await;
+    store
+        .create_account(&account("cabinet@mpt.gov.la", AccountStatus::Active))
+        .await
+        .unwrap();
+    let (cabinet, champa) = ("cabinet@mpt.gov.la", "champa@mpt.gov.la");
+    for delegate in [champa, "old@mpt.gov.la"] {
+        store
+            .add_delegate(&cabinet.parse().unwrap(), &delegate.parse().unwrap())
+            .await
+            .unwrap();
+    }
+    let both = Both::spawn("[rules.R8]\nlogin_domain = \"mpt.gov.la\"\n", store).await;
+    let ip = "192.0.2.7";
+    let tls = "TLSv1.3";
+    let cases: [Envelope; 12] = [
+        (ip, champa, tls, champa, None),
+        (ip, "Champa@MPT.gov.la", tls, champa, None),
+        (ip, "champa", tls, champa, None),        // login_domain
+        (ip, champa, tls, cabinet, None),         // delegated
+        (ip, champa, tls, "", None),              // null sender: read receipts
+        (ip, "", tls, "bounmy@mpt.gov.la", None), // not authenticated: not R8's
+        (ip, champa, tls, "bounmy@mpt.gov.la", Some("553 5.7.1")),
+        (ip, "bounmy@mpt.gov.la", tls, cabinet, Some("553 5.7.1")),
+        (ip, champa, tls, "someone@example.org", Some("553 5.7.1")),
+        (ip, "bounmy", tls, champa, Some("553 5.7.1")),
+        // A login that is no registered account owns nothing, not even its own address.
+        (ip, "x@example.org", tls, "x@example.org", Some("553 5.7.1")),
+        // A withdrawn account keeps no delegation in force (nor does a pending one).
+        (ip, "old@mpt.gov.la", tls, cabinet, Some("553 5.7.1")),
+    ];
+    run_envelopes(&both, &cases).await;
+    let (policy_counts, milter_counts) = both.counted();
+    assert_eq!(
+        policy_counts, milter_counts,
+        "verdicts counted: policy vs milter"
+    );
+    assert_eq!(
+        policy_counts.get(r#"rule="R8",stage="mail",outcome="reject""#),
+        Some(&6),
+        "{policy_counts:?}"
+    );
+    both.stop().await;
+}

@@ -47,6 +47,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/users/{address}/usage", post(set_usage))
         .route("/v1/users/{address}/limits", get(show_limits))
         .route("/v1/users/{address}/limits/reset", post(reset_limits))
+        .route("/v1/users/{address}/delegates", post(add_delegate))
+        .route(
+            "/v1/users/{address}/delegates/remove",
+            post(remove_delegate),
+        )
         .route("/v1/users/{address}/{action}", post(change_user))
         .route(
             "/dovecot/auth-policy",
@@ -588,10 +593,20 @@ async fn show_user(
     State(state): State<AppState>,
     caller: Caller,
     Path(address): Path<String>,
-) -> Result<Json<UserView>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::Read, "look at accounts")?;
     let address = path_address(&address)?;
-    Ok(Json(UserView::from(&find_user(&state, &address).await?)))
+    let account = find_user(&state, &address).await?;
+    let store = state.checker.directory.store();
+    let mut view = to_value(UserView::from(&account));
+    // R8: who may send as this account, and as which mailboxes it may send.
+    view["delegates"] = to_value(strings(&store.delegates(&address).await?));
+    view["may_send_as"] = to_value(strings(&store.delegated_to(&address).await?));
+    Ok(Json(view))
+}
+
+fn strings(a: &[Address]) -> Vec<String> {
+    a.iter().map(|a| a.to_string()).collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -952,6 +967,113 @@ async fn set_permissions(
         .set_bulk(&addr, req.bulk)
         .await?;
     finish_account_change(&state, &caller, &peer, "user.permit", reason, changed).await
+}
+
+// ---- send-as delegation (R8) ----------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Delegation {
+    /// The account that gets (or loses) the right to send as the mailbox.
+    delegate: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Lets `delegate` send as the mailbox `{address}` (R8: a role mailbox like `cabinet@`
+/// delegated to named people). Audited as `user.delegate`; adding an existing delegation
+/// changes nothing and is not audited.
+async fn add_delegate(
+    State(state): State<AppState>,
+    caller: Caller,
+    peer: axum::Extension<Peer>,
+    Path(address): Path<String>,
+    Body(req): Body<Delegation>,
+) -> Result<Json<Value>, ApiError> {
+    change_delegation(&state, &caller, &peer, &address, req, true).await
+}
+
+/// Ends a delegation. Audited as `user.undelegate`; 404 when there was none.
+async fn remove_delegate(
+    State(state): State<AppState>,
+    caller: Caller,
+    peer: axum::Extension<Peer>,
+    Path(address): Path<String>,
+    Body(req): Body<Delegation>,
+) -> Result<Json<Value>, ApiError> {
+    change_delegation(&state, &caller, &peer, &address, req, false).await
+}
+
+async fn change_delegation(
+    state: &AppState,
+    caller: &Caller,
+    peer: &Peer,
+    mailbox: &str,
+    req: Delegation,
+    add: bool,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Write, "change who may send as an account")?;
+    let mailbox = path_address(mailbox)?;
+    let delegate = Address::parse(req.delegate.trim()).map_err(|e| {
+        ApiError::bad_request(format!(
+            "delegate {:?} is not an address: {e}",
+            req.delegate
+        ))
+    })?;
+    let reason = directory::text("reason", req.reason.as_deref())?;
+    if delegate == mailbox {
+        return Err(ApiError::bad_request(format!(
+            "{mailbox} always sends as itself; name another account to delegate to"
+        )));
+    }
+    find_user(state, &mailbox).await?;
+    if add {
+        find_user(state, &delegate).await?;
+    }
+    state.audit_ready().await?;
+    let store = state.checker.directory.store();
+    let before = strings(&store.delegates(&mailbox).await?);
+    let changed = if add {
+        store.add_delegate(&mailbox, &delegate).await?
+    } else {
+        store.remove_delegate(&mailbox, &delegate).await?
+    };
+    if !changed && !add {
+        return Err(ApiError::not_found(format!(
+            "{delegate} is not a delegate of {mailbox}; nothing was changed"
+        )));
+    }
+    // The mail path sees the change at its next message.
+    state.checker.directory.invalidate_account(&mailbox);
+    let after = strings(&store.delegates(&mailbox).await?);
+    let result = json!({
+        "address": mailbox.to_string(),
+        "delegate": delegate.to_string(),
+        "changed": changed,
+        "delegates": after,
+    });
+    if changed {
+        let action = if add {
+            "user.delegate"
+        } else {
+            "user.undelegate"
+        };
+        state
+            .audit(
+                vec![record(
+                    caller,
+                    peer,
+                    action,
+                    mailbox.to_string(),
+                    json!({ "delegates": before }),
+                    json!({ "delegates": after }),
+                    reason,
+                )],
+                result.clone(),
+            )
+            .await?;
+    }
+    Ok(Json(result))
 }
 
 /// An account's counters now, with the limits in force (0: no limit).

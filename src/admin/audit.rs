@@ -23,7 +23,8 @@ pub struct AuditRecord {
     pub actor: String,
     /// `org.create`, `org.cease`, `org.relays`, `user.create`, `user.import`, `user.suspend`,
     /// `user.restore`, `user.activate`, `user.withdraw`, `user.permit` (bulk permission),
-    /// `user.limits_reset` (R14 counters), `user.quota` (R13).
+    /// `user.limits_reset` (R14 counters), `user.quota` (R13), `user.delegate` and
+    /// `user.undelegate` (R8 send-as delegation; object: the mailbox).
     pub action: &'static str,
     /// Organisation code or account address.
     pub object: String,

@@ -191,6 +191,30 @@ pub enum UserCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Let another account send as this mailbox (R8, Art. 20.4/20.7): e.g. the role
+    /// mailbox `cabinet@mpt.gov.la` delegated to `champa@mpt.gov.la`, who may then use it as
+    /// envelope sender, `From:` and `Sender:`. Audited.
+    #[command(after_help = EXIT_CODES)]
+    Delegate {
+        /// The mailbox to be sent as: `cabinet@mpt.gov.la`.
+        mailbox: String,
+        /// The account that may send as it: `champa@mpt.gov.la`.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// End a delegation made with `user delegate`. Audited.
+    #[command(after_help = EXIT_CODES)]
+    Undelegate {
+        /// The mailbox: `cabinet@mpt.gov.la`.
+        mailbox: String,
+        /// The account that may no longer send as it.
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Show an account's sending counters (R14) in the current hour and day, with the
     /// limits in force; `--reset` sets them back to 0 (audited).
     #[command(after_help = EXIT_CODES)]
@@ -395,6 +419,25 @@ pub async fn user(client: &ClientArgs, cmd: UserCommand) -> i32 {
                 let v = api.call(Method::POST, &path, Some(body)).await?;
                 Ok((v, Shape::Limits))
             }
+            UserCommand::Delegate {
+                mailbox,
+                to,
+                reason,
+            } => {
+                let body = json!({ "delegate": to, "reason": reason });
+                let v = change(&mailbox, "delegates", body).await?;
+                Ok((v, Shape::Delegation))
+            }
+            UserCommand::Undelegate {
+                mailbox,
+                from,
+                reason,
+            } => {
+                let body = json!({ "delegate": from, "reason": reason });
+                let path = ["v1", "users", &mailbox, "delegates", "remove"];
+                let v = api.call(Method::POST, &path, Some(body)).await?;
+                Ok((v, Shape::Delegation))
+            }
             UserCommand::Import { .. } => {
                 let body = json!({ "rows": rows.unwrap_or_default() });
                 let v = api
@@ -418,6 +461,8 @@ enum Shape {
     /// An organisation's relay networks, one per line.
     Relays,
     Limits,
+    /// A mailbox's delegates after a change (R8).
+    Delegation,
 }
 
 fn finish(json_out: bool, res: Result<(Value, Shape), Fail>) -> i32 {
@@ -469,7 +514,7 @@ const ORG_FIELDS: [&str; 8] = [
     "status_changed_at",
     "relay_networks",
 ];
-const USER_FIELDS: [&str; 10] = [
+const USER_FIELDS: [&str; 12] = [
     "address",
     "org",
     "kind",
@@ -480,6 +525,9 @@ const USER_FIELDS: [&str; 10] = [
     "status_changed_at",
     "quota_bytes",
     "bulk",
+    // R8, shown by `user show` when there are any.
+    "delegates",
+    "may_send_as",
 ];
 
 fn render(v: &Value, shape: &Shape) -> String {
@@ -507,6 +555,22 @@ fn render(v: &Value, shape: &Shape) -> String {
             } else {
                 nets.split(' ').map(|n| format!("{n}\n")).collect()
             }
+        }
+        Shape::Delegation => {
+            let verb = match v.get("changed") {
+                Some(Value::Bool(false)) => "unchanged",
+                _ => "changed",
+            };
+            let delegates = s(v, "delegates");
+            format!(
+                "{}: {verb}; may be sent as by: {}\n",
+                s(v, "address"),
+                if delegates.is_empty() {
+                    "(nobody else)".to_owned()
+                } else {
+                    delegates
+                }
+            )
         }
         Shape::Limits => {
             let mut out = record(v, &["address", "bulk", "recipients_per_message"]);

@@ -21,6 +21,8 @@
 //! | `POST /v1/users/{address}/activate` | write | `{"reason"?}` | User |
 //! | `POST /v1/users/{address}/withdraw` | admin | `{"reason","confirm": address}` | User |
 //! | `POST /dovecot/auth-policy?command=allow\|report` | auth_policy | Dovecot's auth-policy JSON | `{"status":0,"msg":""}` (R16) |
+//! | `POST /v1/users/{address}/delegates` | write | `{"delegate","reason"?}` | `{"address","delegate","changed","delegates"}` (R8) |
+//! | `POST /v1/users/{address}/delegates/remove` | write | `{"delegate","reason"?}` | same; 404 when not a delegate |
 //!
 //! Errors are `{"error": "...", ...}` (`rule`, `suggestions`, `missing_scope`, `rows`,
 //! `confirm_required` where they apply). Every change appends one JSON line to

@@ -79,7 +79,8 @@ pub struct Config {
     pub dkim: DkimConfig,
     /// Owner alerts (R16): webhook and new-country login detection.
     pub alerts: AlertsConfig,
-    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R10`, `R11`, `R13`, `R14`).
+    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R8`, `R9`, `R10`, `R11`, `R13`,
+    /// `R14`).
     pub rules: BTreeMap<String, RuleTable>,
 }
 
@@ -307,6 +308,9 @@ pub struct RuleTable {
     pub count_on: Option<CountOn>,
     /// R13 only: permanent over-quota replies.
     pub permanent: Option<bool>,
+    /// R8 only: the domain a SASL login without `@` belongs to (`champa` → `champa@DOMAIN`).
+    /// Unset: such a login is no account and may send as nobody.
+    pub login_domain: Option<String>,
 }
 
 /// R11's default exemptions: loopback (local programs submitting through `sendmail` or a
@@ -340,10 +344,11 @@ pub enum OnError {
 }
 
 /// Rules this build implements; a `[rules.X]` table for anything else is an error.
-pub const KNOWN_RULES: [RuleId; 8] = [
+pub const KNOWN_RULES: [RuleId; 9] = [
     RuleId::R1,
     RuleId::R2,
     RuleId::R6,
+    RuleId::R8,
     RuleId::R9,
     RuleId::R10,
     RuleId::R11,
@@ -551,6 +556,23 @@ impl Config {
                     }
                 }
             }
+            match &table.login_domain {
+                Some(_) if name != RuleId::R8.as_str() => err(
+                    &format!("rules.{name}.login_domain"),
+                    "is the SASL login's domain: it belongs in [rules.R8]".into(),
+                ),
+                Some(d)
+                    if d.is_empty()
+                        || d.contains('@')
+                        || crate::model::Address::parse(&format!("x@{d}")).is_err() =>
+                {
+                    err(
+                        &format!("rules.{name}.login_domain"),
+                        format!("{d:?} is not a domain name (like \"mpt.gov.la\")"),
+                    )
+                }
+                _ => {}
+            }
             if name != RuleId::R13.as_str() && table.permanent.is_some() {
                 err(
                     &format!("rules.{name}.permanent"),
@@ -594,6 +616,14 @@ impl Config {
             .get(RuleId::R10.as_str())
             .and_then(|t| t.trusted_networks.clone())
             .unwrap_or_default()
+    }
+
+    /// R8's `login_domain`, lower case (none by default).
+    pub fn login_domain(&self) -> Option<String> {
+        self.rules
+            .get(RuleId::R8.as_str())
+            .and_then(|t| t.login_domain.as_deref())
+            .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
     }
 
     /// R11's `exempt_networks` (loopback by default; `[]` exempts nobody).

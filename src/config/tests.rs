@@ -257,3 +257,20 @@ fn sending_limit_keys_belong_to_r14_and_the_example_matches_the_defaults() {
     assert_eq!(shipped, crate::engine::rules::limits::Limits::DEFAULT);
     assert_eq!(c.rule(RuleId::R14).count_on, Some(CountOn::Auto));
 }
+
+#[test]
+fn login_domain_belongs_to_r8_and_must_be_a_domain() {
+    let c = Config::from_toml("[rules.R8]\nlogin_domain = \"MPT.gov.la.\"\n").unwrap();
+    assert_eq!(c.login_domain().as_deref(), Some("mpt.gov.la"));
+    assert_eq!(Config::default().login_domain(), None);
+    let errs = Config::from_toml(
+        "[rules.R8]\nlogin_domain = \"champa@mpt.gov.la\"\n[rules.R9]\nlogin_domain = \"mpt.gov.la\"\n",
+    )
+    .unwrap_err();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["rules.R8.login_domain", "rules.R9.login_domain"]);
+    assert!(errs[0].reason.contains("is not a domain name"), "{errs:?}");
+    assert!(errs[1].reason.contains("belongs in [rules.R8]"), "{errs:?}");
+    let errs = Config::from_toml("[rules.R8]\nlogin_domain = \"\"\n").unwrap_err();
+    assert_eq!(errs[0].key, "rules.R8.login_domain");
+}

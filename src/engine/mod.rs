@@ -39,6 +39,8 @@ pub struct Policy {
     pub relay_trusted_networks: Vec<IpNet>,
     /// R11: clients that may submit without TLS (`[rules.R11] exempt_networks`).
     pub tls_exempt_networks: Vec<IpNet>,
+    /// R8: the domain of SASL logins without `@` (`[rules.R8] login_domain`).
+    pub login_domain: Option<String>,
 }
 
 impl Policy {
@@ -50,6 +52,7 @@ impl Policy {
                 .collect(),
             relay_trusted_networks: config.relay_trusted_networks(),
             tls_exempt_networks: config.tls_exempt_networks(),
+            login_domain: config.login_domain(),
         }
     }
 
@@ -143,8 +146,20 @@ impl<'a> Verdicts<'a> {
 }
 
 /// MAIL stage: judges the envelope sender. `lookup` is `None` for the null sender or a sender
-/// that does not parse (nothing in the directory to judge).
+/// that does not parse (nothing in the directory to judge). Without send-as facts: see
+/// [`check_sender_as`].
 pub fn check_sender(policy: &Policy, tx: &Transaction, lookup: Option<&Lookup>) -> Decision {
+    check_sender_as(policy, tx, lookup, None)
+}
+
+/// MAIL stage, with what the directory says about the SASL login (`identity`, R8; `None`
+/// when the client did not authenticate or R8 is off).
+pub fn check_sender_as(
+    policy: &Policy,
+    tx: &Transaction,
+    lookup: Option<&Lookup>,
+    identity: Option<&rules::sendas::Identity>,
+) -> Decision {
     let mut v = Verdicts::new(policy, Stage::Mail);
     let sender = tx.sender.as_ref().and_then(|s| s.address());
     if let (Some(sender), Some(lookup)) = (sender, lookup) {
@@ -163,6 +178,21 @@ pub fn check_sender(policy: &Policy, tx: &Transaction, lookup: Option<&Lookup>) 
         rules::submission::relay(&mut v, tx, sender, sender_org);
     }
     rules::submission::tls(&mut v, tx, sender_org);
+    if let Some(id) = identity {
+        rules::sendas::envelope(&mut v, tx, id);
+    }
+    v.finish()
+}
+
+/// End of headers (milter): judges the `From:` and `Sender:` fields of an authenticated
+/// client's message against its login (R8).
+pub fn check_headers(
+    policy: &Policy,
+    tx: &Transaction,
+    identity: &rules::sendas::Identity,
+) -> Decision {
+    let mut v = Verdicts::new(policy, Stage::EndOfMessage);
+    rules::sendas::headers(&mut v, tx, identity);
     v.finish()
 }
 

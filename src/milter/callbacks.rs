@@ -7,7 +7,7 @@ use super::negotiate::Features;
 use super::session::{CallbackError, Session};
 use crate::checker::Checker;
 use crate::dkim::MessageSigner;
-use crate::model::{Action, Protocol, Reply, Transaction};
+use crate::model::{Action, Mode, Protocol, Reply, RuleId, Transaction};
 use crate::telemetry;
 use futures_util::FutureExt as _;
 use indymilter::{
@@ -85,20 +85,23 @@ async fn negotiate(
     mta_actions: Actions,
     mta_opts: ProtoOpts,
 ) -> Status {
-    // The DKIM signer is switched on per connection by the config in force: a reload that
-    // adds the first key applies to the MTA's next connection.
-    let features = if s.checker.snapshot().config.dkim.enabled() {
-        s.features.with_dkim()
-    } else {
-        s.features
-    };
+    // The DKIM signer and send-as (R8) are switched on per connection by the config in
+    // force: a reload applies to the MTA's next connection.
+    let snap = s.checker.snapshot();
+    let mut features = s.features;
+    if snap.config.dkim.enabled() {
+        features = features.with_dkim();
+    }
+    if snap.policy.rule(RuleId::R8).mode != Mode::Off {
+        features = features.with_headers();
+    }
     match features.negotiate(mta_actions, mta_opts) {
         Ok(n) => {
             let content = features.headers && features.body;
             cx.requested_actions = n.actions;
             cx.requested_opts = n.opts;
             cx.requested_macros = n.macros;
-            session(&s, &mut cx.data).negotiated(content, n.opts);
+            session(&s, &mut cx.data).negotiated(features.headers, content, n.opts);
             Status::Continue
         }
         Err(e) => {
@@ -205,16 +208,25 @@ async fn header(
     sess.header_status()
 }
 
-/// End of headers: R6 decides whether the message is signed (the From domain is known now);
-/// a refusal is answered here, and Postfix gives it after the end of DATA.
+/// End of headers: R8 judges the `From:` and `Sender:` fields; then R6 decides whether the
+/// message is signed (the From domain is known now). A refusal is answered here, and
+/// Postfix gives it after the end of DATA.
 async fn eoh(s: Arc<Shared>, cx: &mut Context<Session>) -> Status {
     let sess = session(&s, &mut cx.data);
     sess.refresh(&cx.macros);
     if sess.message_failed() {
         return failed_message(sess, &mut cx.reply);
     }
-    if !sess.sees_content() {
+    if !sess.sees_headers() {
         return Status::Continue;
+    }
+    let sendas = match guarded(s.checker.check_headers(&sess.tx)).await {
+        Ok(d) => d,
+        Err(e) => return internal_error(sess, &mut cx.reply, "eoh", &e),
+    };
+    let status = answer(&mut cx.reply, &sendas.action, &sess.tx);
+    if status != Status::Continue || !sess.sees_content() {
+        return status;
     }
     let signing = match guarded(s.checker.check_signing(&sess.tx)).await {
         Ok(signing) => signing,

@@ -65,6 +65,15 @@ impl Features {
         }
     }
 
+    /// What send-as (R8) needs on top: every header (the `From:` and `Sender:` fields) and
+    /// the end of headers, where it decides. No body, no message modification.
+    pub fn with_headers(self) -> Features {
+        Features {
+            headers: true,
+            ..self
+        }
+    }
+
     /// Answers the MTA's offer of actions and protocol options.
     ///
     /// indymilter starts `requested_actions` as everything the MTA offered; this assigns the
@@ -251,6 +260,31 @@ mod tests {
             .negotiate(Actions::ADD_RCPT, ProtoOpts::all())
             .unwrap_err();
         assert_eq!(err.missing, Actions::ADD_HEADER);
+    }
+
+    #[test]
+    fn send_as_asks_for_headers_only() {
+        let n = Features::default()
+            .with_headers()
+            .negotiate(postfix_actions(), ProtoOpts::all())
+            .unwrap();
+        assert_eq!(n.actions, Actions::REQUEST_MACROS);
+        assert_eq!(
+            n.opts,
+            ProtoOpts::NO_UNKNOWN
+                | ProtoOpts::NO_DATA
+                | ProtoOpts::NO_CONNECT
+                | ProtoOpts::NO_HELO
+                | ProtoOpts::NO_BODY
+                | ProtoOpts::LEADING_SPACE
+                | ProtoOpts::NOREPLY_HEADER
+        );
+        assert!(n.macros.contains_key(&MacroStage::Eoh));
+        // Signing needs more than that; both together are the signer's set.
+        assert_eq!(
+            Features::default().with_headers().with_dkim(),
+            Features::default().with_dkim()
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! here: the checker decides, this only records what the MTA said.
 
 use crate::dkim::{MessageSigner, SigningKey, signer::append_header};
-use crate::model::{Address, Protocol, Sender, Transaction};
+use crate::model::{Address, HeaderAddresses, Protocol, Sender, Transaction};
 use crate::telemetry::ConnectionGuard;
 use std::{ffi::CStr, net::IpAddr, sync::Arc};
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -31,7 +31,8 @@ pub const MAX_RECIPIENTS: usize = 10_000;
 /// MTA is configured otherwise. A message to be signed whose headers exceed it is tempfailed.
 pub const MAX_HEADER_BLOCK: usize = 256 * 1024;
 
-/// Most `From:` addresses kept per message (R6 uses the first; R8 wants exactly one).
+/// Most `From:` (and, separately, `Sender:`) addresses kept per message (R6 uses the first;
+/// R8 wants exactly one).
 const MAX_FROM_ADDRESSES: usize = 64;
 
 /// Longest macro or HELO value kept (longer values are cut, never rejected: they are for logs
@@ -60,6 +61,8 @@ pub struct Session {
     measured: u64,
     /// Queue id of the previous message on this connection (see [`Session::refresh`]).
     previous_queue_id: Option<String>,
+    /// Headers were negotiated (send-as, R8, or the DKIM signer is on for this connection).
+    headers: bool,
     /// Headers and body were negotiated (the DKIM signer is on for this connection).
     content: bool,
     /// The MTA sends header values with the space after the colon (and takes inserted
@@ -85,6 +88,7 @@ impl Session {
             failed: false,
             measured: 0,
             previous_queue_id: None,
+            headers: false,
             content: false,
             leading_space: false,
             noreply_header: false,
@@ -96,9 +100,10 @@ impl Session {
         }
     }
 
-    /// Records what was negotiated: whether headers and body arrive (`content`), and with
-    /// the space after the colon (`leading_space`).
-    pub fn negotiated(&mut self, content: bool, opts: indymilter::ProtoOpts) {
+    /// Records what was negotiated: whether headers arrive (`headers`), headers and body
+    /// (`content`), and with the space after the colon (`leading_space`).
+    pub fn negotiated(&mut self, headers: bool, content: bool, opts: indymilter::ProtoOpts) {
+        self.headers = headers;
         self.content = content;
         self.leading_space = opts.contains(indymilter::ProtoOpts::LEADING_SPACE);
         self.noreply_header = opts.contains(indymilter::ProtoOpts::NOREPLY_HEADER);
@@ -121,6 +126,11 @@ impl Session {
         } else {
             indymilter::Status::Continue
         }
+    }
+
+    /// Whether headers are seen on this connection.
+    pub fn sees_headers(&self) -> bool {
+        self.headers
     }
 
     /// Whether headers and body are seen on this connection.
@@ -240,9 +250,16 @@ impl Session {
         // "name:" + value + CRLF
         self.measured += (name.len() + 1 + value.len() + 2) as u64;
         if name.eq_ignore_ascii_case(b"From") {
+            let mailboxes = header_mailboxes(b"From", value);
             let room = MAX_FROM_ADDRESSES.saturating_sub(self.tx.header_from.len());
-            let addrs = from_addresses(value);
-            self.tx.header_from.extend(addrs.into_iter().take(room));
+            let addrs = mailboxes.iter().filter_map(|m| m.address()).cloned();
+            self.tx.header_from.extend(addrs.take(room));
+            keep(&mut self.tx.from_fields, mailboxes);
+        } else if name.eq_ignore_ascii_case(b"Sender") {
+            keep(
+                &mut self.tx.sender_fields,
+                header_mailboxes(b"Sender", value),
+            );
         }
         if self.content && !self.header_overflow {
             if self.header_block.len() + name.len() + value.len() + 8 > MAX_HEADER_BLOCK {
@@ -332,24 +349,43 @@ impl Session {
 #[error("header section larger than {MAX_HEADER_BLOCK} bytes cannot be signed")]
 pub struct HeaderTooLarge;
 
-/// The addresses of one `From:` field value (RFC 5322 mailbox list; display names, comments
-/// and groups handled by mail-parser). Addresses that do not parse are left out.
-pub(crate) fn from_addresses(value: &[u8]) -> Vec<Address> {
-    let mut raw = Vec::with_capacity(value.len() + 9);
-    raw.extend_from_slice(b"From:");
+/// Counts one more field of a header name and keeps its mailboxes (bounded).
+fn keep(h: &mut HeaderAddresses, mailboxes: Vec<Sender>) {
+    h.fields = h.fields.saturating_add(1);
+    let room = MAX_FROM_ADDRESSES.saturating_sub(h.mailboxes.len());
+    h.mailboxes.extend(mailboxes.into_iter().take(room));
+}
+
+/// The mailboxes of one `From:` or `Sender:` field value, in order, as R8 judges them:
+/// mail-parser reads the RFC 5322 address list (display names, comments, groups, encoded
+/// words); each mailbox is its address, `Null` for an empty one (`<>`), or `Unparsed` with
+/// the (cleaned, bounded) text of an address that is not valid. Display names are dropped.
+pub(crate) fn header_mailboxes(name: &[u8], value: &[u8]) -> Vec<Sender> {
+    let mut raw = Vec::with_capacity(name.len() + value.len() + 5);
+    raw.extend_from_slice(name);
+    raw.push(b':');
     raw.extend_from_slice(value);
     raw.extend_from_slice(b"\r\n\r\n");
     let Some(msg) = mail_parser::MessageParser::new().parse_headers(&raw) else {
         return Vec::new();
     };
-    msg.from()
-        .map(|list| {
-            list.mailboxes()
-                .filter_map(|m| m.address())
-                .filter_map(|a| Address::parse(a).ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    let list = if name.eq_ignore_ascii_case(b"Sender") {
+        msg.sender()
+    } else {
+        msg.from()
+    };
+    list.map(|list| {
+        list.mailboxes()
+            .map(|m| match m.address().map(str::trim) {
+                None | Some("") => Sender::Null,
+                Some(a) => match Address::parse(a) {
+                    Ok(a) => Sender::Address(a),
+                    Err(_) => Sender::Unparsed(clean(a).unwrap_or_default()),
+                },
+            })
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// Postfix sends `[addr]` (or `unknown`) as the name of a client without reverse DNS.
@@ -529,6 +565,84 @@ mod tests {
             ["a@mpt.gov.la".parse::<Address>().unwrap()]
         );
         assert_eq!(s.tx.queue_id.as_deref(), Some("Q9"));
+    }
+
+    fn mailboxes(name: &str, value: &str) -> Vec<String> {
+        header_mailboxes(name.as_bytes(), value.as_bytes())
+            .iter()
+            .map(|m| match m {
+                Sender::Address(a) => a.to_string(),
+                Sender::Null => "<>".into(),
+                Sender::Unparsed(r) => format!("?{r}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn header_mailboxes_read_rfc5322_address_lists() {
+        assert_eq!(
+            mailboxes("From", " champa@mpt.gov.la"),
+            ["champa@mpt.gov.la"]
+        );
+        // Display names (also encoded words), comments and case.
+        assert_eq!(
+            mailboxes(
+                "From",
+                " =?UTF-8?B?4LqI4Lqz4Lqb4Lqy?= (MPT) <Champa@MPT.gov.la>",
+            ),
+            ["champa@mpt.gov.la"]
+        );
+        assert_eq!(
+            mailboxes(
+                "From",
+                " \"Dara, Cabinet\" <cabinet@mpt.gov.la>, dg@mpt.gov.la"
+            ),
+            ["cabinet@mpt.gov.la", "dg@mpt.gov.la"]
+        );
+        // Groups: their members count; an empty group holds none.
+        assert_eq!(
+            mailboxes("From", " Cabinet: a@mpt.gov.la, b@mpt.gov.la;"),
+            ["a@mpt.gov.la", "b@mpt.gov.la"]
+        );
+        assert!(mailboxes("From", " undisclosed-recipients:;").is_empty());
+        // `<>` and a bare word are no address (R8 then finds none, or an invalid one).
+        assert!(mailboxes("From", " <>").is_empty());
+        assert_eq!(mailboxes("From", " champa"), ["<>"]);
+        assert_eq!(mailboxes("From", " Champa <champa>"), ["?champa"]);
+        assert_eq!(
+            mailboxes("Sender", " Secretary <champa@mpt.gov.la>"),
+            ["champa@mpt.gov.la"]
+        );
+    }
+
+    #[test]
+    fn from_and_sender_fields_are_counted_separately() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.mail(&args(&["<a@mpt.gov.la>"]), &macros(&[])).unwrap();
+        s.header(b"From", b" a@mpt.gov.la");
+        s.header(b"from", b" Boss <dg@mpt.gov.la>");
+        s.header(b"Sender", b" a@mpt.gov.la");
+        s.header(b"Subject", b" from: x@y.org");
+        assert_eq!(s.tx.from_fields.fields, 2);
+        assert_eq!(s.tx.from_fields.mailboxes.len(), 2);
+        assert_eq!(s.tx.sender_fields.fields, 1);
+        assert_eq!(
+            s.tx.header_from,
+            [
+                "a@mpt.gov.la".parse::<Address>().unwrap(),
+                "dg@mpt.gov.la".parse().unwrap()
+            ]
+        );
+        // Bounded, whatever the MTA sends.
+        for _ in 0..200 {
+            s.header(b"From", b" a@mpt.gov.la, b@mpt.gov.la");
+        }
+        assert_eq!(s.tx.from_fields.fields, 202);
+        assert_eq!(s.tx.from_fields.mailboxes.len(), MAX_FROM_ADDRESSES);
+        s.end_message();
+        assert_eq!(s.tx.from_fields, HeaderAddresses::default());
+        assert_eq!(s.tx.sender_fields, HeaderAddresses::default());
     }
 
     #[test]

@@ -124,6 +124,23 @@ pub struct Transaction {
     /// Addresses of the `From:` header field(s), in message order (milter only, known from
     /// the end of headers on). Only the addresses: never the display names.
     pub header_from: Vec<Address>,
+    /// R8: the `From:` fields as counted and parsed (milter only, from the end of headers on):
+    /// how many fields, and every mailbox in them, including those that do not parse.
+    pub from_fields: HeaderAddresses,
+    /// R8: the `Sender:` fields, likewise.
+    pub sender_fields: HeaderAddresses,
+}
+
+/// The address fields of one header name (`From:` or `Sender:`) of a message, as R8 judges
+/// them. Only addresses: never display names or comments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderAddresses {
+    /// How many fields of this name the message has.
+    pub fields: usize,
+    /// Their mailboxes in message order (the front-end keeps a bounded number): an
+    /// [`Sender::Address`], [`Sender::Null`] for `<>`, or [`Sender::Unparsed`] with the text of
+    /// an address that does not parse.
+    pub mailboxes: Vec<Sender>,
 }
 
 impl Transaction {
@@ -151,6 +168,8 @@ impl Transaction {
             rcpts_accepted: 0,
             size: None,
             header_from: Vec::new(),
+            from_fields: HeaderAddresses::default(),
+            sender_fields: HeaderAddresses::default(),
         }
     }
 
@@ -163,6 +182,8 @@ impl Transaction {
         self.rcpts_accepted = 0;
         self.size = None;
         self.header_from.clear();
+        self.from_fields = HeaderAddresses::default();
+        self.sender_fields = HeaderAddresses::default();
     }
 }
 

@@ -706,7 +706,7 @@ async fn sending_limits_count_only_on_the_configured_front_end() {
 #[tokio::test]
 async fn sending_limits_tempfail_when_the_store_is_down() {
     let s = Server::start(
-        "[rules.R2]\nmode = \"off\"\n[rules.R1]\nmode = \"off\"\n[rules.R9]\nmode = \"off\"\n[rules.R13]\nmode = \"off\"\n",
+        "[rules.R2]\nmode = \"off\"\n[rules.R1]\nmode = \"off\"\n[rules.R9]\nmode = \"off\"\n[rules.R13]\nmode = \"off\"\n[rules.R8]\nmode = \"off\"\n",
     )
     .await;
     s.store.set_down(true);

@@ -1,7 +1,7 @@
 //! The read-through cache the mail path uses for directory lookups.
 //!
-//! Account and organisation records are cached per name for `store.cache_ttl`, including
-//! "not found" answers. Writes made through this process (the admin API) invalidate the
+//! Account and organisation records, and the send-as delegates of a mailbox (R8), are cached
+//! per name for `store.cache_ttl`, including "not found" answers. Writes made through this process (the admin API) invalidate the
 //! affected entries at once, so a suspension takes effect for the next RCPT. Each store call
 //! is bounded by `store.timeout`; a timeout or error is a `StoreFailure` for the engine.
 //!
@@ -30,6 +30,9 @@ pub struct CachedDirectory {
     timeout: Duration,
     orgs: Mutex<Table<String, Option<Org>>>,
     accounts: Mutex<Table<Address, Option<Account>>>,
+    /// R8: who may send as a mailbox. A delegation change is announced (and invalidated)
+    /// as a change of the mailbox's account.
+    delegates: Mutex<Table<Address, Vec<Address>>>,
 }
 
 /// One cache table: entries with the time they were read, and the invalidation generation.
@@ -61,6 +64,7 @@ impl CachedDirectory {
             timeout,
             orgs: Mutex::new(Table::default()),
             accounts: Mutex::new(Table::default()),
+            delegates: Mutex::new(Table::default()),
         }
     }
 
@@ -113,6 +117,24 @@ impl CachedDirectory {
         Ok(account)
     }
 
+    /// The accounts that may send as `mailbox` (R8), from the cache when fresh.
+    pub async fn delegates(&self, mailbox: &Address) -> Result<Vec<Address>, StoreFailure> {
+        let generation = match fresh(&self.delegates, mailbox, self.ttl) {
+            Ok(hit) => return Ok(hit),
+            Err(generation) => generation,
+        };
+        let delegates = self.bounded(self.store.delegates(mailbox)).await?;
+        insert(
+            &self.delegates,
+            mailbox.clone(),
+            delegates.clone(),
+            generation,
+            self.max_entries,
+            self.ttl,
+        );
+        Ok(delegates)
+    }
+
     async fn bounded<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, StoreError>>,
@@ -142,17 +164,22 @@ impl CachedDirectory {
         }
     }
 
-    /// Forgets one account (after a change to it).
+    /// Forgets one account (after a change to it, its delegations included).
     pub fn invalidate_account(&self, addr: &Address) {
-        let mut accounts = lock(&self.accounts);
-        accounts.generation += 1;
-        accounts.entries.remove(addr);
+        for_table(&self.accounts, addr);
+        for_table(&self.delegates, addr);
+        fn for_table<V>(table: &Mutex<Table<Address, V>>, addr: &Address) {
+            let mut table = lock(table);
+            table.generation += 1;
+            table.entries.remove(addr);
+        }
     }
 
     /// Forgets everything (after an organisation change, or on reload).
     pub fn invalidate_all(&self) {
         for_table(&self.orgs);
         for_table(&self.accounts);
+        for_table(&self.delegates);
         fn for_table<K, V>(table: &Mutex<Table<K, V>>) {
             let mut table = lock(table);
             table.generation += 1;
@@ -324,6 +351,48 @@ mod tests {
         c.invalidate_all();
         let after = c.lookup(&champa).await.unwrap();
         assert_eq!(after.org.map(|o| o.status), Some(OrgStatus::Ceased));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delegates_are_cached_until_the_mailbox_is_invalidated() {
+        let store = sqlite().await;
+        store
+            .create_account(&account("cabinet@mpt.gov.la", "mpt"))
+            .await
+            .unwrap();
+        let c = cache(store.clone());
+        let cabinet = addr("cabinet@mpt.gov.la");
+        assert_eq!(c.delegates(&cabinet).await, Ok(vec![]));
+        store
+            .add_delegate(&cabinet, &addr("champa@mpt.gov.la"))
+            .await
+            .unwrap();
+        // Cached (also the empty answer) ...
+        assert_eq!(c.delegates(&cabinet).await, Ok(vec![]));
+        // ... until the mailbox changes, as the admin API and the change feed announce it.
+        c.invalidate_account(&cabinet);
+        assert_eq!(
+            c.delegates(&cabinet).await,
+            Ok(vec![addr("champa@mpt.gov.la")])
+        );
+        store
+            .remove_delegate(&cabinet, &addr("champa@mpt.gov.la"))
+            .await
+            .unwrap();
+        assert_eq!(c.delegates(&cabinet).await.unwrap().len(), 1);
+        advance(TTL).await;
+        assert_eq!(c.delegates(&cabinet).await, Ok(vec![]));
+        // A broken store is a failure, not "no delegates".
+        store
+            .add_delegate(&cabinet, &addr("champa@mpt.gov.la"))
+            .await
+            .unwrap();
+        c.invalidate_all();
+        rusqlite::Connection::open(store.path())
+            .unwrap()
+            .execute_batch("DROP TABLE delegations;")
+            .unwrap();
+        assert!(c.delegates(&cabinet).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -76,6 +76,9 @@ macro_rules! store_contract_tests {
             quota_and_usage_roundtrip,
             login_countries_are_recorded_once_per_account,
             racing_logins_from_a_new_country_see_it_new_once,
+            delegations_are_added_listed_and_removed,
+            delegation_needs_registered_accounts,
+            delegation_is_seen_by_a_peer,
         );
     };
     (@each $harness:path; $($check:ident),+ $(,)?) => {
@@ -1207,4 +1210,161 @@ pub async fn racing_logins_from_a_new_country_see_it_new_once(h: Harness) {
         assert!(r.known_before.contains(&"LA".to_owned()));
     }
     assert_eq!(new, 1, "exactly one racing login sees the country as new");
+}
+
+// ---------------------------------------------------------------------------------------
+// Send-as delegation (R8)
+
+async fn delegation_fixture(s: &dyn Store) {
+    with_orgs(s, &["mpt", "mof"]).await;
+    s.create_accounts(&[
+        account("cabinet@mpt.gov.la", "mpt"),
+        account("champa@mpt.gov.la", "mpt"),
+        account("dara@mpt.gov.la", "mpt"),
+        account("noy@mof.gov.la", "mof"),
+    ])
+    .await
+    .unwrap();
+}
+
+fn strings(a: &[Address]) -> Vec<String> {
+    a.iter().map(|a| a.to_string()).collect()
+}
+
+pub async fn delegations_are_added_listed_and_removed(h: Harness) {
+    let s = &*h.store;
+    delegation_fixture(s).await;
+    let cabinet = addr("cabinet@mpt.gov.la");
+    assert!(s.delegates(&cabinet).await.unwrap().is_empty());
+    // Names are compared normalised, like every directory name.
+    assert!(
+        s.add_delegate(&addr("Cabinet@MPT.gov.la"), &addr("Dara@mpt.gov.la"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.add_delegate(&cabinet, &addr("champa@mpt.gov.la"))
+            .await
+            .unwrap()
+    );
+    // Again: nothing new.
+    assert!(
+        !s.add_delegate(&cabinet, &addr("champa@mpt.gov.la"))
+            .await
+            .unwrap()
+    );
+    // An account always sends as itself: nothing to record.
+    assert!(!s.add_delegate(&cabinet, &cabinet).await.unwrap());
+    // Across organisations too (an adviser of another ministry).
+    assert!(
+        s.add_delegate(&addr("champa@mpt.gov.la"), &addr("noy@mof.gov.la"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.add_delegate(&addr("dara@mpt.gov.la"), &addr("champa@mpt.gov.la"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        strings(&s.delegates(&cabinet).await.unwrap()),
+        ["champa@mpt.gov.la", "dara@mpt.gov.la"]
+    );
+    assert_eq!(
+        strings(&s.delegated_to(&addr("champa@mpt.gov.la")).await.unwrap()),
+        ["cabinet@mpt.gov.la", "dara@mpt.gov.la"]
+    );
+    assert_eq!(
+        strings(&s.delegated_to(&addr("noy@mof.gov.la")).await.unwrap()),
+        ["champa@mpt.gov.la"]
+    );
+    assert!(s.delegated_to(&cabinet).await.unwrap().is_empty());
+
+    assert!(
+        s.remove_delegate(&cabinet, &addr("DARA@mpt.gov.la"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.remove_delegate(&cabinet, &addr("dara@mpt.gov.la"))
+            .await
+            .unwrap(),
+        "removing what is not there changes nothing"
+    );
+    assert!(
+        !s.remove_delegate(&cabinet, &addr("nobody@mpt.gov.la"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        strings(&s.delegates(&cabinet).await.unwrap()),
+        ["champa@mpt.gov.la"]
+    );
+    assert!(
+        s.delegated_to(&addr("dara@mpt.gov.la"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The account records themselves are untouched.
+    assert_eq!(
+        s.get_account(&cabinet).await.unwrap().unwrap().status,
+        AccountStatus::Active
+    );
+}
+
+pub async fn delegation_needs_registered_accounts(h: Harness) {
+    let s = &*h.store;
+    delegation_fixture(s).await;
+    assert_not_found(
+        s.add_delegate(&addr("cabinet@mpt.gov.la"), &addr("nobody@mpt.gov.la"))
+            .await,
+        "account",
+        "nobody@mpt.gov.la",
+    );
+    assert_not_found(
+        s.add_delegate(&addr("nobody@mpt.gov.la"), &addr("champa@mpt.gov.la"))
+            .await,
+        "account",
+        "nobody@mpt.gov.la",
+    );
+    assert_not_found(
+        s.remove_delegate(&addr("nobody@mpt.gov.la"), &addr("champa@mpt.gov.la"))
+            .await,
+        "account",
+        "nobody@mpt.gov.la",
+    );
+    // Nothing was written by the refused changes.
+    assert!(
+        s.delegates(&addr("cabinet@mpt.gov.la"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.delegated_to(&addr("champa@mpt.gov.la"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.delegates(&addr("nobody@mpt.gov.la"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn delegation_is_seen_by_a_peer(h: Harness) {
+    delegation_fixture(&*h.store).await;
+    let cabinet = addr("cabinet@mpt.gov.la");
+    let champa = addr("champa@mpt.gov.la");
+    h.store.add_delegate(&cabinet, &champa).await.unwrap();
+    assert_eq!(
+        strings(&h.peer.delegates(&cabinet).await.unwrap()),
+        ["champa@mpt.gov.la"]
+    );
+    assert!(h.peer.remove_delegate(&cabinet, &champa).await.unwrap());
+    assert!(h.store.delegates(&cabinet).await.unwrap().is_empty());
+    assert!(h.store.delegated_to(&champa).await.unwrap().is_empty());
 }

@@ -149,6 +149,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<LoginCountry>;
     /// The countries recorded for `account` (R16), sorted; empty when none is.
     async fn login_countries(&self, account: &Address) -> StoreResult<Vec<String>>;
+
+    /// Send-as delegation (R8): lets the account `delegate` send as the account `mailbox`
+    /// (a shared role mailbox like `cabinet@` delegated to named people). Returns `true` when
+    /// the delegation is new, `false` when it already existed (or `delegate` is `mailbox`:
+    /// an account always sends as itself). `NotFound` when either account is not registered. Announced on the change feed as a change of `mailbox`.
+    async fn add_delegate(&self, mailbox: &Address, delegate: &Address) -> StoreResult<bool>;
+    /// Ends a delegation (R8). Returns `true` when it existed. `NotFound` when `mailbox` is
+    /// not a registered account. Announced as a change of `mailbox`.
+    async fn remove_delegate(&self, mailbox: &Address, delegate: &Address) -> StoreResult<bool>;
+    /// The accounts that may send as `mailbox` (R8), ordered by address; empty when none
+    /// (or when `mailbox` is not registered).
+    async fn delegates(&self, mailbox: &Address) -> StoreResult<Vec<Address>>;
+    /// The mailboxes `delegate` may send as (R8), ordered by address.
+    async fn delegated_to(&self, delegate: &Address) -> StoreResult<Vec<Address>>;
 }
 
 /// Round-trip statistics of a networked store, shared with the metrics registry (the

@@ -27,6 +27,8 @@
 //! | `P:{dir}:acct:<address>` | hash | one account |
 //! | `P:{dir}:accts` | sorted set | every address, score 0 |
 //! | `P:{dir}:org-accts:<code>` | sorted set | the addresses of one organisation, score 0 |
+//! | `P:{dir}:delegates:<address>` | sorted set | R8: the accounts that may send as this mailbox, score 0 |
+//! | `P:{dir}:delegated:<address>` | sorted set | R8: the mailboxes this account may send as (the reverse index), score 0 |
 //!
 //! Sending counters (R14, see [`super::counters`]) are outside the directory, one hash tag
 //! per account so that each account's counters share one slot:
@@ -83,6 +85,9 @@
 //!   recipient counted that the client will send again).
 //! - `set_field`: like `set_status`, for one field: the bulk permission (`bulk`, `1` or
 //!   absent) and the quota (`quota_bytes`, absent for none).
+//! - `delegate` (R8): checks that the mailbox (and, when adding, the delegate) account
+//!   exists, then adds or removes the pair in both sorted sets together; the answer says
+//!   whether anything changed.
 //! - `get_org_by_domain`, `taken_locals`: read-only (`flags=no-writes`) scripts, one round
 //!   trip and one consistent view each.
 //!
@@ -405,6 +410,63 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Adds or removes one delegation (R8) with the `delegate` script.
+    async fn delegate(&self, mailbox: &Address, delegate: &Address, op: &str) -> StoreResult<bool> {
+        let (mailbox, delegate) = (mailbox.to_string(), delegate.to_string());
+        let key = self.keys.delegates(&mailbox);
+        let mut inv = DELEGATE.prepare_invoke();
+        inv.key(self.keys.account(&mailbox))
+            .key(self.keys.account(&delegate))
+            .key(&key)
+            .key(self.keys.delegated(&delegate))
+            .arg(self.keys.changes())
+            .arg(&mailbox)
+            .arg(&delegate)
+            .arg(op);
+        let v = self.call(Call::Script(&inv), false).await?;
+        let Value::Array(mut parts) = v else {
+            return Err(unexpected(&key, &v));
+        };
+        let tag: String = match parts.first() {
+            Some(t) => decode(t.clone(), &key)?,
+            None => return Err(StoreError::Corrupt(format!("{key}: empty script reply"))),
+        };
+        match (tag.as_str(), parts.len()) {
+            ("ok", 2) => {
+                let changed: i64 = decode(parts.pop().unwrap_or_default(), &key)?;
+                Ok(changed == 1)
+            }
+            ("notfound", 2) => Err(StoreError::NotFound {
+                what: "account",
+                name: decode(parts.pop().unwrap_or_default(), &key)?,
+            }),
+            _ => Err(StoreError::Corrupt(format!(
+                "{key}: unexpected script reply {tag:?}"
+            ))),
+        }
+    }
+
+    /// The addresses in the sorted set `key`, in order.
+    async fn address_set(&self, key: &str) -> StoreResult<Vec<Address>> {
+        let v = self
+            .call(
+                Call::Cmd(::redis::cmd("ZRANGE").arg(key).arg(0).arg(-1)),
+                true,
+            )
+            .await?;
+        let names: Vec<String> = decode(v, key)?;
+        names
+            .iter()
+            .map(|n| {
+                Address::parse(n).map_err(|e| {
+                    StoreError::Corrupt(format!("{key}: {n:?} is not an address: {e}"))
+                })
+            })
+            .collect()
+    }
+}
+
 /// The keys of one namespace (see the module docs).
 struct Keys {
     base: String,
@@ -457,6 +519,14 @@ impl Keys {
     }
     fn org_accounts(&self, code: &str) -> String {
         format!("{}org-accts:{code}", self.base)
+    }
+    /// R8: who may send as mailbox `address`.
+    fn delegates(&self, address: &str) -> String {
+        format!("{}delegates:{address}", self.base)
+    }
+    /// R8: which mailboxes account `address` may send as.
+    fn delegated(&self, address: &str) -> String {
+        format!("{}delegated:{address}", self.base)
     }
     /// The pub/sub channel of the change feed (a channel, not a key).
     fn changes(&self) -> String {
@@ -623,6 +693,29 @@ else
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return {'ok', before, redis.call('HGETALL', KEYS[1])}
+"#,
+    )
+});
+
+/// KEYS: mailbox record, delegate record, the mailbox's delegates, the delegate's mailboxes.
+/// ARGV: change channel, mailbox address, delegate address, `add` or `remove`.
+/// Returns {'ok', 1|0 (changed)} or {'notfound', address}.
+static DELEGATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'notfound', ARGV[2]} end
+local changed
+if ARGV[4] == 'add' then
+  if redis.call('EXISTS', KEYS[2]) == 0 then return {'notfound', ARGV[3]} end
+  if ARGV[2] == ARGV[3] then return {'ok', 0} end
+  changed = redis.call('ZADD', KEYS[3], 0, ARGV[3])
+  redis.call('ZADD', KEYS[4], 0, ARGV[2])
+else
+  changed = redis.call('ZREM', KEYS[3], ARGV[3])
+  redis.call('ZREM', KEYS[4], ARGV[2])
+end
+if changed == 1 then redis.call('PUBLISH', ARGV[1], 'acct:' .. ARGV[2]) end
+return {'ok', changed}
 "#,
     )
 });
@@ -1300,6 +1393,24 @@ impl Store for RedisStore {
         let mut countries: Vec<String> = decode(v, &key)?;
         countries.sort();
         Ok(countries)
+    }
+
+    async fn add_delegate(&self, mailbox: &Address, delegate: &Address) -> StoreResult<bool> {
+        self.delegate(mailbox, delegate, "add").await
+    }
+
+    async fn remove_delegate(&self, mailbox: &Address, delegate: &Address) -> StoreResult<bool> {
+        self.delegate(mailbox, delegate, "remove").await
+    }
+
+    async fn delegates(&self, mailbox: &Address) -> StoreResult<Vec<Address>> {
+        self.address_set(&self.keys.delegates(&mailbox.to_string()))
+            .await
+    }
+
+    async fn delegated_to(&self, delegate: &Address) -> StoreResult<Vec<Address>> {
+        self.address_set(&self.keys.delegated(&delegate.to_string()))
+            .await
     }
 
     fn changes(&self) -> Option<broadcast::Receiver<DirectoryChange>> {

@@ -112,6 +112,18 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 5: send-as delegation (R8): `delegate` may send as `mailbox`. Both are registered
+    // accounts (foreign keys: a delegation to or of an unknown account is refused); one row
+    // per pair. The second index serves "which mailboxes may this login send as".
+    r#"
+    CREATE TABLE delegations (
+        mailbox  TEXT NOT NULL REFERENCES accounts(address),
+        delegate TEXT NOT NULL REFERENCES accounts(address),
+        PRIMARY KEY (mailbox, delegate),
+        CHECK (mailbox <> delegate)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX delegations_by_delegate ON delegations(delegate, mailbox);
+    "#,
     // 7 (numbered for the merge of the issue-4 branches; 5 and 6 are other rules'): owner
     // alerts (R16), the countries each account has logged in from, with the first time.
     r#"
@@ -887,6 +899,83 @@ impl Store for SqliteStore {
             drop(stmt);
             tx.finish()?;
             Ok(taken)
+        })
+        .await
+    }
+
+    async fn add_delegate(&self, mailbox: &Address, delegate: &Address) -> StoreResult<bool> {
+        let (mailbox, delegate) = (mailbox.to_string(), delegate.to_string());
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for name in [&mailbox, &delegate] {
+                if select_account(&tx, name)?.is_none() {
+                    return Err(StoreError::NotFound {
+                        what: "account",
+                        name: name.clone(),
+                    });
+                }
+            }
+            if mailbox == delegate {
+                // An account always sends as itself; nothing to record.
+                return Ok(false);
+            }
+            let added = tx
+                .prepare_cached(
+                    "INSERT INTO delegations (mailbox, delegate) VALUES (?1, ?2) \
+                     ON CONFLICT (mailbox, delegate) DO NOTHING",
+                )?
+                .execute(params![mailbox, delegate])?;
+            tx.commit()?;
+            Ok(added == 1)
+        })
+        .await
+    }
+
+    async fn remove_delegate(&self, mailbox: &Address, delegate: &Address) -> StoreResult<bool> {
+        let (mailbox, delegate) = (mailbox.to_string(), delegate.to_string());
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if select_account(&tx, &mailbox)?.is_none() {
+                return Err(StoreError::NotFound {
+                    what: "account",
+                    name: mailbox,
+                });
+            }
+            let removed = tx
+                .prepare_cached("DELETE FROM delegations WHERE mailbox = ?1 AND delegate = ?2")?
+                .execute(params![mailbox, delegate])?;
+            tx.commit()?;
+            Ok(removed == 1)
+        })
+        .await
+    }
+
+    async fn delegates(&self, mailbox: &Address) -> StoreResult<Vec<Address>> {
+        let mailbox = mailbox.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT delegate FROM delegations WHERE mailbox = ?1 ORDER BY delegate",
+            )?;
+            let rows = stmt
+                .query_map([&mailbox], |r| r.get::<_, Parsed<Address>>(0))?
+                .map(|r| r.map(|p| p.0))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn delegated_to(&self, delegate: &Address) -> StoreResult<Vec<Address>> {
+        let delegate = delegate.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT mailbox FROM delegations WHERE delegate = ?1 ORDER BY mailbox",
+            )?;
+            let rows = stmt
+                .query_map([&delegate], |r| r.get::<_, Parsed<Address>>(0))?
+                .map(|r| r.map(|p| p.0))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
         .await
     }

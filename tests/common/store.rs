@@ -174,6 +174,22 @@ impl Store for TestStore {
         self.up()?;
         self.inner.login_countries(account).await
     }
+    async fn add_delegate(&self, mailbox: &Address, delegate: &Address) -> StoreResult<bool> {
+        self.up()?;
+        self.inner.add_delegate(mailbox, delegate).await
+    }
+    async fn remove_delegate(&self, mailbox: &Address, delegate: &Address) -> StoreResult<bool> {
+        self.up()?;
+        self.inner.remove_delegate(mailbox, delegate).await
+    }
+    async fn delegates(&self, mailbox: &Address) -> StoreResult<Vec<Address>> {
+        self.up()?;
+        self.inner.delegates(mailbox).await
+    }
+    async fn delegated_to(&self, delegate: &Address) -> StoreResult<Vec<Address>> {
+        self.up()?;
+        self.inner.delegated_to(delegate).await
+    }
 }
 
 // ---- the seeded directory ---------------------------------------------------------------------

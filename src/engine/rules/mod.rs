@@ -4,4 +4,5 @@ pub mod directory;
 pub mod dkim;
 pub mod limits;
 pub mod quota;
+pub mod sendas;
 pub mod submission;

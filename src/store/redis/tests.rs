@@ -274,7 +274,15 @@ mod cluster {
         let store = RedisStore::open(&url).await.unwrap();
         store.create_org(&org("mpt")).await.unwrap();
         store
-            .create_account(&account("champa@mpt.gov.la", "mpt"))
+            .create_accounts(&[
+                account("champa@mpt.gov.la", "mpt"),
+                account("cabinet@mpt.gov.la", "mpt"),
+            ])
+            .await
+            .unwrap();
+        // The delegation script touches both accounts and both delegation sets at once.
+        store
+            .add_delegate(&addr("cabinet@mpt.gov.la"), &addr("champa@mpt.gov.la"))
             .await
             .unwrap();
         let keys = Keys::new(&prefix);
@@ -285,6 +293,8 @@ mod cluster {
             keys.account("champa@mpt.gov.la"),
             keys.accounts(),
             keys.org_accounts("mpt"),
+            keys.delegates("cabinet@mpt.gov.la"),
+            keys.delegated("champa@mpt.gov.la"),
         ];
         let slots: Vec<i64> = {
             let mut out = Vec::new();
@@ -355,6 +365,21 @@ async fn changes_reach_other_instances(url: &str) {
         reason: None,
         at: 3,
     };
+    // Delegations (R8) are announced as a change of the mailbox; one that changes nothing
+    // is not announced.
+    let (champa, dara) = (addr("champa@mpt.gov.la"), addr("dara@mpt.gov.la"));
+    assert!(a.add_delegate(&champa, &dara).await.unwrap());
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Account(champa.clone())
+    );
+    assert!(!a.add_delegate(&champa, &dara).await.unwrap());
+    assert!(a.remove_delegate(&champa, &dara).await.unwrap());
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Account(champa.clone())
+    );
+    assert!(!a.remove_delegate(&champa, &dara).await.unwrap());
     a.set_org_status("MPT", &cease).await.unwrap();
     assert_eq!(
         next_change(&mut rx).await,

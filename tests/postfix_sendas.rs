@@ -1,0 +1,163 @@
+//! R8 (send-as, Art. 20.4/20.7) through real Postfix. SASL is simulated with Postfix's
+//! XCLIENT (`smtpd_authorized_xclient_hosts = 127.0.0.1`, swaks `--xclient-login`), as a
+//! submission server with real SASL would set `sasl_username` / `{auth_authen}`. The client
+//! is the loopback address, which R11 exempts from TLS by default.
+//!
+//! The directory: champa and bounmy (people), cabinet (a unit mailbox) delegated to champa
+//! with `mailwarden user delegate` (the CLI, against the running daemon).
+//!
+//! Needs root and the Debian packages `postfix` and `swaks` (`.ci/run` installs them).
+
+mod common;
+
+use common::daemon::Mailwarden;
+use common::postfix::{Postfix, Wiring};
+use common::smtp::{Sent, swaks_with};
+
+const CHAMPA: &str = "champa@mpt.gov.la";
+const BOUNMY: &str = "bounmy@mpt.gov.la";
+const CABINET: &str = "cabinet@mpt.gov.la";
+const OUTSIDE: &str = "friend@example.org";
+const EXTRA: &str = "smtpd_authorized_xclient_hosts = 127.0.0.1\nrelay_domains = example.org\n";
+
+fn setup(wiring: impl Fn(&Mailwarden) -> Wiring) -> (Mailwarden, Postfix) {
+    let mw = Mailwarden::start("");
+    mw.cli_ok(
+        "org",
+        &[
+            "add",
+            "mpt",
+            "--name",
+            "Ministry of Posts and Telecommunications",
+        ],
+    );
+    for (address, kind) in [(CHAMPA, "person"), (BOUNMY, "person"), (CABINET, "unit")] {
+        mw.cli_ok(
+            "user",
+            &["add", address, "--kind", kind, "--status", "active"],
+        );
+    }
+    mw.cli_ok("user", &["delegate", CABINET, "--to", CHAMPA]);
+    let pf = Postfix::start_with(wiring(&mw), EXTRA);
+    (mw, pf)
+}
+
+/// A message with envelope sender `from` (and, unless `extra` says otherwise, `From: from`),
+/// logged in as `login`.
+fn send_as(pf: &Postfix, login: &str, from: &str, extra: &[&str]) -> Sent {
+    let mut args = vec!["--xclient-login", login];
+    args.extend_from_slice(extra);
+    swaks_with(&pf.server, from, &[OUTSIDE], &args)
+}
+
+fn r8(mw: &Mailwarden, stage: &str, protocol: &str) -> f64 {
+    mw.sample(
+        "mailwarden_verdicts_total",
+        &[
+            ("rule", "R8"),
+            ("stage", stage),
+            ("outcome", "reject"),
+            ("protocol", protocol),
+        ],
+    )
+}
+
+#[track_caller]
+fn refused_553(sent: &Sent, command: &str, naming: &str) {
+    let reply = sent.expect_reply(command);
+    assert!(
+        reply.starts_with("553 5.7.1 ") && reply.contains(naming),
+        "{reply}\n{}",
+        sent.transcript
+    );
+    assert!(!sent.queued(), "{}", sent.transcript);
+}
+
+/// Own address and delegated mailbox delivered; another person's address refused at MAIL
+/// (the milter answers MAIL itself); someone else's From:, or two From: fields, refused at
+/// the end of DATA.
+#[test]
+fn send_as_through_the_milter() {
+    let (mw, pf) = setup(|mw| Wiring::Milter(mw.bound.milter.clone()));
+
+    let own = send_as(&pf, CHAMPA, CHAMPA, &[]);
+    assert!(own.queued(), "{}", own.transcript);
+    let delegated = send_as(
+        &pf,
+        CHAMPA,
+        CABINET,
+        &["--header", "Sender: champa@mpt.gov.la"],
+    );
+    assert!(delegated.queued(), "{}", delegated.transcript);
+
+    let other = send_as(&pf, CHAMPA, BOUNMY, &[]);
+    refused_553(&other, "MAIL FROM", "<bounmy@mpt.gov.la> is not yours");
+    // A delegation is to one person: bounmy may not send as cabinet.
+    let not_delegated = send_as(&pf, BOUNMY, CABINET, &[]);
+    refused_553(
+        &not_delegated,
+        "MAIL FROM",
+        "<cabinet@mpt.gov.la> is not yours",
+    );
+
+    let forged_from = send_as(
+        &pf,
+        CHAMPA,
+        CHAMPA,
+        &["--header", "From: The Boss <bounmy@mpt.gov.la>"],
+    );
+    refused_553(
+        &forged_from,
+        ".",
+        "From: address <bounmy@mpt.gov.la> is not yours",
+    );
+    let two_froms = send_as(
+        &pf,
+        CHAMPA,
+        CHAMPA,
+        &["--add-header", "From: champa@mpt.gov.la"],
+    );
+    refused_553(&two_froms, ".", "The message has 2 From: header fields");
+
+    // What was accepted arrives; the delegated message with its own From: and Sender:.
+    pf.wait_delivered(&own.tag);
+    let msg = Postfix::message_of(&pf.wait_delivered(&delegated.tag));
+    let text = String::from_utf8_lossy(&msg);
+    assert!(text.contains("From: cabinet@mpt.gov.la"), "{text}");
+    assert_eq!(r8(&mw, "mail", "milter"), 2.0);
+    assert_eq!(r8(&mw, "eom", "milter"), 2.0);
+    // Refused messages never reached the sink.
+    let delivered = pf.deliveries();
+    assert_eq!(delivered.len(), 2);
+    for refused in [&other, &not_delegated, &forged_from, &two_froms] {
+        assert!(
+            !delivered.iter().any(|d| d.text.contains(&refused.tag)),
+            "{}",
+            refused.transcript
+        );
+    }
+}
+
+/// The same envelope verdicts through the policy service (answered at RCPT, Postfix's
+/// `smtpd_delay_reject`); headers are the milter's business.
+#[test]
+fn send_as_through_policy() {
+    let (mw, pf) = setup(|mw| Wiring::Policy(mw.bound.policy.clone()));
+
+    let own = send_as(&pf, CHAMPA, CHAMPA, &[]);
+    assert!(own.queued(), "{}", own.transcript);
+    let delegated = send_as(&pf, CHAMPA, CABINET, &[]);
+    assert!(delegated.queued(), "{}", delegated.transcript);
+    let other = send_as(&pf, CHAMPA, BOUNMY, &[]);
+    refused_553(&other, "RCPT TO", "<bounmy@mpt.gov.la> is not yours");
+
+    pf.wait_delivered(&own.tag);
+    pf.wait_delivered(&delegated.tag);
+    assert_eq!(r8(&mw, "mail", "policy"), 1.0);
+
+    // Ending the delegation takes effect for the next message.
+    mw.cli_ok("user", &["undelegate", CABINET, "--from", CHAMPA]);
+    let after = send_as(&pf, CHAMPA, CABINET, &[]);
+    refused_553(&after, "RCPT TO", "<cabinet@mpt.gov.la> is not yours");
+    assert_eq!(r8(&mw, "mail", "policy"), 2.0);
+}
