@@ -110,12 +110,24 @@ impl Checker {
         r
     }
 
+    /// A successful login (SMTP AUTH, or IMAP/webmail reported by Dovecot) for new-country
+    /// detection (R16). The login names its account as R8 maps it: an address, or a bare name
+    /// with `[rules.R8] login_domain`. Queued, never waited on.
+    pub fn login_seen(&self, login: &str, ip: std::net::IpAddr, via: &str) {
+        let domain = self.snapshot().policy.login_domain.clone();
+        match engine::rules::sendas::login_address(login, domain.as_deref()) {
+            Some(account) => self.alerts.login(&account.to_string(), ip, via),
+            // Counted by the alert service as not an address.
+            None => self.alerts.login(login, ip, via),
+        }
+    }
+
     /// MAIL stage: sender rules.
     pub async fn check_mail(&self, tx: &Transaction) -> Decision {
         let start = Instant::now();
         // R16: an authenticated login feeds new-country detection (queued, never waited on).
         if let (Some(login), Some(ip)) = (tx.sasl_username.as_deref(), tx.client_addr) {
-            self.alerts.login(login, ip, "smtp");
+            self.login_seen(login, ip, "smtp");
         }
         let snap = self.snapshot();
         let sender = tx.sender.as_ref().and_then(|s| s.address());

@@ -1365,7 +1365,7 @@ async fn dovecot_auth_policy(
                 let remote = text("remote").and_then(|r| r.trim().parse().ok());
                 if let (Some(login), Some(ip)) = (text("login"), remote) {
                     let via = text("protocol").unwrap_or("dovecot");
-                    state.checker.alerts.login(login, ip, via);
+                    state.checker.login_seen(login, ip, via);
                 }
             }
         }
