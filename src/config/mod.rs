@@ -5,12 +5,14 @@
 //! mutated again. A reload builds a new one and swaps it in only when it has no errors.
 
 mod dkim;
+mod dns;
 mod listen;
 
 pub(crate) use dkim::is_internal as in_networks;
 pub use dkim::{
     DEFAULT_OVERSIGN_HEADERS, DEFAULT_SIGN_HEADERS, DkimAlgorithm, DkimConfig, DkimKeyConfig,
 };
+pub use dns::{DnsConfig, NameServer};
 pub use listen::ListenAddr;
 
 use crate::model::{Mode, RuleId};
@@ -75,7 +77,10 @@ pub struct Config {
     pub log: LogConfig,
     /// DKIM signing (R6): keys, signed headers, internal networks.
     pub dkim: DkimConfig,
-    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R9`, `R10`, `R11`, `R13`, `R14`).
+    /// The DNS resolver of inbound verification (R7) and `mailwarden dkim check`.
+    pub dns: DnsConfig,
+    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R7`, `R9`, `R10`, `R11`, `R13`,
+    /// `R14`).
     pub rules: BTreeMap<String, RuleTable>,
 }
 
@@ -300,6 +305,15 @@ pub struct RuleTable {
     pub count_on: Option<CountOn>,
     /// R13 only: permanent over-quota replies.
     pub permanent: Option<bool>,
+    /// R7 only: the authserv-id of the `Authentication-Results` header mailwarden adds (and
+    /// whose forged copies it removes). Default: this host's name.
+    pub authserv_id: Option<String>,
+    /// R7 only: what to do when a DNS failure (timeout, SERVFAIL) keeps R7 from deciding:
+    /// `tempfail` (`451 4.4.3`, default) or `accept` (fail open, logged and counted).
+    pub on_dns_error: Option<OnError>,
+    /// R7 only: largest message whose body is kept for DKIM/ARC verification, in bytes
+    /// (default 26214400 = 25 MiB). A larger one is judged without its DKIM signatures.
+    pub max_message_size: Option<u64>,
 }
 
 /// R11's default exemptions: loopback (local programs submitting through `sendmail` or a
@@ -333,10 +347,11 @@ pub enum OnError {
 }
 
 /// Rules this build implements; a `[rules.X]` table for anything else is an error.
-pub const KNOWN_RULES: [RuleId; 8] = [
+pub const KNOWN_RULES: [RuleId; 9] = [
     RuleId::R1,
     RuleId::R2,
     RuleId::R6,
+    RuleId::R7,
     RuleId::R9,
     RuleId::R10,
     RuleId::R11,
@@ -510,6 +525,7 @@ impl Config {
             );
         }
         self.dkim.validate(&mut err);
+        self.dns.validate(&mut err);
         for (name, table) in &self.rules {
             for (key, set, owner) in [
                 ("trusted_networks", table.trusted_networks.is_some(), "R10"),
@@ -543,6 +559,32 @@ impl Config {
                     }
                 }
             }
+            if name != RuleId::R7.as_str() {
+                for (key, set) in [
+                    ("authserv_id", table.authserv_id.is_some()),
+                    ("on_dns_error", table.on_dns_error.is_some()),
+                    ("max_message_size", table.max_message_size.is_some()),
+                ] {
+                    if set {
+                        err(
+                            &format!("rules.{name}.{key}"),
+                            "is an inbound verification key: it belongs in [rules.R7]".into(),
+                        );
+                    }
+                }
+            } else {
+                if let Some(id) = &table.authserv_id {
+                    if !crate::verify::valid_authserv_id(id) {
+                        err(
+                            "rules.R7.authserv_id",
+                            format!("{id:?} is not a host name (letters, digits, '-', '.')"),
+                        );
+                    }
+                }
+                if table.max_message_size == Some(0) {
+                    err("rules.R7.max_message_size", "must be at least 1".into());
+                }
+            }
             if name != RuleId::R13.as_str() && table.permanent.is_some() {
                 err(
                     &format!("rules.{name}.permanent"),
@@ -562,8 +604,16 @@ impl Config {
         errs
     }
 
-    /// The settings of one rule (defaults when the file does not mention it).
+    /// The settings of one rule (defaults when the file does not mention it). R7 is the
+    /// exception: it is off until a `[rules.R7]` table exists, since it needs DNS and asks
+    /// the MTA for every message's content.
     pub fn rule(&self, id: RuleId) -> RuleConfig {
+        if id == RuleId::R7 && !self.rules.contains_key(id.as_str()) {
+            return RuleConfig {
+                mode: Mode::Off,
+                ..RuleConfig::default()
+            };
+        }
         self.rules
             .get(id.as_str())
             .map(|t| RuleConfig {
@@ -577,6 +627,14 @@ impl Config {
                 count_on: t.count_on,
                 permanent: t.permanent,
             })
+            .unwrap_or_default()
+    }
+
+    /// R7's table (all defaults when absent; the rule itself is then off).
+    pub fn r7(&self) -> RuleTable {
+        self.rules
+            .get(RuleId::R7.as_str())
+            .cloned()
             .unwrap_or_default()
     }
 

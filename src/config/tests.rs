@@ -257,3 +257,30 @@ fn sending_limit_keys_belong_to_r14_and_the_example_matches_the_defaults() {
     assert_eq!(shipped, crate::engine::rules::limits::Limits::DEFAULT);
     assert_eq!(c.rule(RuleId::R14).count_on, Some(CountOn::Auto));
 }
+
+#[test]
+fn r7_is_off_until_its_table_exists_and_its_keys_stay_in_it() {
+    assert_eq!(
+        Config::default().rule(RuleId::R7).mode,
+        crate::model::Mode::Off
+    );
+    let c = Config::from_toml("[rules.R7]\n").unwrap();
+    assert_eq!(c.rule(RuleId::R7).mode, crate::model::Mode::Enforce);
+    let errs = Config::from_toml(
+        "[rules.R1]\nauthserv_id = \"mx.example\"\non_dns_error = \"accept\"\n\
+         [rules.R7]\nauthserv_id = \"not a host\"\nmax_message_size = 0\n\
+         [dns]\nnameservers = [\"127.0.0.1:5353\", \"resolver\"]\n",
+    )
+    .unwrap_err();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "dns.nameservers[1]",
+            "rules.R1.authserv_id",
+            "rules.R1.on_dns_error",
+            "rules.R7.authserv_id",
+            "rules.R7.max_message_size"
+        ]
+    );
+}

@@ -4,11 +4,13 @@
 //! with its queue id; it never lets the message through unchecked.
 
 use super::negotiate::Features;
-use super::session::{CallbackError, Session};
+use super::session::{CallbackError, Session, Verifying};
 use crate::checker::Checker;
 use crate::dkim::MessageSigner;
-use crate::model::{Action, Protocol, Reply, Transaction};
+use crate::engine::rules::spoofing::Source;
+use crate::model::{Action, Protocol, Reply, Sender, Transaction};
 use crate::telemetry;
+use crate::verify::{self, Envelope};
 use futures_util::FutureExt as _;
 use indymilter::{
     Actions, Callbacks, Context, ContextActions as _, EomActions, EomContext, NegotiateContext,
@@ -87,18 +89,26 @@ async fn negotiate(
 ) -> Status {
     // The DKIM signer is switched on per connection by the config in force: a reload that
     // adds the first key applies to the MTA's next connection.
-    let features = if s.checker.snapshot().config.dkim.enabled() {
+    let snap = s.checker.snapshot();
+    let mut features = if snap.config.dkim.enabled() {
         s.features.with_dkim()
     } else {
         s.features
     };
+    // Inbound verification (R7) likewise: on for connections negotiated while it is on.
+    let authserv_id = snap.verification.as_ref().map(|v| v.authserv_id.clone());
+    if authserv_id.is_some() {
+        features = features.with_verify();
+    }
     match features.negotiate(mta_actions, mta_opts) {
         Ok(n) => {
             let content = features.headers && features.body;
             cx.requested_actions = n.actions;
             cx.requested_opts = n.opts;
             cx.requested_macros = n.macros;
-            session(&s, &mut cx.data).negotiated(content, n.opts);
+            let sess = session(&s, &mut cx.data);
+            sess.negotiated(content, n.opts);
+            sess.verify_with(authserv_id);
             Status::Continue
         }
         Err(e) => {
@@ -221,8 +231,27 @@ async fn eoh(s: Arc<Shared>, cx: &mut Context<Session>) -> Status {
         Err(e) => return internal_error(sess, &mut cx.reply, "eoh", &e),
     };
     let status = answer(&mut cx.reply, &signing.decision.action, &sess.tx);
-    if status != Status::Continue || signing.keys.is_empty() {
+    if status != Status::Continue {
         return status;
+    }
+    if signing.keys.is_empty() {
+        // Not signed (not outbound, or not ours): inbound mail is verified (R7).
+        if sess.verifies() {
+            match guarded(s.checker.inbound_source(&sess.tx)).await {
+                Ok(Some(Source::Authorised)) | Ok(None) => {}
+                Ok(Some(source)) => {
+                    let max = s
+                        .checker
+                        .snapshot()
+                        .verification
+                        .as_ref()
+                        .map_or(0, |v| v.max_message_size);
+                    sess.start_verifying(source, max);
+                }
+                Err(e) => return internal_error(sess, &mut cx.reply, "eoh", &e),
+            }
+        }
+        return Status::Continue;
     }
     let domain = signing.domain.unwrap_or_default();
     match sess.start_signing(&domain, &signing.keys) {
@@ -248,6 +277,8 @@ async fn eom(s: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {
         failed_message(sess, &mut cx.reply)
     } else if let Some((domain, signer)) = sess.take_signer() {
         sign(&s, sess, &mut cx.reply, &cx.actions, &domain, signer).await
+    } else if let Some(v) = sess.take_verifying() {
+        verify_inbound(&s, sess, &mut cx.reply, &cx.actions, v).await
     } else {
         Status::Continue
     };
@@ -289,6 +320,77 @@ async fn sign(
         domain,
         selectors = %sigs.iter().map(|g| format!("{}({})", g.selector, g.algorithm.as_str())).collect::<Vec<_>>().join(","),
         "DKIM signed"
+    );
+    Status::Continue
+}
+
+/// R7 at end of message: verify (SPF, DKIM, ARC, DMARC), decide, and — when the message
+/// goes on — delete forged `Authentication-Results` claiming our authserv-id and insert ours
+/// at the top (RFC 8601 §5: a receiver removes copies it did not add).
+async fn verify_inbound(
+    s: &Shared,
+    sess: &mut Session,
+    reply: &mut SmtpReply,
+    actions: &EomActions,
+    v: Verifying,
+) -> Status {
+    let snap = s.checker.snapshot();
+    let (Some(cfg), Some(authserv_id)) = (snap.verification.as_ref(), sess.authserv_id()) else {
+        // R7 was switched off by a reload during the message.
+        return Status::Continue;
+    };
+    let authserv_id = authserv_id.to_owned();
+    let forged = match sess.forged_authentication_results() {
+        Ok(f) => f,
+        Err(e) => {
+            return internal_error(sess, reply, "eom", &CallbackError::Internal(e.to_string()));
+        }
+    };
+    let mail_from = match &sess.tx.sender {
+        Some(Sender::Null) => Some(String::new()),
+        Some(Sender::Address(a)) => Some(a.to_string()),
+        _ => None,
+    };
+    let envelope = Envelope {
+        client_ip: sess.tx.client_addr,
+        helo: sess.tx.helo.as_deref(),
+        mail_from: mail_from.as_deref(),
+    };
+    let report = match &cfg.resolver {
+        Some(r) => verify::verify(r, &authserv_id, envelope, &v.message, v.body_kept).await,
+        None => verify::Report::dns_failure(&authserv_id),
+    };
+    drop(v.message);
+    let d = match guarded(s.checker.check_spoofing(&sess.tx, &v.source, &report)).await {
+        Ok(d) => d,
+        Err(e) => return internal_error(sess, reply, "eom", &e),
+    };
+    let status = answer(reply, &d.action, &sess.tx);
+    if status != Status::Continue {
+        return status;
+    }
+    for index in &forged {
+        if let Err(e) = actions
+            .change_header("Authentication-Results", *index, None::<CString>)
+            .await
+        {
+            let e = CallbackError::Internal(format!("cannot delete a forged header: {e}"));
+            return internal_error(sess, reply, "eom", &e);
+        }
+    }
+    let value = sess.inserted_value(&report.milter_value());
+    if let Err(e) = actions
+        .insert_header(0, "Authentication-Results", value)
+        .await
+    {
+        let e = CallbackError::Internal(format!("cannot add Authentication-Results: {e}"));
+        return internal_error(sess, reply, "eom", &e);
+    }
+    tracing::info!(
+        queue_id = sess.tx.queue_id.as_deref().unwrap_or("-"),
+        results = %report.results.iter().map(|(m, r)| format!("{m}={r}")).collect::<Vec<_>>().join(" "),
+        forged_removed = forged.len(),
+        "inbound message verified"
     );
     Status::Continue
 }

@@ -10,6 +10,8 @@ pub enum RuleId {
     R1,
     R2,
     R6,
+    /// Inbound mail claiming a local From without coming through the government system.
+    R7,
     R9,
     R10,
     R11,
@@ -25,6 +27,7 @@ impl RuleId {
             RuleId::R1 => "R1",
             RuleId::R2 => "R2",
             RuleId::R6 => "R6",
+            RuleId::R7 => "R7",
             RuleId::R9 => "R9",
             RuleId::R10 => "R10",
             RuleId::R11 => "R11",

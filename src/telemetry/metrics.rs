@@ -56,6 +56,12 @@ struct DomainLabels {
     domain: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthResultLabels {
+    method: &'static str,
+    result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs … ~3.3 s: the mail path should live in the first buckets.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -77,6 +83,7 @@ pub struct Metrics {
     admin_requests: Family<ResultLabels, Counter>,
     dkim_signed: Family<DkimSignedLabels, Counter>,
     dkim_unsigned_tempfail: Family<DomainLabels, Counter>,
+    auth_results: Family<AuthResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -156,8 +163,15 @@ impl Metrics {
             "Outbound messages of a local domain tempfailed (451 4.7.5) because they could not be signed: no key, or signing failed",
             dkim_unsigned_tempfail.clone(),
         );
+        let auth_results = Family::<AuthResultLabels, Counter>::default();
+        registry.register(
+            "auth_results",
+            "Inbound verification results (R7) by method (spf, dkim, dmarc, arc) and result (pass, fail, softfail, neutral, temperror, permerror, none)",
+            auth_results.clone(),
+        );
         Metrics {
             registry,
+            auth_results,
             dkim_signed,
             dkim_unsigned_tempfail,
             verdicts,
@@ -271,6 +285,13 @@ impl Metrics {
             .get_or_create(&DomainLabels {
                 domain: domain.to_owned(),
             })
+            .inc();
+    }
+
+    /// One inbound verification result (R7); DKIM counts once per signature.
+    pub fn count_auth_result(&self, method: &'static str, result: &'static str) {
+        self.auth_results
+            .get_or_create(&AuthResultLabels { method, result })
             .inc();
     }
 

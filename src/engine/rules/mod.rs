@@ -4,4 +4,5 @@ pub mod directory;
 pub mod dkim;
 pub mod limits;
 pub mod quota;
+pub mod spoofing;
 pub mod submission;
