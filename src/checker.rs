@@ -263,7 +263,12 @@ impl Checker {
         let snap = self.snapshot();
         let dkim = &snap.config.dkim;
         let ring = &dkim.keyring;
-        let mut internal = dkim.is_internal(tx.client_addr);
+        // Internal networks, and R10's trusted networks (the MTA's own submission and webmail
+        // hosts, allowed to relay for every local domain): their mail is outbound.
+        let mut internal = dkim.is_internal(tx.client_addr)
+            || tx
+                .client_addr
+                .is_some_and(|ip| in_networks(&snap.policy.relay_trusted_networks, ip));
         // An authorised relay of the author domain's organisation (R10, Art. 7) submits
         // outbound mail of ours too: it is signed like an internal client's.
         if !internal

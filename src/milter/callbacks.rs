@@ -275,15 +275,44 @@ async fn eom(s: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {
     sess.end_of_message(&cx.macros, measured);
     let status = if sess.message_failed() {
         failed_message(sess, &mut cx.reply)
-    } else if let Some((domain, signer)) = sess.take_signer() {
-        sign(&s, sess, &mut cx.reply, &cx.actions, &domain, signer).await
     } else if let Some(v) = sess.take_verifying() {
         verify_inbound(&s, sess, &mut cx.reply, &cx.actions, v).await
     } else {
-        Status::Continue
+        let status = match sess.take_signer() {
+            Some((domain, signer)) => {
+                sign(&s, sess, &mut cx.reply, &cx.actions, &domain, signer).await
+            }
+            None => Status::Continue,
+        };
+        // Outbound and authorised mail is not verified, but an `Authentication-Results`
+        // claiming our authserv-id is a forgery there too (a local recipient's reader would
+        // trust it): removed from every message while R7 is on. Never signed (not in h=).
+        if status == Status::Continue && sess.verifies() {
+            match remove_forged(sess, &cx.actions).await {
+                Ok(_) => status,
+                Err(e) => internal_error(sess, &mut cx.reply, "eom", &e),
+            }
+        } else {
+            status
+        }
     };
     sess.end_message();
     status
+}
+
+/// Deletes the `Authentication-Results` headers claiming our authserv-id (highest index
+/// first, so the others keep their numbers; an empty value deletes). Returns how many.
+async fn remove_forged(sess: &Session, actions: &EomActions) -> Result<usize, CallbackError> {
+    let forged = sess
+        .forged_authentication_results()
+        .map_err(|e| CallbackError::Internal(e.to_string()))?;
+    for index in &forged {
+        actions
+            .change_header("Authentication-Results", *index, None::<CString>)
+            .await
+            .map_err(|e| CallbackError::Internal(format!("cannot delete a forged header: {e}")))?;
+    }
+    Ok(forged.len())
 }
 
 /// R6 at end of message: finish the signatures and insert them at the top of the header,
@@ -340,12 +369,6 @@ async fn verify_inbound(
         return Status::Continue;
     };
     let authserv_id = authserv_id.to_owned();
-    let forged = match sess.forged_authentication_results() {
-        Ok(f) => f,
-        Err(e) => {
-            return internal_error(sess, reply, "eom", &CallbackError::Internal(e.to_string()));
-        }
-    };
     let mail_from = match &sess.tx.sender {
         Some(Sender::Null) => Some(String::new()),
         Some(Sender::Address(a)) => Some(a.to_string()),
@@ -369,15 +392,10 @@ async fn verify_inbound(
     if status != Status::Continue {
         return status;
     }
-    for index in &forged {
-        if let Err(e) = actions
-            .change_header("Authentication-Results", *index, None::<CString>)
-            .await
-        {
-            let e = CallbackError::Internal(format!("cannot delete a forged header: {e}"));
-            return internal_error(sess, reply, "eom", &e);
-        }
-    }
+    let forged = match remove_forged(sess, actions).await {
+        Ok(n) => n,
+        Err(e) => return internal_error(sess, reply, "eom", &e),
+    };
     let value = sess.inserted_value(&report.milter_value());
     if let Err(e) = actions
         .insert_header(0, "Authentication-Results", value)
@@ -389,7 +407,7 @@ async fn verify_inbound(
     tracing::info!(
         queue_id = sess.tx.queue_id.as_deref().unwrap_or("-"),
         results = %report.results.iter().map(|(m, r)| format!("{m}={r}")).collect::<Vec<_>>().join(" "),
-        forged_removed = forged.len(),
+        forged_removed = forged,
         "inbound message verified"
     );
     Status::Continue

@@ -664,6 +664,63 @@ mod tests {
     }
 
     #[test]
+    fn forged_authentication_results_are_indexed_per_name_highest_first() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.negotiated(true, indymilter::ProtoOpts::empty());
+        s.verify_with(Some("mx.mpt.gov.la".into()));
+        s.mail(&args(&["<a@example.org>"]), &macros(&[])).unwrap();
+        s.header(b"Authentication-Results", b" MX.mpt.gov.la; dkim=pass");
+        s.header(b"Received", b" from x");
+        s.header(b"authentication-results", b" other.example; none");
+        s.header(b"Authentication-Results", b" (c) mx.mpt.gov.la 1; spf=pass");
+        assert_eq!(s.forged_authentication_results(), Ok(vec![3, 1]));
+        s.end_message();
+        assert_eq!(s.forged_authentication_results(), Ok(vec![]));
+    }
+
+    #[test]
+    fn inbound_body_is_kept_once_and_only_up_to_the_limit() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.negotiated(true, indymilter::ProtoOpts::empty());
+        s.verify_with(Some("mx.mpt.gov.la".into()));
+        s.mail(&args(&["<a@example.org>"]), &macros(&[])).unwrap();
+        s.header(b"From", b" a@example.org");
+        // Without a signature the body is not needed: only the header section is kept.
+        s.start_verifying(Source::Outside, 1000);
+        s.body(b"hello\r\n");
+        let v = s.take_verifying().unwrap();
+        assert_eq!(v.message, b"From: a@example.org\r\n\r\n");
+        assert!(!v.body_kept);
+
+        s.end_message();
+        s.mail(&args(&["<a@example.org>"]), &macros(&[])).unwrap();
+        s.header(b"DKIM-Signature", b" v=1; d=example.org");
+        s.header(b"From", b" a@example.org");
+        let head = b"DKIM-Signature: v=1; d=example.org\r\nFrom: a@example.org\r\n\r\n".len();
+        s.start_verifying(Source::Outside, (head + 10) as u64);
+        s.body(b"12345");
+        s.body(b"67890");
+        let v = s.take_verifying().unwrap();
+        assert!(v.body_kept);
+        assert!(v.message.ends_with(b"\r\n\r\n1234567890"));
+
+        // One byte more than the limit: the body copy is dropped, the headers stay.
+        s.end_message();
+        s.mail(&args(&["<a@example.org>"]), &macros(&[])).unwrap();
+        s.header(b"DKIM-Signature", b" v=1; d=example.org");
+        s.header(b"From", b" a@example.org");
+        s.start_verifying(Source::Outside, (head + 10) as u64);
+        s.body(b"12345");
+        s.body(b"678901");
+        s.body(b"more");
+        let v = s.take_verifying().unwrap();
+        assert!(!v.body_kept);
+        assert_eq!(v.message.len(), head);
+    }
+
+    #[test]
     fn values_are_cleaned_for_logs() {
         assert_eq!(clean("  a\r\nb\u{7}c "), Some("abc".into()));
         assert_eq!(clean("\n"), None);
