@@ -3,7 +3,7 @@
 
 use super::Resolver;
 use crate::dkim::SigningKey;
-use mail_auth::{DnsError, Error};
+use mail_auth::hickory_resolver::proto::rr::{Name, RData};
 use std::fmt;
 
 /// The answer for one configured key.
@@ -44,14 +44,47 @@ impl fmt::Display for KeyCheck {
     }
 }
 
-/// Looks up `key`'s record through `resolver` and compares the keys.
+/// Looks up `key`'s record through `resolver` and compares the keys. Each TXT record at the
+/// name is one record (its strings joined); with several, every one must carry the key, since
+/// a verifier may pick any of them.
 pub async fn check_key(resolver: &Resolver, key: &SigningKey) -> KeyCheck {
-    let name = format!("{}._domainkey.{}", key.selector, key.domain);
-    match resolver.auth.txt_raw_lookup(name.as_str()).await {
-        Ok(raw) => compare(&String::from_utf8_lossy(&raw), &key.public_key_b64),
-        Err(Error::Dns(DnsError::RecordNotFound(_))) => KeyCheck::Missing,
+    let name = format!("{}._domainkey.{}.", key.selector, key.domain);
+    let name = match Name::from_str_relaxed(name.as_str()) {
+        Ok(n) => n,
+        Err(e) => return KeyCheck::DnsError(format!("{name} is not a DNS name: {e}")),
+    };
+    match resolver.auth.resolver().txt_lookup(name).await {
+        Ok(lookup) => {
+            let records: Vec<String> = lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|c| String::from_utf8_lossy(c).into_owned())
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .collect();
+            compare_all(&records, &key.public_key_b64)
+        }
+        Err(e) if e.is_no_records_found() => KeyCheck::Missing,
         Err(e) => KeyCheck::DnsError(e.to_string()),
     }
+}
+
+/// [`compare`] over every record published at the name.
+pub fn compare_all(records: &[String], expected: &str) -> KeyCheck {
+    if records.is_empty() {
+        return KeyCheck::Missing;
+    }
+    records
+        .iter()
+        .map(|r| compare(r, expected))
+        .find(|c| !c.is_match())
+        .unwrap_or(KeyCheck::Match)
 }
 
 /// Every configured key of `domain` (only `selector`'s when given), checked through the
@@ -126,5 +159,22 @@ mod tests {
         );
         // `p` must be the tag name, not a suffix of one.
         assert!(!compare("v=DKIM1; xp=ABCD", "ABCD").is_match());
+    }
+
+    #[test]
+    fn every_published_record_must_carry_the_key() {
+        let good = "v=DKIM1; p=ABCD".to_owned();
+        let other = "v=DKIM1; p=WXYZ".to_owned();
+        assert_eq!(
+            compare_all(std::slice::from_ref(&good), "ABCD"),
+            KeyCheck::Match
+        );
+        assert_eq!(
+            compare_all(&[good, other], "ABCD"),
+            KeyCheck::Mismatch {
+                published: "WXYZ".into()
+            }
+        );
+        assert_eq!(compare_all(&[], "ABCD"), KeyCheck::Missing);
     }
 }
