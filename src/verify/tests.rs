@@ -371,3 +371,59 @@ fn authserv_ids_are_host_names() {
     assert!(!valid_authserv_id("a..b"));
     assert!(valid_authserv_id(&host_name()));
 }
+
+/// `message` sealed with one ARC set by `relay.example.org` (selector `arc1`, the fixture
+/// RSA key), as a forwarder would.
+async fn arc_sealed(message: &[u8]) -> Vec<u8> {
+    use mail_auth::{
+        arc::ArcSealer,
+        crypto::{RsaKey, Sha256},
+        headers::HeaderWriter as _,
+    };
+    use rustls_pki_types::{PrivateKeyDer, pem::PemObject as _};
+    let pem = std::fs::read(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/dkim/rsa2048-pkcs1.pem"),
+    )
+    .unwrap();
+    let key = RsaKey::<Sha256>::from_key_der(PrivateKeyDer::from_pem_slice(&pem).unwrap()).unwrap();
+    let sealer = ArcSealer::from_key(key)
+        .domain("relay.example.org")
+        .selector("arc1")
+        .headers(["From", "To", "Subject", "DKIM-Signature"]);
+    let parsed = AuthenticatedMessage::parse(message).unwrap();
+    let chain = resolver().auth.verify_arc(&parsed).await;
+    let results = AuthenticationResults::new("relay.example.org");
+    let set = sealer.seal(&parsed, &results, &chain).unwrap();
+    let mut out = set.to_header().into_bytes();
+    out.extend_from_slice(message);
+    out
+}
+
+#[tokio::test]
+async fn an_arc_chain_is_verified_and_reported() {
+    let key = rsa_key("example.org");
+    let cache = zones(&key_record(&key));
+    cache.key("arc1._domainkey.relay.example.org", &key_record(&key));
+    let msg = arc_sealed(&message("news@example.org", Some(&key))).await;
+    let r = run(
+        &cache,
+        env(CLIENT, "mx.example.org", "news@example.org"),
+        &msg,
+    )
+    .await;
+    assert!(r.results.contains(&("arc", "pass")), "{:?}", r.results);
+    assert!(r.header.contains("arc=pass"), "{}", r.header);
+
+    // The sealed message altered afterwards: the chain no longer validates.
+    let mut broken = msg.clone();
+    let n = broken.len();
+    broken[n - 4] = b'X';
+    let r = run(
+        &cache,
+        env(CLIENT, "mx.example.org", "news@example.org"),
+        &broken,
+    )
+    .await;
+    assert!(!r.results.contains(&("arc", "pass")), "{:?}", r.results);
+}
