@@ -4,16 +4,19 @@
 
 use crate::config::Config;
 use crate::config::CountOn;
+use crate::config::OnError;
 use crate::config::in_networks;
 use crate::dkim::SigningKey;
 use crate::engine::rules::dkim::{self as r6, NotSigned, SigningPlan};
 use crate::engine::rules::limits::{self as r14, Limits};
 use crate::engine::rules::quota as r13;
 use crate::engine::rules::sendas::{self as r8, Identity};
+use crate::engine::rules::spoofing::{self as r7, Source};
 use crate::engine::{self, Lookup, Policy, StoreFailure};
 use crate::model::{Action, Address, Decision, Mode, Protocol, RuleId, Stage, Transaction};
 use crate::store::cache::CachedDirectory;
 use crate::telemetry::{self, Metrics};
+use crate::verify::{Report, Resolver};
 use arc_swap::ArcSwap;
 use std::{sync::Arc, time::Instant};
 
@@ -35,12 +38,53 @@ pub struct Signing {
 pub struct Snapshot {
     pub config: Config,
     pub policy: Policy,
+    /// Inbound verification (R7), when the rule is on.
+    pub verification: Option<Verification>,
 }
+
+/// R7's settings and resolver, built with the snapshot.
+#[derive(Debug, Clone)]
+pub struct Verification {
+    /// `None` when the resolver could not be set up (logged): every check is then a DNS
+    /// failure, and R7's `on_dns_error` decides.
+    pub resolver: Option<Resolver>,
+    /// Lowercase authserv-id of our `Authentication-Results` header.
+    pub authserv_id: String,
+    pub on_dns_error: OnError,
+    /// Largest message whose body is kept for DKIM/ARC.
+    pub max_message_size: u64,
+}
+
+/// R7's default `max_message_size`: 25 MiB.
+pub const DEFAULT_MAX_VERIFY_SIZE: u64 = 25 * 1024 * 1024;
 
 impl Snapshot {
     pub fn new(config: Config) -> Snapshot {
         let policy = Policy::from_config(&config);
-        Snapshot { config, policy }
+        let verification = (policy.rule(RuleId::R7).mode != Mode::Off).then(|| {
+            let table = config.r7();
+            let resolver = match Resolver::new(&config.dns) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::error!("R7: {e}; inbound checks count as DNS failures");
+                    None
+                }
+            };
+            Verification {
+                resolver,
+                authserv_id: table
+                    .authserv_id
+                    .map(|id| id.to_ascii_lowercase())
+                    .unwrap_or_else(crate::verify::host_name),
+                on_dns_error: table.on_dns_error.unwrap_or_default(),
+                max_message_size: table.max_message_size.unwrap_or(DEFAULT_MAX_VERIFY_SIZE),
+            }
+        });
+        Snapshot {
+            config,
+            policy,
+            verification,
+        }
     }
 }
 
@@ -298,7 +342,12 @@ impl Checker {
         let snap = self.snapshot();
         let dkim = &snap.config.dkim;
         let ring = &dkim.keyring;
-        let mut internal = dkim.is_internal(tx.client_addr);
+        // Internal networks, and R10's trusted networks (the MTA's own submission and webmail
+        // hosts, allowed to relay for every local domain): their mail is outbound.
+        let mut internal = dkim.is_internal(tx.client_addr)
+            || tx
+                .client_addr
+                .is_some_and(|ip| in_networks(&snap.policy.relay_trusted_networks, ip));
         // An authorised relay of the author domain's organisation (R10, Art. 7) submits
         // outbound mail of ours too: it is signed like an internal client's.
         if !internal
@@ -393,6 +442,90 @@ impl Checker {
             &d,
             std::time::Duration::ZERO,
         );
+        d
+    }
+
+    /// End of headers (milter), for a message R6 does not sign: where it comes from, for
+    /// R7. `None` when R7 is off. Only a message from [`Source::Outside`] (or unknown) is
+    /// verified: outbound mail (authenticated, internal networks, R10's trusted networks,
+    /// the author organisation's relay networks) never pays for verification.
+    pub async fn inbound_source(&self, tx: &Transaction) -> Option<Source> {
+        let snap = self.snapshot();
+        snap.verification.as_ref()?;
+        if tx.sasl_username.is_some() {
+            return Some(Source::Authorised);
+        }
+        let Some(ip) = tx.client_addr else {
+            return Some(Source::Outside);
+        };
+        if snap.config.dkim.is_internal(Some(ip))
+            || in_networks(&snap.policy.relay_trusted_networks, ip)
+        {
+            return Some(Source::Authorised);
+        }
+        let Some(domain) = tx.author_domain() else {
+            return Some(Source::Outside);
+        };
+        Some(match self.directory.org_by_domain(domain).await {
+            Ok(Some(org)) if in_networks(&org.relay_networks, ip) => Source::Authorised,
+            Ok(_) => Source::Outside,
+            Err(e) => {
+                self.metrics.count_store_error("lookup_author_domain");
+                tracing::warn!(domain, "directory lookup failed: {}", e.0);
+                Source::Unknown(e)
+            }
+        })
+    }
+
+    /// End of message (milter): R7 on a verified inbound message. Counts the verification
+    /// results, looks up whether each header From domain is local, and decides.
+    pub async fn check_spoofing(
+        &self,
+        tx: &Transaction,
+        source: &Source,
+        report: &Report,
+    ) -> Decision {
+        let start = Instant::now();
+        let snap = self.snapshot();
+        for (method, result) in &report.results {
+            self.metrics.count_auth_result(method, result);
+        }
+        let on_dns_error = snap
+            .verification
+            .as_ref()
+            .map_or(OnError::Tempfail, |v| v.on_dns_error);
+        let mut domains: Vec<String> = Vec::new();
+        for a in &tx.header_from {
+            let d = a.domain().to_ascii_lowercase();
+            if !domains.contains(&d) {
+                domains.push(d);
+            }
+        }
+        let mut from_domains = Vec::with_capacity(domains.len());
+        for d in domains {
+            let local = match self.directory.org_by_domain(&d).await {
+                Ok(org) => Ok(org.is_some()),
+                Err(e) => {
+                    self.metrics.count_store_error("lookup_author_domain");
+                    tracing::warn!(domain = d, "directory lookup failed: {}", e.0);
+                    Err(e)
+                }
+            };
+            from_domains.push((d, local));
+        }
+        let d = r7::decide(
+            &snap.policy,
+            on_dns_error,
+            source,
+            &from_domains,
+            &report.evidence,
+        );
+        tracing::debug!(
+            queue_id = tx.queue_id.as_deref().unwrap_or("-"),
+            results = %report.results.iter().map(|(m, r)| format!("{m}={r}")).collect::<Vec<_>>().join(" "),
+            "inbound verification"
+        );
+        telemetry::record_decision(&self.metrics, tx, Stage::EndOfMessage, &d, start.elapsed());
         d
     }
 }

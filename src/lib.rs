@@ -15,6 +15,8 @@
 //! - [`telemetry`]: logging setup, decision events, Prometheus metrics.
 //! - [`alerts`]: owner alerts (R16): signed webhook, new-country login detection (GeoIP).
 //! - [`admin`]: the admin HTTP API (and `/metrics`), the audit log, and the CLI client.
+//! - [`verify`]: inbound verification (R7): SPF, DKIM, DMARC, ARC and the
+//!   `Authentication-Results` header, with the configured DNS resolver.
 //! - [`daemon`]: binds listeners and runs everything until shutdown; used by `main` and tests.
 
 #![forbid(unsafe_code)]
@@ -33,5 +35,6 @@ pub mod net;
 pub mod policy;
 pub mod store;
 pub mod telemetry;
+pub mod verify;
 
 pub use daemon::{Control, Daemon};

@@ -43,7 +43,8 @@ enum Command {
     /// Benchmark the policy and milter front-ends on the embedded store (build with --release):
     /// starts a daemon, loads it, reports rate, p50/p99 latency and the daemon's CPU per check.
     Bench(bench::BenchArgs),
-    /// DKIM keys (R6): generate a signing key and the DNS record that publishes it.
+    /// DKIM keys (R6): generate a signing key and the DNS record that publishes it; check the
+    /// published record against the configured key.
     Dkim {
         #[command(subcommand)]
         command: DkimCommand,
@@ -83,6 +84,18 @@ enum DkimCommand {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Look up the published key record of each configured key of DOMAIN (through the
+    /// resolver of [dns]) and compare it with the key: match, mismatch, missing or DNS
+    /// error. Exits 0 only when every key checked matches.
+    Check {
+        /// Signing domain, e.g. mpt.gov.la.
+        domain: String,
+        /// Check only this selector (default: every configured key of the domain).
+        #[arg(long)]
+        selector: Option<String>,
+        #[arg(long, short, default_value = "/etc/mailwarden/mailwarden.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -91,8 +104,47 @@ enum KeyAlgorithm {
     Ed25519,
 }
 
-fn dkim(command: DkimCommand) -> i32 {
+async fn dkim(command: DkimCommand) -> i32 {
     match command {
+        DkimCommand::Check {
+            domain,
+            selector,
+            config,
+        } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return EXIT_CONFIG;
+                }
+            };
+            match mailwarden::verify::check::check_domain(&config, &domain, selector.as_deref())
+                .await
+            {
+                Ok(results) => {
+                    let mut all = true;
+                    for (key, result) in &results {
+                        println!(
+                            "{}._domainkey.{} ({}): {result}",
+                            key.selector,
+                            key.domain,
+                            key.algorithm.as_str()
+                        );
+                        if !result.is_match() {
+                            all = false;
+                            if !matches!(result, mailwarden::verify::check::KeyCheck::DnsError(_)) {
+                                println!("{}", key.dns_record());
+                            }
+                        }
+                    }
+                    if all { 0 } else { 1 }
+                }
+                Err(e) => {
+                    eprintln!("mailwarden dkim check: {e}");
+                    1
+                }
+            }
+        }
         DkimCommand::Keygen {
             domain,
             selector,
@@ -164,7 +216,7 @@ fn main() -> ExitCode {
                     1
                 }
             },
-            Command::Dkim { command } => dkim(command),
+            Command::Dkim { command } => dkim(command).await,
             Command::Org { client, command } => cli::org(&client, command).await,
             Command::User { client, command } => cli::user(&client, command).await,
         }

@@ -6,6 +6,7 @@
 
 mod alerts;
 mod dkim;
+mod dns;
 mod listen;
 
 pub use alerts::AlertsConfig;
@@ -13,6 +14,7 @@ pub(crate) use dkim::is_internal as in_networks;
 pub use dkim::{
     DEFAULT_OVERSIGN_HEADERS, DEFAULT_SIGN_HEADERS, DkimAlgorithm, DkimConfig, DkimKeyConfig,
 };
+pub use dns::{DnsConfig, NameServer};
 pub use listen::ListenAddr;
 
 use crate::model::{Mode, RuleId};
@@ -79,7 +81,9 @@ pub struct Config {
     pub dkim: DkimConfig,
     /// Owner alerts (R16): webhook and new-country login detection.
     pub alerts: AlertsConfig,
-    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R8`, `R9`, `R10`, `R11`, `R13`,
+    /// The DNS resolver of inbound verification (R7) and `mailwarden dkim check`.
+    pub dns: DnsConfig,
+    /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R7`, `R8`, `R9`, `R10`, `R11`,
     /// `R14`).
     pub rules: BTreeMap<String, RuleTable>,
 }
@@ -311,6 +315,15 @@ pub struct RuleTable {
     /// R8 only: the domain a SASL login without `@` belongs to (`champa` → `champa@DOMAIN`).
     /// Unset: such a login is no account and may send as nobody.
     pub login_domain: Option<String>,
+    /// R7 only: the authserv-id of the `Authentication-Results` header mailwarden adds (and
+    /// whose forged copies it removes). Default: this host's name.
+    pub authserv_id: Option<String>,
+    /// R7 only: what to do when a DNS failure (timeout, SERVFAIL) keeps R7 from deciding:
+    /// `tempfail` (`451 4.4.3`, default) or `accept` (fail open, logged and counted).
+    pub on_dns_error: Option<OnError>,
+    /// R7 only: largest message whose body is kept for DKIM/ARC verification, in bytes
+    /// (default 26214400 = 25 MiB). A larger one is judged without its DKIM signatures.
+    pub max_message_size: Option<u64>,
 }
 
 /// R11's default exemptions: loopback (local programs submitting through `sendmail` or a
@@ -344,10 +357,11 @@ pub enum OnError {
 }
 
 /// Rules this build implements; a `[rules.X]` table for anything else is an error.
-pub const KNOWN_RULES: [RuleId; 9] = [
+pub const KNOWN_RULES: [RuleId; 10] = [
     RuleId::R1,
     RuleId::R2,
     RuleId::R6,
+    RuleId::R7,
     RuleId::R8,
     RuleId::R9,
     RuleId::R10,
@@ -523,6 +537,7 @@ impl Config {
         }
         self.dkim.validate(&mut err);
         self.alerts.validate(&mut err);
+        self.dns.validate(&mut err);
         for (name, table) in &self.rules {
             for (key, set, owner) in [
                 ("trusted_networks", table.trusted_networks.is_some(), "R10"),
@@ -573,6 +588,32 @@ impl Config {
                 }
                 _ => {}
             }
+            if name != RuleId::R7.as_str() {
+                for (key, set) in [
+                    ("authserv_id", table.authserv_id.is_some()),
+                    ("on_dns_error", table.on_dns_error.is_some()),
+                    ("max_message_size", table.max_message_size.is_some()),
+                ] {
+                    if set {
+                        err(
+                            &format!("rules.{name}.{key}"),
+                            "is an inbound verification key: it belongs in [rules.R7]".into(),
+                        );
+                    }
+                }
+            } else {
+                if let Some(id) = &table.authserv_id {
+                    if !crate::verify::valid_authserv_id(id) {
+                        err(
+                            "rules.R7.authserv_id",
+                            format!("{id:?} is not a host name (letters, digits, '-', '.')"),
+                        );
+                    }
+                }
+                if table.max_message_size == Some(0) {
+                    err("rules.R7.max_message_size", "must be at least 1".into());
+                }
+            }
             if name != RuleId::R13.as_str() && table.permanent.is_some() {
                 err(
                     &format!("rules.{name}.permanent"),
@@ -592,8 +633,16 @@ impl Config {
         errs
     }
 
-    /// The settings of one rule (defaults when the file does not mention it).
+    /// The settings of one rule (defaults when the file does not mention it). R7 is the
+    /// exception: it is off until a `[rules.R7]` table exists, since it needs DNS and asks
+    /// the MTA for every message's content.
     pub fn rule(&self, id: RuleId) -> RuleConfig {
+        if id == RuleId::R7 && !self.rules.contains_key(id.as_str()) {
+            return RuleConfig {
+                mode: Mode::Off,
+                ..RuleConfig::default()
+            };
+        }
         self.rules
             .get(id.as_str())
             .map(|t| RuleConfig {
@@ -607,6 +656,14 @@ impl Config {
                 count_on: t.count_on,
                 permanent: t.permanent,
             })
+            .unwrap_or_default()
+    }
+
+    /// R7's table (all defaults when absent; the rule itself is then off).
+    pub fn r7(&self) -> RuleTable {
+        self.rules
+            .get(RuleId::R7.as_str())
+            .cloned()
             .unwrap_or_default()
     }
 

@@ -274,3 +274,30 @@ fn login_domain_belongs_to_r8_and_must_be_a_domain() {
     let errs = Config::from_toml("[rules.R8]\nlogin_domain = \"\"\n").unwrap_err();
     assert_eq!(errs[0].key, "rules.R8.login_domain");
 }
+
+#[test]
+fn r7_is_off_until_its_table_exists_and_its_keys_stay_in_it() {
+    assert_eq!(
+        Config::default().rule(RuleId::R7).mode,
+        crate::model::Mode::Off
+    );
+    let c = Config::from_toml("[rules.R7]\n").unwrap();
+    assert_eq!(c.rule(RuleId::R7).mode, crate::model::Mode::Enforce);
+    let errs = Config::from_toml(
+        "[rules.R1]\nauthserv_id = \"mx.example\"\non_dns_error = \"accept\"\n\
+         [rules.R7]\nauthserv_id = \"not a host\"\nmax_message_size = 0\n\
+         [dns]\nnameservers = [\"127.0.0.1:5353\", \"resolver\"]\n",
+    )
+    .unwrap_err();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "dns.nameservers[1]",
+            "rules.R1.authserv_id",
+            "rules.R1.on_dns_error",
+            "rules.R7.authserv_id",
+            "rules.R7.max_message_size"
+        ]
+    );
+}

@@ -4,11 +4,13 @@
 //! with its queue id; it never lets the message through unchecked.
 
 use super::negotiate::Features;
-use super::session::{CallbackError, Session};
+use super::session::{CallbackError, Session, Verifying};
 use crate::checker::Checker;
 use crate::dkim::MessageSigner;
-use crate::model::{Action, Mode, Protocol, Reply, RuleId, Transaction};
+use crate::engine::rules::spoofing::Source;
+use crate::model::{Action, Mode, Protocol, Reply, RuleId, Sender, Transaction};
 use crate::telemetry;
+use crate::verify::{self, Envelope};
 use futures_util::FutureExt as _;
 use indymilter::{
     Actions, Callbacks, Context, ContextActions as _, EomActions, EomContext, NegotiateContext,
@@ -85,8 +87,8 @@ async fn negotiate(
     mta_actions: Actions,
     mta_opts: ProtoOpts,
 ) -> Status {
-    // The DKIM signer and send-as (R8) are switched on per connection by the config in
-    // force: a reload applies to the MTA's next connection.
+    // The DKIM signer, send-as (R8) and inbound verification (R7) are switched on per
+    // connection by the config in force: a reload applies to the MTA's next connection.
     let snap = s.checker.snapshot();
     let mut features = s.features;
     if snap.config.dkim.enabled() {
@@ -95,13 +97,19 @@ async fn negotiate(
     if snap.policy.rule(RuleId::R8).mode != Mode::Off {
         features = features.with_headers();
     }
+    let authserv_id = snap.verification.as_ref().map(|v| v.authserv_id.clone());
+    if authserv_id.is_some() {
+        features = features.with_verify();
+    }
     match features.negotiate(mta_actions, mta_opts) {
         Ok(n) => {
             let content = features.headers && features.body;
             cx.requested_actions = n.actions;
             cx.requested_opts = n.opts;
             cx.requested_macros = n.macros;
-            session(&s, &mut cx.data).negotiated(features.headers, content, n.opts);
+            let sess = session(&s, &mut cx.data);
+            sess.negotiated(features.headers, content, n.opts);
+            sess.verify_with(authserv_id);
             Status::Continue
         }
         Err(e) => {
@@ -233,8 +241,27 @@ async fn eoh(s: Arc<Shared>, cx: &mut Context<Session>) -> Status {
         Err(e) => return internal_error(sess, &mut cx.reply, "eoh", &e),
     };
     let status = answer(&mut cx.reply, &signing.decision.action, &sess.tx);
-    if status != Status::Continue || signing.keys.is_empty() {
+    if status != Status::Continue {
         return status;
+    }
+    if signing.keys.is_empty() {
+        // Not signed (not outbound, or not ours): inbound mail is verified (R7).
+        if sess.verifies() {
+            match guarded(s.checker.inbound_source(&sess.tx)).await {
+                Ok(Some(Source::Authorised)) | Ok(None) => {}
+                Ok(Some(source)) => {
+                    let max = s
+                        .checker
+                        .snapshot()
+                        .verification
+                        .as_ref()
+                        .map_or(0, |v| v.max_message_size);
+                    sess.start_verifying(source, max);
+                }
+                Err(e) => return internal_error(sess, &mut cx.reply, "eoh", &e),
+            }
+        }
+        return Status::Continue;
     }
     let domain = signing.domain.unwrap_or_default();
     match sess.start_signing(&domain, &signing.keys) {
@@ -258,13 +285,44 @@ async fn eom(s: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {
     sess.end_of_message(&cx.macros, measured);
     let status = if sess.message_failed() {
         failed_message(sess, &mut cx.reply)
-    } else if let Some((domain, signer)) = sess.take_signer() {
-        sign(&s, sess, &mut cx.reply, &cx.actions, &domain, signer).await
+    } else if let Some(v) = sess.take_verifying() {
+        verify_inbound(&s, sess, &mut cx.reply, &cx.actions, v).await
     } else {
-        Status::Continue
+        let status = match sess.take_signer() {
+            Some((domain, signer)) => {
+                sign(&s, sess, &mut cx.reply, &cx.actions, &domain, signer).await
+            }
+            None => Status::Continue,
+        };
+        // Outbound and authorised mail is not verified, but an `Authentication-Results`
+        // claiming our authserv-id is a forgery there too (a local recipient's reader would
+        // trust it): removed from every message while R7 is on. Never signed (not in h=).
+        if status == Status::Continue && sess.verifies() {
+            match remove_forged(sess, &cx.actions).await {
+                Ok(_) => status,
+                Err(e) => internal_error(sess, &mut cx.reply, "eom", &e),
+            }
+        } else {
+            status
+        }
     };
     sess.end_message();
     status
+}
+
+/// Deletes the `Authentication-Results` headers claiming our authserv-id (highest index
+/// first, so the others keep their numbers; an empty value deletes). Returns how many.
+async fn remove_forged(sess: &Session, actions: &EomActions) -> Result<usize, CallbackError> {
+    let forged = sess
+        .forged_authentication_results()
+        .map_err(|e| CallbackError::Internal(e.to_string()))?;
+    for index in &forged {
+        actions
+            .change_header("Authentication-Results", *index, None::<CString>)
+            .await
+            .map_err(|e| CallbackError::Internal(format!("cannot delete a forged header: {e}")))?;
+    }
+    Ok(forged.len())
 }
 
 /// R6 at end of message: finish the signatures and insert them at the top of the header,
@@ -301,6 +359,66 @@ async fn sign(
         domain,
         selectors = %sigs.iter().map(|g| format!("{}({})", g.selector, g.algorithm.as_str())).collect::<Vec<_>>().join(","),
         "DKIM signed"
+    );
+    Status::Continue
+}
+
+/// R7 at end of message: verify (SPF, DKIM, ARC, DMARC), decide, and — when the message
+/// goes on — delete forged `Authentication-Results` claiming our authserv-id and insert ours
+/// at the top (RFC 8601 §5: a receiver removes copies it did not add).
+async fn verify_inbound(
+    s: &Shared,
+    sess: &mut Session,
+    reply: &mut SmtpReply,
+    actions: &EomActions,
+    v: Verifying,
+) -> Status {
+    let snap = s.checker.snapshot();
+    let (Some(cfg), Some(authserv_id)) = (snap.verification.as_ref(), sess.authserv_id()) else {
+        // R7 was switched off by a reload during the message.
+        return Status::Continue;
+    };
+    let authserv_id = authserv_id.to_owned();
+    let mail_from = match &sess.tx.sender {
+        Some(Sender::Null) => Some(String::new()),
+        Some(Sender::Address(a)) => Some(a.to_string()),
+        _ => None,
+    };
+    let envelope = Envelope {
+        client_ip: sess.tx.client_addr,
+        helo: sess.tx.helo.as_deref(),
+        mail_from: mail_from.as_deref(),
+    };
+    let report = match &cfg.resolver {
+        Some(r) => verify::verify(r, &authserv_id, envelope, &v.message, v.body_kept).await,
+        None => verify::Report::dns_failure(&authserv_id),
+    };
+    drop(v.message);
+    let d = match guarded(s.checker.check_spoofing(&sess.tx, &v.source, &report)).await {
+        Ok(d) => d,
+        Err(e) => return internal_error(sess, reply, "eom", &e),
+    };
+    let status = answer(reply, &d.action, &sess.tx);
+    if status != Status::Continue {
+        return status;
+    }
+    let forged = match remove_forged(sess, actions).await {
+        Ok(n) => n,
+        Err(e) => return internal_error(sess, reply, "eom", &e),
+    };
+    let value = sess.inserted_value(&report.milter_value());
+    if let Err(e) = actions
+        .insert_header(0, "Authentication-Results", value)
+        .await
+    {
+        let e = CallbackError::Internal(format!("cannot add Authentication-Results: {e}"));
+        return internal_error(sess, reply, "eom", &e);
+    }
+    tracing::info!(
+        queue_id = sess.tx.queue_id.as_deref().unwrap_or("-"),
+        results = %report.results.iter().map(|(m, r)| format!("{m}={r}")).collect::<Vec<_>>().join(" "),
+        forged_removed = forged,
+        "inbound message verified"
     );
     Status::Continue
 }

@@ -74,6 +74,19 @@ impl Features {
         }
     }
 
+    /// What inbound verification (R7) needs on top: CONNECT and HELO (SPF checks the HELO
+    /// name and the client address), every header and the body (DKIM, DMARC, ARC), and the
+    /// actions to add our `Authentication-Results` (`ADD_HEADER`) and to delete forged ones
+    /// claiming our authserv-id (`CHANGE_HEADER`, an empty value deletes).
+    pub fn with_verify(self) -> Features {
+        Features {
+            actions: self.actions | Actions::ADD_HEADER | Actions::CHANGE_HEADER,
+            headers: true,
+            body: true,
+            connect_helo: true,
+        }
+    }
+
     /// Answers the MTA's offer of actions and protocol options.
     ///
     /// indymilter starts `requested_actions` as everything the MTA offered; this assigns the
@@ -285,6 +298,37 @@ mod tests {
             Features::default().with_headers().with_dkim(),
             Features::default().with_dkim()
         );
+    }
+
+    #[test]
+    fn verification_asks_for_connect_helo_content_and_header_changes() {
+        let n = Features::default()
+            .with_verify()
+            .negotiate(postfix_actions(), ProtoOpts::all())
+            .unwrap();
+        assert_eq!(
+            n.actions,
+            Actions::ADD_HEADER | Actions::CHANGE_HEADER | Actions::REQUEST_MACROS
+        );
+        for stage in [
+            ProtoOpts::NO_CONNECT,
+            ProtoOpts::NO_HELO,
+            ProtoOpts::NO_HEADER,
+            ProtoOpts::NO_EOH,
+            ProtoOpts::NO_BODY,
+        ] {
+            assert!(!n.opts.contains(stage), "{stage:?} skipped");
+        }
+        // Signing and verification together ask for the union.
+        assert_eq!(
+            Features::default().with_dkim().with_verify(),
+            Features::default().with_verify()
+        );
+        let err = Features::default()
+            .with_verify()
+            .negotiate(Actions::ADD_HEADER, ProtoOpts::all())
+            .unwrap_err();
+        assert_eq!(err.missing, Actions::CHANGE_HEADER);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! here: the checker decides, this only records what the MTA said.
 
 use crate::dkim::{MessageSigner, SigningKey, signer::append_header};
+use crate::engine::rules::spoofing::Source;
 use crate::model::{Address, HeaderAddresses, Protocol, Sender, Transaction};
 use crate::telemetry::ConnectionGuard;
 use std::{ffi::CStr, net::IpAddr, sync::Arc};
@@ -34,6 +35,10 @@ pub const MAX_HEADER_BLOCK: usize = 256 * 1024;
 /// Most `From:` (and, separately, `Sender:`) addresses kept per message (R6 uses the first;
 /// R8 wants exactly one).
 const MAX_FROM_ADDRESSES: usize = 64;
+
+/// Most forged `Authentication-Results` headers (claiming our authserv-id) remembered for
+/// deletion; a message with more is tempfailed rather than delivered with one left in.
+pub const MAX_FORGED_AR: usize = 1024;
 
 /// Longest macro or HELO value kept (longer values are cut, never rejected: they are for logs
 /// and matching, and the MTA already enforces its own limits).
@@ -77,7 +82,35 @@ pub struct Session {
     header_overflow: bool,
     /// Signing in progress: the signing domain and its signer.
     signing: Option<(String, MessageSigner)>,
+    /// Our authserv-id when R7 is on for this connection (lowercase).
+    authserv_id: Option<String>,
+    /// `Authentication-Results` headers seen in this message so far.
+    ar_seen: i32,
+    /// Their indices (1-based, per RFC/milter `CHGHEADER` counting) of those claiming
+    /// our authserv-id.
+    forged_ar: Vec<i32>,
+    /// More than [`MAX_FORGED_AR`] forged headers.
+    forged_overflow: bool,
+    /// A `DKIM-Signature` or `ARC-Message-Signature` header was seen: the body is needed.
+    has_signatures: bool,
+    /// Inbound verification in progress (R7).
+    verifying: Option<Verifying>,
     _open: ConnectionGuard,
+}
+
+/// An inbound message being collected for verification (R7): the header section, the
+/// empty line and — only when it carries signatures and stays under the size limit — the
+/// body. This is the one copy of the message mailwarden holds.
+#[derive(Debug)]
+pub struct Verifying {
+    pub source: Source,
+    /// The message in wire form (CRLF line ends).
+    pub message: Vec<u8>,
+    /// The body is in `message` (signatures to check, and under `max`).
+    pub body_kept: bool,
+    /// Length of the header section and the empty line in `message`.
+    header_len: usize,
+    max: u64,
 }
 
 impl Session {
@@ -96,6 +129,12 @@ impl Session {
             header_block: Vec::new(),
             header_overflow: false,
             signing: None,
+            authserv_id: None,
+            ar_seen: 0,
+            forged_ar: Vec::new(),
+            forged_overflow: false,
+            has_signatures: false,
+            verifying: None,
             _open: open,
         }
     }
@@ -108,6 +147,21 @@ impl Session {
         self.leading_space = opts.contains(indymilter::ProtoOpts::LEADING_SPACE);
         self.noreply_header = opts.contains(indymilter::ProtoOpts::NOREPLY_HEADER);
         self.noreply_body = opts.contains(indymilter::ProtoOpts::NOREPLY_BODY);
+    }
+
+    /// R7 is on for this connection, with `authserv_id` (forged copies are recognised by it).
+    pub fn verify_with(&mut self, authserv_id: Option<String>) {
+        self.authserv_id = authserv_id;
+    }
+
+    /// Whether R7 verifies inbound mail on this connection.
+    pub fn verifies(&self) -> bool {
+        self.authserv_id.is_some() && self.content
+    }
+
+    /// Our authserv-id, when R7 is on for this connection.
+    pub fn authserv_id(&self) -> Option<&str> {
+        self.authserv_id.as_deref()
     }
 
     /// The status for a header callback: no reply at all when the MTA agreed to that.
@@ -261,6 +315,9 @@ impl Session {
                 header_mailboxes(b"Sender", value),
             );
         }
+        if self.authserv_id.is_some() {
+            self.authentication_header(name, value);
+        }
         if self.content && !self.header_overflow {
             if self.header_block.len() + name.len() + value.len() + 8 > MAX_HEADER_BLOCK {
                 self.header_overflow = true;
@@ -269,6 +326,61 @@ impl Session {
                 append_header(&mut self.header_block, name, value);
             }
         }
+    }
+
+    /// R7's view of one header: forged `Authentication-Results` and signatures.
+    fn authentication_header(&mut self, name: &[u8], value: &[u8]) {
+        if name.eq_ignore_ascii_case(b"Authentication-Results") {
+            self.ar_seen = self.ar_seen.saturating_add(1);
+            let ours = self.authserv_id.as_deref();
+            if crate::verify::authserv_id_of(value).as_deref() == ours {
+                if self.forged_ar.len() < MAX_FORGED_AR {
+                    self.forged_ar.push(self.ar_seen);
+                } else {
+                    self.forged_overflow = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"DKIM-Signature")
+            || name.eq_ignore_ascii_case(b"ARC-Message-Signature")
+        {
+            self.has_signatures = true;
+        }
+    }
+
+    /// End of headers, the message is inbound (R7 verifies it): moves the kept header
+    /// section into the verification buffer; the body follows when the message carries
+    /// signatures and stays under `max` bytes.
+    pub fn start_verifying(&mut self, source: Source, max: u64) {
+        // A header section larger than MAX_HEADER_BLOCK was not kept: the message is then
+        // judged on SPF alone (it cannot be parsed for DKIM or DMARC).
+        let header_lost = self.header_overflow;
+        let mut message = std::mem::take(&mut self.header_block);
+        if !header_lost {
+            message.extend_from_slice(b"\r\n");
+        }
+        self.verifying = Some(Verifying {
+            source,
+            header_len: message.len(),
+            message,
+            body_kept: self.has_signatures && !header_lost,
+            max,
+        });
+    }
+
+    /// The verification state, at end of message (`None` when not verified).
+    pub fn take_verifying(&mut self) -> Option<Verifying> {
+        self.verifying.take()
+    }
+
+    /// The forged `Authentication-Results` to delete, highest index first (deleting one
+    /// never renumbers those still to delete); `Err` when there were too many to remember.
+    pub fn forged_authentication_results(&self) -> Result<Vec<i32>, TooManyForgedHeaders> {
+        if self.forged_overflow {
+            return Err(TooManyForgedHeaders);
+        }
+        let mut v = self.forged_ar.clone();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(v)
     }
 
     /// End of headers, the message is to be signed with `keys` for `domain`: starts the
@@ -309,6 +421,16 @@ impl Session {
         if let Some((_, signer)) = self.signing.as_mut() {
             signer.body(chunk);
         }
+        if let Some(v) = self.verifying.as_mut().filter(|v| v.body_kept) {
+            if (v.message.len() + chunk.len()) as u64 > v.max {
+                // Too large to keep: judged without DKIM/ARC; the body copy is dropped.
+                v.body_kept = false;
+                v.message.truncate(v.header_len);
+                v.message.shrink_to_fit();
+            } else {
+                v.message.extend_from_slice(chunk);
+            }
+        }
     }
 
     /// End of message: the measured size replaces the declared one when it was measured.
@@ -332,6 +454,11 @@ impl Session {
         self.header_block = Vec::new();
         self.header_overflow = false;
         self.signing = None;
+        self.ar_seen = 0;
+        self.forged_ar = Vec::new();
+        self.forged_overflow = false;
+        self.has_signatures = false;
+        self.verifying = None;
     }
 
     pub fn fail_message(&mut self) {
@@ -348,6 +475,11 @@ impl Session {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("header section larger than {MAX_HEADER_BLOCK} bytes cannot be signed")]
 pub struct HeaderTooLarge;
+
+/// More forged `Authentication-Results` headers than [`MAX_FORGED_AR`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("more than {MAX_FORGED_AR} forged Authentication-Results headers")]
+pub struct TooManyForgedHeaders;
 
 /// Counts one more field of a header name and keeps its mailboxes (bounded).
 fn keep(h: &mut HeaderAddresses, mailboxes: Vec<Sender>) {
@@ -643,6 +775,63 @@ mod tests {
         s.end_message();
         assert_eq!(s.tx.from_fields, HeaderAddresses::default());
         assert_eq!(s.tx.sender_fields, HeaderAddresses::default());
+    }
+
+    #[test]
+    fn forged_authentication_results_are_indexed_per_name_highest_first() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.negotiated(true, true, indymilter::ProtoOpts::empty());
+        s.verify_with(Some("mx.mpt.gov.la".into()));
+        s.mail(&args(&["<a@example.org>"]), &macros(&[])).unwrap();
+        s.header(b"Authentication-Results", b" MX.mpt.gov.la; dkim=pass");
+        s.header(b"Received", b" from x");
+        s.header(b"authentication-results", b" other.example; none");
+        s.header(b"Authentication-Results", b" (c) mx.mpt.gov.la 1; spf=pass");
+        assert_eq!(s.forged_authentication_results(), Ok(vec![3, 1]));
+        s.end_message();
+        assert_eq!(s.forged_authentication_results(), Ok(vec![]));
+    }
+
+    #[test]
+    fn inbound_body_is_kept_once_and_only_up_to_the_limit() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.negotiated(true, true, indymilter::ProtoOpts::empty());
+        s.verify_with(Some("mx.mpt.gov.la".into()));
+        s.mail(&args(&["<a@example.org>"]), &macros(&[])).unwrap();
+        s.header(b"From", b" a@example.org");
+        // Without a signature the body is not needed: only the header section is kept.
+        s.start_verifying(Source::Outside, 1000);
+        s.body(b"hello\r\n");
+        let v = s.take_verifying().unwrap();
+        assert_eq!(v.message, b"From: a@example.org\r\n\r\n");
+        assert!(!v.body_kept);
+
+        s.end_message();
+        s.mail(&args(&["<a@example.org>"]), &macros(&[])).unwrap();
+        s.header(b"DKIM-Signature", b" v=1; d=example.org");
+        s.header(b"From", b" a@example.org");
+        let head = b"DKIM-Signature: v=1; d=example.org\r\nFrom: a@example.org\r\n\r\n".len();
+        s.start_verifying(Source::Outside, (head + 10) as u64);
+        s.body(b"12345");
+        s.body(b"67890");
+        let v = s.take_verifying().unwrap();
+        assert!(v.body_kept);
+        assert!(v.message.ends_with(b"\r\n\r\n1234567890"));
+
+        // One byte more than the limit: the body copy is dropped, the headers stay.
+        s.end_message();
+        s.mail(&args(&["<a@example.org>"]), &macros(&[])).unwrap();
+        s.header(b"DKIM-Signature", b" v=1; d=example.org");
+        s.header(b"From", b" a@example.org");
+        s.start_verifying(Source::Outside, (head + 10) as u64);
+        s.body(b"12345");
+        s.body(b"678901");
+        s.body(b"more");
+        let v = s.take_verifying().unwrap();
+        assert!(!v.body_kept);
+        assert_eq!(v.message.len(), head);
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub enum RuleId {
     R1,
     R2,
     R6,
+    /// Inbound mail claiming a local From without coming through the government system.
+    R7,
     /// Send-as (Art. 20.4, 20.7): an authenticated sender uses only its own or delegated addresses.
     R8,
     R9,
@@ -27,6 +29,7 @@ impl RuleId {
             RuleId::R1 => "R1",
             RuleId::R2 => "R2",
             RuleId::R6 => "R6",
+            RuleId::R7 => "R7",
             RuleId::R8 => "R8",
             RuleId::R9 => "R9",
             RuleId::R10 => "R10",

@@ -56,6 +56,12 @@ struct DomainLabels {
     domain: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthResultLabels {
+    method: &'static str,
+    result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs … ~3.3 s: the mail path should live in the first buckets.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -79,6 +85,7 @@ pub struct Metrics {
     dkim_unsigned_tempfail: Family<DomainLabels, Counter>,
     /// Owner alerts (R16): alerts by kind and outcome, GeoIP lookups, queue depths.
     pub alerts: crate::alerts::AlertMetrics,
+    auth_results: Family<AuthResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -159,9 +166,16 @@ impl Metrics {
             dkim_unsigned_tempfail.clone(),
         );
         let alerts = crate::alerts::AlertMetrics::register(&mut registry);
+        let auth_results = Family::<AuthResultLabels, Counter>::default();
+        registry.register(
+            "auth_results",
+            "Inbound verification results (R7) by method (spf, dkim, dmarc, arc) and result (pass, fail, softfail, neutral, temperror, permerror, none)",
+            auth_results.clone(),
+        );
         Metrics {
             alerts,
             registry,
+            auth_results,
             dkim_signed,
             dkim_unsigned_tempfail,
             verdicts,
@@ -296,6 +310,13 @@ impl Metrics {
             "Time per store call (one round trip, two when retried)",
             stats.latency,
         );
+    }
+
+    /// One inbound verification result (R7); DKIM counts once per signature.
+    pub fn count_auth_result(&self, method: &'static str, result: &'static str) {
+        self.auth_results
+            .get_or_create(&AuthResultLabels { method, result })
+            .inc();
     }
 
     /// OpenMetrics text for `/metrics`.

@@ -46,8 +46,8 @@ pub fn record_decision(
         match o.kind {
             "fail_open" => tracing::warn!(
                 rule = o.rule.as_str(), stage = stage.as_str(), protocol = protocol.as_str(),
-                queue_id, client = %client, subject = %o.subject,
-                "store unavailable; rule configured to fail open, mail accepted"
+                queue_id, client = %client, subject = %o.subject, reply = %o.reply,
+                "a service the rule needs is unavailable (store, or DNS for R7); rule configured to fail open, mail accepted"
             ),
             kind => tracing::info!(
                 rule = o.rule.as_str(), stage = stage.as_str(), protocol = protocol.as_str(),

@@ -12,6 +12,7 @@
 
 pub mod daemon;
 pub mod dkim;
+pub mod dns;
 pub mod milter;
 pub mod mmdb;
 pub mod postfix;

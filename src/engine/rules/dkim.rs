@@ -6,7 +6,8 @@
 //! header From, else envelope sender) is an organisation domain in the directory, **and** the
 //! client authenticated (SASL) or is in `dkim.internal_networks`. Mail from outside claiming
 //! a local From is R7's business (verification), not signed here. A client in the author
-//! organisation's relay networks (R10) counts as internal (the checker decides that).
+//! organisation's relay networks or in `[rules.R10] trusted_networks` counts as internal (the
+//! checker decides that).
 //!
 //! RFC 3463 / RFC 7372: X.7.5 "cryptographic failure" — the system cannot produce the
 //! signature the policy requires.

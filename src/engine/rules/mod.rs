@@ -5,4 +5,5 @@ pub mod dkim;
 pub mod limits;
 pub mod quota;
 pub mod sendas;
+pub mod spoofing;
 pub mod submission;
