@@ -102,6 +102,17 @@ pub enum OrgCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Set the organisation's default storage quota in bytes (R13), or `none` to remove
+    /// it: the quota of its accounts that have none of their own.
+    #[command(after_help = EXIT_CODES)]
+    Quota {
+        code: String,
+        /// Bytes (e.g. 5368709120 for 5 GiB), or `none`.
+        bytes: String,
+        /// Why (written to the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -269,10 +280,34 @@ pub async fn org(client: &ClientArgs, cmd: OrgCommand) -> i32 {
                 };
                 Ok((v, Shape::Relays))
             }
+            OrgCommand::Quota {
+                code,
+                bytes,
+                reason,
+            } => {
+                let body = json!({ "bytes": quota_bytes(&bytes)?, "reason": reason });
+                let v = api
+                    .call(Method::POST, &["v1", "orgs", &code, "quota"], Some(body))
+                    .await?;
+                Ok((v, Shape::Org))
+            }
         }
     }
     .await;
     finish(client.json, res)
+}
+
+/// A quota argument: a number of bytes, or `none`.
+fn quota_bytes(arg: &str) -> Result<Option<u64>, Fail> {
+    match arg {
+        "none" => Ok(None),
+        b => b.parse().map(Some).map_err(|_| {
+            Fail::new(
+                EXIT_USAGE,
+                format!("{b:?} is not a number of bytes (or none)"),
+            )
+        }),
+    }
 }
 
 /// Runs a `user` subcommand; returns the process exit code.
@@ -354,16 +389,7 @@ pub async fn user(client: &ClientArgs, cmd: UserCommand) -> i32 {
                 bytes,
                 reason,
             } => {
-                let bytes: Option<u64> = match bytes.as_str() {
-                    "none" => None,
-                    b => Some(b.parse().map_err(|_| {
-                        Fail::new(
-                            EXIT_USAGE,
-                            format!("{b:?} is not a number of bytes (or none)"),
-                        )
-                    })?),
-                };
-                let body = json!({ "bytes": bytes, "reason": reason });
+                let body = json!({ "bytes": quota_bytes(&bytes)?, "reason": reason });
                 let v = change(&address, "quota", body).await?;
                 Ok((v, Shape::User))
             }
@@ -459,7 +485,7 @@ fn s(v: &Value, k: &str) -> String {
     }
 }
 
-const ORG_FIELDS: [&str; 8] = [
+const ORG_FIELDS: [&str; 9] = [
     "code",
     "name",
     "domain",
@@ -468,8 +494,9 @@ const ORG_FIELDS: [&str; 8] = [
     "created_at",
     "status_changed_at",
     "relay_networks",
+    "default_quota_bytes",
 ];
-const USER_FIELDS: [&str; 10] = [
+const USER_FIELDS: [&str; 12] = [
     "address",
     "org",
     "kind",
@@ -479,6 +506,8 @@ const USER_FIELDS: [&str; 10] = [
     "created_at",
     "status_changed_at",
     "quota_bytes",
+    "effective_quota_bytes",
+    "usage_bytes",
     "bulk",
 ];
 

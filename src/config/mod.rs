@@ -273,10 +273,14 @@ pub struct RuleConfig {
     pub recipients_per_hour: Option<u64>,
     /// R14: most accepted recipients per account per UTC day (0: no limit).
     pub recipients_per_day: Option<u64>,
-    /// R14: which front-end counts (a message seen by both must be counted once).
+    /// R14 (sending counters) and R13 (delivered sizes): which front-end counts (a message
+    /// seen by both must be counted once).
     pub count_on: Option<CountOn>,
     /// R13: refuse over-quota recipients with `552 5.2.2` instead of `452 4.2.2`.
     pub permanent: Option<bool>,
+    /// R13: add each accepted message's size to the usage of its recipients that have a
+    /// quota (default `true`).
+    pub count_deliveries: Option<bool>,
 }
 
 /// One `[rules.Rn]` table as written in the file: the common switches plus the few
@@ -297,9 +301,12 @@ pub struct RuleTable {
     pub messages_per_day: Option<u64>,
     pub recipients_per_hour: Option<u64>,
     pub recipients_per_day: Option<u64>,
+    /// R14 and R13: which front-end counts.
     pub count_on: Option<CountOn>,
     /// R13 only: permanent over-quota replies.
     pub permanent: Option<bool>,
+    /// R13 only: count delivered sizes into the usage.
+    pub count_deliveries: Option<bool>,
 }
 
 /// R11's default exemptions: loopback (local programs submitting through `sendmail` or a
@@ -531,7 +538,6 @@ impl Config {
                 ("messages_per_day", table.messages_per_day.is_some()),
                 ("recipients_per_hour", table.recipients_per_hour.is_some()),
                 ("recipients_per_day", table.recipients_per_day.is_some()),
-                ("count_on", table.count_on.is_some()),
             ];
             if name != RuleId::R14.as_str() {
                 for (key, set) in r14_keys {
@@ -547,6 +553,21 @@ impl Config {
                 err(
                     &format!("rules.{name}.permanent"),
                     "is the quota reply's kind: it belongs in [rules.R13]".into(),
+                );
+            }
+            if name != RuleId::R13.as_str() && table.count_deliveries.is_some() {
+                err(
+                    &format!("rules.{name}.count_deliveries"),
+                    "is about mailbox usage: it belongs in [rules.R13]".into(),
+                );
+            }
+            if name != RuleId::R13.as_str()
+                && name != RuleId::R14.as_str()
+                && table.count_on.is_some()
+            {
+                err(
+                    &format!("rules.{name}.count_on"),
+                    "says which front-end counts: only [rules.R13] and [rules.R14] count".into(),
                 );
             }
             if !KNOWN_RULES.iter().any(|r| r.as_str() == name) {
@@ -576,6 +597,7 @@ impl Config {
                 recipients_per_day: t.recipients_per_day,
                 count_on: t.count_on,
                 permanent: t.permanent,
+                count_deliveries: t.count_deliveries,
             })
             .unwrap_or_default()
     }

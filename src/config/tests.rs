@@ -257,3 +257,21 @@ fn sending_limit_keys_belong_to_r14_and_the_example_matches_the_defaults() {
     assert_eq!(shipped, crate::engine::rules::limits::Limits::DEFAULT);
     assert_eq!(c.rule(RuleId::R14).count_on, Some(CountOn::Auto));
 }
+
+#[test]
+fn quota_keys_belong_to_r13_and_count_on_to_the_counting_rules() {
+    let c = Config::from_toml(
+        "[rules.R13]\ncount_deliveries = false\ncount_on = \"milter\"\npermanent = true\n",
+    )
+    .unwrap();
+    let r13 = c.rule(RuleId::R13);
+    assert_eq!(r13.count_deliveries, Some(false));
+    assert_eq!(r13.count_on, Some(CountOn::Milter));
+    let errs = Config::from_toml("[rules.R14]\ncount_deliveries = true\n").unwrap_err();
+    assert_eq!(errs[0].key, "rules.R14.count_deliveries", "{errs:?}");
+    assert!(errs[0].reason.contains("[rules.R13]"), "{errs:?}");
+    let errs = Config::from_toml("[rules.R1]\ncount_on = \"policy\"\n").unwrap_err();
+    assert_eq!(errs[0].key, "rules.R1.count_on", "{errs:?}");
+    let errs = Config::from_toml("[rules.R13]\ncount_deliveries = \"yes\"\n").unwrap_err();
+    assert!(errs[0].reason.contains("count_deliveries"), "{errs:?}");
+}

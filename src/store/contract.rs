@@ -74,6 +74,9 @@ macro_rules! store_contract_tests {
             counters_are_per_account_and_reset,
             concurrent_takes_from_two_instances_stop_at_exactly_the_limit,
             quota_and_usage_roundtrip,
+            org_default_quota_roundtrip,
+            add_usage_accumulates_and_reports_replace_it,
+            concurrent_add_usage_from_two_instances_loses_nothing,
         );
     };
     (@each $harness:path; $($check:ident),+ $(,)?) => {
@@ -1122,4 +1125,79 @@ pub async fn quota_and_usage_roundtrip(h: Harness) {
         "the latest report wins"
     );
     assert_eq!(h.store.usage(&addr("kham@mpt.gov.la")).await.unwrap(), None);
+}
+
+pub async fn org_default_quota_roundtrip(h: Harness) {
+    with_orgs(&*h.store, &["mpt"]).await;
+    let (before, after) = h.store.set_org_quota("MPT", Some(5 << 30)).await.unwrap();
+    assert_eq!(before, org("mpt"));
+    assert_eq!(
+        after,
+        Org {
+            default_quota_bytes: Some(5 << 30),
+            ..org("mpt")
+        }
+    );
+    assert_eq!(h.peer.get_org("mpt").await.unwrap(), Some(after.clone()));
+    assert_eq!(
+        h.peer.get_org_by_domain("mpt.gov.la").await.unwrap(),
+        Some(after.clone())
+    );
+    assert_eq!(h.peer.list_orgs().await.unwrap(), vec![after.clone()]);
+    // Other changes keep it.
+    let change = StatusChange {
+        status: OrgStatus::Ceased,
+        reason: None,
+        at: 5,
+    };
+    let (_, ceased) = h.store.set_org_status("mpt", &change).await.unwrap();
+    assert_eq!(ceased.default_quota_bytes, Some(5 << 30));
+    let (before, removed) = h.store.set_org_quota("mpt", None).await.unwrap();
+    assert_eq!(before.default_quota_bytes, Some(5 << 30));
+    assert_eq!(removed.default_quota_bytes, None);
+    assert_eq!(h.peer.get_org("mpt").await.unwrap(), Some(removed));
+    assert_not_found(
+        h.store.set_org_quota("mof", Some(1)).await,
+        "organisation",
+        "mof",
+    );
+    // Registered with a default: stored as given.
+    let mof = Org {
+        default_quota_bytes: Some(0),
+        ..org("mof")
+    };
+    h.store.create_org(&mof).await.unwrap();
+    assert_eq!(h.peer.get_org("mof").await.unwrap(), Some(mof));
+}
+
+pub async fn add_usage_accumulates_and_reports_replace_it(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    // Never reported: counting starts from 0.
+    assert_eq!(h.store.add_usage(&a, 1000).await.unwrap(), 1000);
+    assert_eq!(h.peer.add_usage(&a, 24).await.unwrap(), 1024);
+    assert_eq!(h.store.usage(&a).await.unwrap(), Some(1024));
+    // The mailbox server's report replaces the sum (deleted mail is corrected for).
+    h.peer.set_usage(&a, 100, NOW).await.unwrap();
+    assert_eq!(h.store.usage(&a).await.unwrap(), Some(100));
+    assert_eq!(h.store.add_usage(&a, 5).await.unwrap(), 105);
+    assert_eq!(h.peer.usage(&a).await.unwrap(), Some(105));
+    assert_eq!(h.store.usage(&addr("kham@mpt.gov.la")).await.unwrap(), None);
+}
+
+pub async fn concurrent_add_usage_from_two_instances_loses_nothing(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    let mut tasks = Vec::new();
+    for i in 0..40u64 {
+        let s = if i % 2 == 0 {
+            h.store.clone()
+        } else {
+            h.peer.clone()
+        };
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move { s.add_usage(&a, 10).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(h.store.usage(&a).await.unwrap(), Some(400));
 }

@@ -136,6 +136,17 @@ pub trait Store: Send + Sync + 'static {
     fn stats(&self) -> Option<StoreStats> {
         None
     }
+
+    /// Sets (or with `None` removes) an organisation's default storage quota in bytes (R13:
+    /// the quota of its accounts that have none of their own); returns (before, after).
+    /// `NotFound` if unknown. Announced on the change feed like other organisation changes.
+    async fn set_org_quota(&self, code: &str, quota_bytes: Option<u64>) -> StoreResult<(Org, Org)>;
+
+    /// Adds `bytes` to an account's mailbox usage (R13: mailwarden counting a delivered
+    /// message); an account without a reported usage starts from 0. Atomic against other
+    /// instances and against the mailbox server's reports ([`Store::set_usage`]: the next
+    /// report replaces the sum). Returns the usage after the addition.
+    async fn add_usage(&self, address: &Address, bytes: u64) -> StoreResult<u64>;
 }
 
 /// Round-trip statistics of a networked store, shared with the metrics registry (the

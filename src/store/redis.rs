@@ -21,7 +21,7 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `P:{dir}:org:<code>` | hash | one organisation (field `relays`: R10's networks, space-separated; absent when none) |
+//! | `P:{dir}:org:<code>` | hash | one organisation (field `relays`: R10's networks, space-separated; `default_quota_bytes`: R13's default; each absent when none) |
 //! | `P:{dir}:dom:<domain>` | string | the code of the organisation owning `<domain>` |
 //! | `P:{dir}:orgs` | sorted set | every code, score 0 (so ordered by code, bytewise) |
 //! | `P:{dir}:acct:<address>` | hash | one account |
@@ -36,9 +36,10 @@
 //! | `P:{acct:<address>}:rate:<measure>:<window>:<start>` | string | a count, e.g. `mw:{acct:champa@mpt.gov.la}:rate:messages:hour:1796421600` |
 //!
 //! `<start>` is the window's start (Unix seconds); a key expires one window after its
-//! window ends, so old windows clean themselves up. The mailbox usage its mailbox server
-//! reported (R13) is `P:usage:<address>/quota/storage`, a decimal byte count (plain SET/GET:
-//! the last report wins). That is the key Dovecot's `quota_clone` plugin writes with
+//! window ends, so old windows clean themselves up. The mailbox usage (R13) is
+//! `P:usage:<address>/quota/storage`, a decimal byte count: a report of the mailbox server
+//! SETs it (the last report wins), a delivery counted by mailwarden INCRBYs it (atomic, so
+//! instances counting at once lose nothing; a missing key counts from 0). That is the key Dovecot's `quota_clone` plugin writes with
 //! `quota_clone_dict = redis:...:prefix=P:usage:` (its redis dict stores the private key
 //! `priv/quota/storage` of user U as `<prefix>U/quota/storage`), so Dovecot can report usage
 //! straight into the store; it is read with a single GET, so it needs no hash tag.
@@ -78,8 +79,9 @@
 //!   not retried after a broken connection: it may have run, and a tempfailed recipient
 //!   that was counted anyway errs on the safe side (never a count lost, at worst one
 //!   recipient counted that the client will send again).
-//! - `set_field`: like `set_status`, for one field: the bulk permission (`bulk`, `1` or
-//!   absent) and the quota (`quota_bytes`, absent for none).
+//! - `set_field`: like `set_status`, for one field: an account's bulk permission (`bulk`,
+//!   `1` or absent) and quota (`quota_bytes`, absent for none), an organisation's default
+//!   quota (`default_quota_bytes`), each announced like any change of that record.
 //! - `get_org_by_domain`, `taken_locals`: read-only (`flags=no-writes`) scripts, one round
 //!   trip and one consistent view each.
 //!
@@ -315,10 +317,30 @@ impl RedisStore {
     ) -> StoreResult<(Account, Account)> {
         let address = address.to_string();
         let key = self.keys.account(&address);
+        let (before, after) = self
+            .set_record_field(
+                ("account", address.clone(), key),
+                format!("acct:{address}"),
+                field,
+                value,
+            )
+            .await?;
+        Ok((before.account()?, after.account()?))
+    }
+
+    /// Sets (`Some`) or removes (`None`) one field of the record `key` (an account or an
+    /// organisation, `what` `name` in errors), announcing `announce` on the change feed.
+    async fn set_record_field(
+        &self,
+        (what, name, key): (&'static str, String, String),
+        announce: String,
+        field: &str,
+        value: Option<String>,
+    ) -> StoreResult<(Record, Record)> {
         let mut inv = SET_FIELD.prepare_invoke();
         inv.key(&key)
             .arg(self.keys.changes())
-            .arg(format!("acct:{address}"))
+            .arg(announce)
             .arg(VERSION)
             .arg(field)
             .arg(if value.is_some() { "1" } else { "0" })
@@ -335,18 +357,12 @@ impl RedisStore {
             ("ok", 3) => {
                 let after: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
                 let before: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
-                Ok((
-                    Record::new(key.clone(), before).account()?,
-                    Record::new(key, after).account()?,
-                ))
+                Ok((Record::new(key.clone(), before), Record::new(key, after)))
             }
-            ("notfound", _) => Err(StoreError::NotFound {
-                what: "account",
-                name: address,
-            }),
+            ("notfound", _) => Err(StoreError::NotFound { what, name }),
             ("corrupt", 2) => {
                 let detail: String = decode(parts.pop().unwrap_or_default(), &key)?;
-                Err(StoreError::Corrupt(format!("account {address}: {detail}")))
+                Err(StoreError::Corrupt(format!("{what} {name}: {detail}")))
             }
             _ => Err(StoreError::Corrupt(format!(
                 "{key}: unexpected script reply {tag:?}"
@@ -586,7 +602,8 @@ return {'ok'}
     )
 });
 
-/// KEYS: the account record. ARGV: change channel, announcement, encoding version, field,
+/// KEYS: the record (an account or an organisation). ARGV: change channel, announcement,
+/// encoding version, field,
 /// '1' to set it to the value that follows or '0' to remove it, the value.
 /// Returns {'ok', before, after}, {'notfound'} or {'corrupt', detail}.
 static SET_FIELD: LazyLock<Script> = LazyLock::new(|| {
@@ -651,6 +668,9 @@ fn org_fields(o: &Org) -> Vec<(&'static str, String)> {
     let relays = changed_relays(&o.relay_networks, &[], &[]);
     if !relays.is_empty() {
         f.push(("relays", networks_text(&relays)));
+    }
+    if let Some(q) = o.default_quota_bytes {
+        f.push(("default_quota_bytes", q.to_string()));
     }
     f
 }
@@ -750,18 +770,24 @@ impl Record {
                     .collect::<Result<_, _>>()
                     .map_err(|e| self.corrupt("relays", format!("{text:?}: {e}")))?,
             },
+            default_quota_bytes: self.opt_bytes("default_quota_bytes")?,
         })
+    }
+
+    /// An optional decimal byte count.
+    fn opt_bytes(&mut self, field: &str) -> StoreResult<Option<u64>> {
+        match self.opt(field) {
+            None => Ok(None),
+            Some(q) => q
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|e| self.corrupt(field, format!("{q:?}: {e}"))),
+        }
     }
 
     fn account(mut self) -> StoreResult<Account> {
         self.check_version()?;
-        let quota_bytes = match self.opt("quota_bytes") {
-            None => None,
-            Some(q) => Some(
-                q.parse::<u64>()
-                    .map_err(|e| self.corrupt("quota_bytes", format!("{q:?}: {e}")))?,
-            ),
-        };
+        let quota_bytes = self.opt_bytes("quota_bytes")?;
         let bulk = match self.opt("bulk").as_deref() {
             None => false,
             Some("1") => true,
@@ -1270,6 +1296,44 @@ impl Store for RedisStore {
 
     fn stats(&self) -> Option<StoreStats> {
         Some(self.stats.clone())
+    }
+
+    async fn set_org_quota(&self, code: &str, quota_bytes: Option<u64>) -> StoreResult<(Org, Org)> {
+        let code = norm(code);
+        let key = self.keys.org(&code);
+        let (before, after) = self
+            .set_record_field(
+                ("organisation", code.clone(), key),
+                format!("org:{code}"),
+                "default_quota_bytes",
+                quota_bytes.map(|q| q.to_string()),
+            )
+            .await?;
+        Ok((before.org()?, after.org()?))
+    }
+
+    async fn add_usage(&self, address: &Address, bytes: u64) -> StoreResult<u64> {
+        // The key Dovecot's quota_clone writes (a decimal string, which INCRBY takes): one
+        // atomic command. Not retried: an INCRBY whose connection broke may have run.
+        let key = self.keys.usage(&address.to_string());
+        let bytes = i64::try_from(bytes).map_err(|_| {
+            StoreError::Corrupt(format!("delivered size {bytes} for {address} is too large"))
+        })?;
+        let v = self
+            .call(
+                Call::Cmd(::redis::cmd("INCRBY").arg(&key).arg(bytes)),
+                false,
+            )
+            .await
+            .map_err(|e| match e {
+                // INCRBY refuses a value that is not an integer (or would overflow).
+                StoreError::Unavailable(m) if m.contains("not an integer") => {
+                    StoreError::Corrupt(format!("{key}: {m}"))
+                }
+                e => e,
+            })?;
+        let after: i64 = decode(v, &key)?;
+        u64::try_from(after).map_err(|_| StoreError::Corrupt(format!("{key} holds {after}")))
     }
 }
 

@@ -112,6 +112,12 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 9 (numbered for the merge; the integrator renumbers): R13's organisation default quota,
+    // the quota of the organisation's accounts that have none of their own (NULL: none).
+    r#"
+    ALTER TABLE orgs ADD COLUMN default_quota_bytes INTEGER
+        CHECK (default_quota_bytes IS NULL OR default_quota_bytes >= 0);
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -362,8 +368,8 @@ where
     }
 }
 
-const ORG_COLUMNS: &str =
-    "code, name, domain, status, status_reason, created_at, status_changed_at, relay_networks";
+const ORG_COLUMNS: &str = "code, name, domain, status, status_reason, created_at, \
+                           status_changed_at, relay_networks, default_quota_bytes";
 const ACCOUNT_COLUMNS: &str = "address, org, kind, status, status_reason, display_name, \
                                created_at, status_changed_at, quota_bytes, bulk";
 
@@ -378,6 +384,31 @@ fn org_from_row(r: &Row<'_>) -> rusqlite::Result<Org> {
         status_changed_at: r.get(6)?,
         relay_networks: parse_networks(&r.get::<_, String>(7)?)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(7, Type::Text, e.into()))?,
+        default_quota_bytes: bytes_column(r, 8, "default_quota_bytes")?,
+    })
+}
+
+/// A nullable byte count (a quota): never negative.
+fn bytes_column(r: &Row<'_>, i: usize, name: &str) -> rusqlite::Result<Option<u64>> {
+    match r.get::<_, Option<i64>>(i)? {
+        None => Ok(None),
+        Some(q) => u64::try_from(q).map(Some).map_err(|_| {
+            rusqlite::Error::FromSqlConversionFailure(
+                i,
+                Type::Integer,
+                format!("{name} {q} is negative").into(),
+            )
+        }),
+    }
+}
+
+/// A byte count as SQLite stores it (at most `i64::MAX`).
+fn stored_bytes(bytes: u64, what: &dyn Display) -> StoreResult<i64> {
+    i64::try_from(bytes).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "{what} {bytes} is larger than the store can hold ({})",
+            i64::MAX
+        ))
     })
 }
 
@@ -517,11 +548,15 @@ impl Store for SqliteStore {
             domain: norm(&org.domain),
             ..org.clone()
         };
+        let default_quota = org
+            .default_quota_bytes
+            .map(|q| stored_bytes(q, &format_args!("default_quota_bytes of {}", org.code)))
+            .transpose()?;
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let result = tx.execute(
                 &format!(
-                    "INSERT INTO orgs ({ORG_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                    "INSERT INTO orgs ({ORG_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
                 ),
                 params![
                     org.code,
@@ -532,6 +567,7 @@ impl Store for SqliteStore {
                     org.created_at,
                     org.status_changed_at,
                     networks_text(&changed_relays(&org.relay_networks, &[], &[])),
+                    default_quota,
                 ],
             );
             if let Err(e) = result {
@@ -883,6 +919,51 @@ impl Store for SqliteStore {
 
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    async fn set_org_quota(&self, code: &str, quota_bytes: Option<u64>) -> StoreResult<(Org, Org)> {
+        let code = norm(code);
+        let quota = quota_bytes
+            .map(|q| stored_bytes(q, &format_args!("default_quota_bytes of {code}")))
+            .transpose()?;
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(before) = select_org(&tx, "code", &code)? else {
+                return Err(StoreError::NotFound {
+                    what: "organisation",
+                    name: code,
+                });
+            };
+            tx.execute(
+                "UPDATE orgs SET default_quota_bytes = ?1 WHERE code = ?2",
+                params![quota, code],
+            )?;
+            let after = select_org(&tx, "code", &code)?
+                .ok_or_else(|| StoreError::Corrupt(format!("organisation {code} vanished")))?;
+            tx.commit()?;
+            Ok((before, after))
+        })
+        .await
+    }
+
+    async fn add_usage(&self, address: &Address, bytes: u64) -> StoreResult<u64> {
+        let address = address.to_string();
+        let bytes = stored_bytes(bytes, &format_args!("delivered size for {address}"))?;
+        let now = chrono::Utc::now().timestamp();
+        self.write(move |c| {
+            // One statement: atomic against other processes sharing the file. A row the
+            // mailbox server wrote keeps its `updated_at` (the time of its last report).
+            let after: i64 = c
+                .prepare_cached(
+                    "INSERT INTO mailbox_usage (account, bytes, updated_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (account) DO UPDATE SET bytes = bytes + excluded.bytes \
+                     RETURNING bytes",
+                )?
+                .query_row(params![address, bytes, now], |r| r.get(0))?;
+            u64::try_from(after)
+                .map_err(|_| StoreError::Corrupt(format!("usage of {address} is {after}")))
+        })
+        .await
     }
 }
 

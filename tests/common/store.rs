@@ -154,6 +154,14 @@ impl Store for TestStore {
         self.up()?;
         self.inner.usage(address).await
     }
+    async fn set_org_quota(&self, code: &str, quota_bytes: Option<u64>) -> StoreResult<(Org, Org)> {
+        self.up()?;
+        self.inner.set_org_quota(code, quota_bytes).await
+    }
+    async fn add_usage(&self, address: &Address, bytes: u64) -> StoreResult<u64> {
+        self.up()?;
+        self.inner.add_usage(address, bytes).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;
         self.inner.ping().await
@@ -176,6 +184,7 @@ pub fn org(code: &str, status: OrgStatus) -> Org {
         created_at: 0,
         status_changed_at: 0,
         relay_networks: Vec::new(),
+        default_quota_bytes: None,
     }
 }
 

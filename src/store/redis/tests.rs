@@ -360,9 +360,17 @@ async fn changes_reach_other_instances(url: &str) {
         next_change(&mut rx).await,
         DirectoryChange::Org("mpt".into())
     );
+    a.set_org_quota("mpt", Some(1 << 30)).await.unwrap();
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Org("mpt".into())
+    );
+    // Usage is metering, not a directory change: not announced.
+    a.add_usage(&addr("champa@mpt.gov.la"), 10).await.unwrap();
 
     // Refused: nothing announced, so the next announcement is the one after.
     assert!(a.create_org(&org("mpt")).await.is_err());
+    assert!(a.set_org_quota("nope", Some(1)).await.is_err());
     assert!(
         a.create_account(&account("champa@mpt.gov.la", "mpt"))
             .await
