@@ -345,23 +345,41 @@ impl Checker {
             return d;
         }
         let takes = r14::takes(&limits, tx.rcpts_accepted);
+        let org_takes = r14::org_takes(&limits, tx.rcpts_accepted);
+        let org = facts
+            .org
+            .as_ref()
+            .map(|o| o.code.as_str())
+            .unwrap_or_default();
         let store = self.directory.store();
-        let outcome =
-            match tokio::time::timeout(snap.config.store.timeout, store.take(&sender, &takes, now))
-                .await
-            {
-                Ok(Ok(o)) => Ok(o),
-                Ok(Err(e)) => Err(StoreFailure(e.to_string())),
-                Err(_) => Err(StoreFailure(format!(
-                    "no answer within {:?}",
-                    snap.config.store.timeout
-                ))),
-            };
-        if let Err(e) = &outcome {
+        let timeout = snap.config.store.timeout;
+        let no_answer = || StoreFailure(format!("no answer within {timeout:?}"));
+        if org_takes.is_empty() {
+            // No organisation limits: the account's counters only (one script).
+            let outcome =
+                match tokio::time::timeout(timeout, store.take(&sender, &takes, now)).await {
+                    Ok(Ok(o)) => Ok(o),
+                    Ok(Err(e)) => Err(StoreFailure(e.to_string())),
+                    Err(_) => Err(no_answer()),
+                };
+            self.log_take_failure(&sender, outcome.as_ref().err());
+            return r14::decide(policy, &sender, &outcome, now);
+        }
+        let joint = store.take_with_org(&sender, &takes, org, &org_takes, now);
+        let outcome = match tokio::time::timeout(timeout, joint).await {
+            Ok(Ok(o)) => Ok(o),
+            Ok(Err(e)) => Err(StoreFailure(e.to_string())),
+            Err(_) => Err(no_answer()),
+        };
+        self.log_take_failure(&sender, outcome.as_ref().err());
+        r14::decide_joint(policy, &sender, org, &outcome, now)
+    }
+
+    fn log_take_failure(&self, sender: &Address, failure: Option<&StoreFailure>) {
+        if let Some(e) = failure {
             self.metrics.count_store_error("take_limits");
             tracing::warn!(address = %sender, "sending counters unavailable: {}", e.0);
         }
-        r14::decide(policy, &sender, &outcome, now)
     }
 
     /// End of headers (milter): whether and with which keys to sign (R6). Looks up the

@@ -273,6 +273,15 @@ pub struct RuleConfig {
     pub recipients_per_hour: Option<u64>,
     /// R14: most accepted recipients per account per UTC day (0: no limit).
     pub recipients_per_day: Option<u64>,
+    /// R14: most messages per organisation per UTC hour (0 or absent: none, and nothing is
+    /// counted per organisation).
+    pub org_messages_per_hour: Option<u64>,
+    /// R14: most messages per organisation per UTC day (0 or absent: none).
+    pub org_messages_per_day: Option<u64>,
+    /// R14: most accepted recipients per organisation per UTC hour (0 or absent: none).
+    pub org_recipients_per_hour: Option<u64>,
+    /// R14: most accepted recipients per organisation per UTC day (0 or absent: none).
+    pub org_recipients_per_day: Option<u64>,
     /// R14 (sending counters) and R13 (delivered sizes): which front-end counts (a message
     /// seen by both must be counted once).
     pub count_on: Option<CountOn>,
@@ -301,6 +310,10 @@ pub struct RuleTable {
     pub messages_per_day: Option<u64>,
     pub recipients_per_hour: Option<u64>,
     pub recipients_per_day: Option<u64>,
+    pub org_messages_per_hour: Option<u64>,
+    pub org_messages_per_day: Option<u64>,
+    pub org_recipients_per_hour: Option<u64>,
+    pub org_recipients_per_day: Option<u64>,
     /// R14 and R13: which front-end counts.
     pub count_on: Option<CountOn>,
     /// R13 only: permanent over-quota replies.
@@ -538,6 +551,19 @@ impl Config {
                 ("messages_per_day", table.messages_per_day.is_some()),
                 ("recipients_per_hour", table.recipients_per_hour.is_some()),
                 ("recipients_per_day", table.recipients_per_day.is_some()),
+                (
+                    "org_messages_per_hour",
+                    table.org_messages_per_hour.is_some(),
+                ),
+                ("org_messages_per_day", table.org_messages_per_day.is_some()),
+                (
+                    "org_recipients_per_hour",
+                    table.org_recipients_per_hour.is_some(),
+                ),
+                (
+                    "org_recipients_per_day",
+                    table.org_recipients_per_day.is_some(),
+                ),
             ];
             if name != RuleId::R14.as_str() {
                 for (key, set) in r14_keys {
@@ -595,6 +621,10 @@ impl Config {
                 messages_per_day: t.messages_per_day,
                 recipients_per_hour: t.recipients_per_hour,
                 recipients_per_day: t.recipients_per_day,
+                org_messages_per_hour: t.org_messages_per_hour,
+                org_messages_per_day: t.org_messages_per_day,
+                org_recipients_per_hour: t.org_recipients_per_hour,
+                org_recipients_per_day: t.org_recipients_per_day,
                 count_on: t.count_on,
                 permanent: t.permanent,
                 count_deliveries: t.count_deliveries,

@@ -35,6 +35,8 @@
 //! |---|---|---|
 //! | `P:{acct:<address>}:rate:<measure>:<window>:<start>` | string | a count, e.g. `mw:{acct:champa@mpt.gov.la}:rate:messages:hour:1796421600` |
 //!
+//! | `P:{org:<code>}:rate:<measure>:<window>:<start>` | string | an organisation's count (R14's `org_*` limits; only the limited counters are kept) |
+//!
 //! `<start>` is the window's start (Unix seconds); a key expires one window after its
 //! window ends, so old windows clean themselves up. The mailbox usage (R13) is
 //! `P:usage:<address>/quota/storage`, a decimal byte count: a report of the mailbox server
@@ -79,6 +81,16 @@
 //!   not retried after a broken connection: it may have run, and a tempfailed recipient
 //!   that was counted anyway errs on the safe side (never a count lost, at worst one
 //!   recipient counted that the client will send again).
+//! - `take` with organisation limits ([`Store::take_with_org`]): on standalone and Sentinel,
+//!   one `take` script over the account's and the organisation's keys (one round trip, all
+//!   or nothing). On Cluster the organisation's keys are in their own slot `{org:<code>}`,
+//!   which a script cannot combine with the account's; so the account's `take` runs first
+//!   (refused: nothing changed), then the organisation's; when that refuses or fails,
+//!   `give_back` DECRBYs the account's counters again. Two round trips per check, only when
+//!   organisation limits are configured (three on an organisation refusal). Between the two
+//!   the account's counters are briefly one higher: a racing check of that account may
+//!   refuse early, none can pass a limit. A failed give-back leaves the account counted one
+//!   too many until the window ends (the safe side, logged).
 //! - `set_field`: like `set_status`, for one field: an account's bulk permission (`bulk`,
 //!   `1` or absent) and quota (`quota_bytes`, absent for none), an organisation's default
 //!   quota (`default_quota_bytes`), each announced like any change of that record.
@@ -308,6 +320,108 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// Runs the TAKE script over `keyed` (all in one slot, or any keys off Cluster): `None`
+    /// when every take was applied, else the (0-based) index of the first refused take and
+    /// its counter's count. Not retried: a script whose connection broke may have run (see
+    /// the module docs).
+    async fn run_takes(
+        &self,
+        keyed: &[(String, Take)],
+        now: Timestamp,
+        what: &str,
+    ) -> StoreResult<Option<(usize, u64)>> {
+        if keyed.is_empty() {
+            return Ok(None);
+        }
+        let mut inv = TAKE.prepare_invoke();
+        for (key, t) in keyed {
+            let w = t.counter.window;
+            // Kept one window past its end: long enough for any instance whose clock lags.
+            let ttl = w.end(now) - now + w.seconds();
+            inv.key(key)
+                .arg(t.n)
+                .arg(t.limit.map(|l| l.to_string()).unwrap_or_default())
+                .arg(ttl);
+        }
+        let v = self.call(Call::Script(&inv), false).await?;
+        let Value::Array(mut parts) = v else {
+            return Err(unexpected(what, &v));
+        };
+        let tag: String = match parts.first() {
+            Some(t) => decode(t.clone(), what)?,
+            None => return Err(StoreError::Corrupt(format!("{what}: empty script reply"))),
+        };
+        match (tag.as_str(), parts.len()) {
+            ("ok", 1) => Ok(None),
+            ("refused", 3) => {
+                let count: u64 = decode(parts.pop().unwrap_or_default(), what)?;
+                let index: usize = decode(parts.pop().unwrap_or_default(), what)?;
+                match index.checked_sub(1).filter(|&i| i < keyed.len()) {
+                    Some(i) => Ok(Some((i, count))),
+                    None => Err(StoreError::Corrupt(format!("{what}: refused take {index}"))),
+                }
+            }
+            ("corrupt", 2) => {
+                let key: String = decode(parts.pop().unwrap_or_default(), what)?;
+                Err(StoreError::Corrupt(format!("{key} does not hold a count")))
+            }
+            _ => Err(StoreError::Corrupt(format!(
+                "{what}: unexpected script reply {tag:?}"
+            ))),
+        }
+    }
+
+    /// Gives back takes applied by [`Self::run_takes`] (Cluster, when the organisation
+    /// refused after the account's take). One script in the account's slot.
+    async fn give_back(&self, keyed: &[(String, Take)]) -> StoreResult<()> {
+        let mut inv = GIVE_BACK.prepare_invoke();
+        for (key, t) in keyed {
+            inv.key(key).arg(t.n);
+        }
+        self.call(Call::Script(&inv), false).await?;
+        Ok(())
+    }
+
+    /// Every counter ([`Counter::ALL`]) named by `key`, in one MGET.
+    async fn read_counters(
+        &self,
+        key: impl Fn(Counter) -> String,
+        now: Timestamp,
+        what: &str,
+    ) -> StoreResult<Vec<CounterValue>> {
+        let mut mget = ::redis::cmd("MGET");
+        for c in Counter::ALL {
+            mget.arg(key(c));
+        }
+        let v = self.call(Call::Cmd(&mget), true).await?;
+        let counts: Vec<Option<String>> = decode(v, what)?;
+        if counts.len() != Counter::ALL.len() {
+            return Err(StoreError::Corrupt(format!(
+                "{what}: asked for {} counters, got {}",
+                Counter::ALL.len(),
+                counts.len()
+            )));
+        }
+        Counter::ALL
+            .into_iter()
+            .zip(counts)
+            .map(|(counter, count)| {
+                let count = match count {
+                    None => 0,
+                    Some(s) => s.parse::<u64>().map_err(|_| {
+                        StoreError::Corrupt(format!("{what}: {counter} holds {s:?}"))
+                    })?,
+                };
+                Ok(CounterValue {
+                    counter,
+                    count,
+                    window_start: counter.window.start(now),
+                    window_end: counter.window.end(now),
+                })
+            })
+            .collect()
+    }
+
     /// Sets (`Some`) or removes (`None`) one field of an account record, announcing it.
     async fn set_field(
         &self,
@@ -441,6 +555,15 @@ impl Keys {
     fn counter(&self, address: &str, counter: Counter, window_start: Timestamp) -> String {
         format!(
             "{}:{{acct:{address}}}:rate:{}:{window_start}",
+            self.prefix,
+            counter.name()
+        )
+    }
+    /// A sending counter of organisation `code` (R14's organisation limits), in the
+    /// organisation's own slot.
+    fn org_counter(&self, code: &str, counter: Counter, window_start: Timestamp) -> String {
+        format!(
+            "{}:{{org:{code}}}:rate:{}:{window_start}",
             self.prefix,
             counter.name()
         )
@@ -598,6 +721,19 @@ for i, key in ipairs(KEYS) do
   redis.call('EXPIRE', key, ARGV[3 * i])
 end
 return {'ok'}
+"#,
+    )
+});
+
+/// R14 on Cluster: gives back an account's take after its organisation refused. KEYS: the
+/// counters taken; ARGV: the amounts. A counter that expired meanwhile is left alone.
+static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('DECRBY', key, ARGV[i]) end
+end
+return 'ok'
 "#,
     )
 });
@@ -805,6 +941,21 @@ impl Record {
             status_changed_at: self.parse("status_changed_at")?,
             quota_bytes,
         })
+    }
+}
+
+/// The [`TakeOutcome`] of [`RedisStore::run_takes`]'s answer.
+fn outcome_of(refused: Option<(usize, u64)>, keyed: &[(String, Take)]) -> TakeOutcome {
+    match refused {
+        None => TakeOutcome::Taken,
+        Some((i, count)) => {
+            let t = keyed[i].1;
+            TakeOutcome::Refused {
+                counter: t.counter,
+                count,
+                limit: t.limit.unwrap_or(u64::MAX),
+            }
+        }
     }
 }
 
@@ -1130,89 +1281,30 @@ impl Store for RedisStore {
         takes: &[Take],
         now: Timestamp,
     ) -> StoreResult<TakeOutcome> {
-        if takes.is_empty() {
-            return Ok(TakeOutcome::Taken);
-        }
         let address = account.to_string();
-        let mut inv = TAKE.prepare_invoke();
-        for t in takes {
-            let w = t.counter.window;
-            // Kept one window past its end: long enough for any instance whose clock lags.
-            let ttl = w.end(now) - now + w.seconds();
-            inv.key(self.keys.counter(&address, t.counter, w.start(now)))
-                .arg(t.n)
-                .arg(t.limit.map(|l| l.to_string()).unwrap_or_default())
-                .arg(ttl);
-        }
-        // Not retried: a script whose connection broke may have run (see the module docs).
-        let v = self.call(Call::Script(&inv), false).await?;
-        let what = format!("counters of {address}");
-        let Value::Array(mut parts) = v else {
-            return Err(unexpected(&what, &v));
-        };
-        let tag: String = match parts.first() {
-            Some(t) => decode(t.clone(), &what)?,
-            None => return Err(StoreError::Corrupt(format!("{what}: empty script reply"))),
-        };
-        match (tag.as_str(), parts.len()) {
-            ("ok", 1) => Ok(TakeOutcome::Taken),
-            ("refused", 3) => {
-                let count: u64 = decode(parts.pop().unwrap_or_default(), &what)?;
-                let index: usize = decode(parts.pop().unwrap_or_default(), &what)?;
-                let t = index
-                    .checked_sub(1)
-                    .and_then(|i| takes.get(i))
-                    .ok_or_else(|| StoreError::Corrupt(format!("{what}: refused take {index}")))?;
-                Ok(TakeOutcome::Refused {
-                    counter: t.counter,
-                    count,
-                    limit: t.limit.unwrap_or(u64::MAX),
-                })
-            }
-            ("corrupt", 2) => {
-                let key: String = decode(parts.pop().unwrap_or_default(), &what)?;
-                Err(StoreError::Corrupt(format!("{key} does not hold a count")))
-            }
-            _ => Err(StoreError::Corrupt(format!(
-                "{what}: unexpected script reply {tag:?}"
-            ))),
-        }
+        let keyed: Vec<(String, Take)> = takes
+            .iter()
+            .map(|t| {
+                let key = self
+                    .keys
+                    .counter(&address, t.counter, t.counter.window.start(now));
+                (key, *t)
+            })
+            .collect();
+        let refused = self
+            .run_takes(&keyed, now, &format!("counters of {address}"))
+            .await?;
+        Ok(outcome_of(refused, &keyed))
     }
 
     async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
         let address = account.to_string();
-        let mut mget = ::redis::cmd("MGET");
-        for c in Counter::ALL {
-            mget.arg(self.keys.counter(&address, c, c.window.start(now)));
-        }
-        let v = self.call(Call::Cmd(&mget), true).await?;
-        let what = format!("counters of {address}");
-        let counts: Vec<Option<String>> = decode(v, &what)?;
-        if counts.len() != Counter::ALL.len() {
-            return Err(StoreError::Corrupt(format!(
-                "{what}: asked for {} counters, got {}",
-                Counter::ALL.len(),
-                counts.len()
-            )));
-        }
-        Counter::ALL
-            .into_iter()
-            .zip(counts)
-            .map(|(counter, count)| {
-                let count = match count {
-                    None => 0,
-                    Some(s) => s.parse::<u64>().map_err(|_| {
-                        StoreError::Corrupt(format!("{what}: {counter} holds {s:?}"))
-                    })?,
-                };
-                Ok(CounterValue {
-                    counter,
-                    count,
-                    window_start: counter.window.start(now),
-                    window_end: counter.window.end(now),
-                })
-            })
-            .collect()
+        self.read_counters(
+            |c| self.keys.counter(&address, c, c.window.start(now)),
+            now,
+            &format!("counters of {address}"),
+        )
+        .await
     }
 
     async fn reset_counters(&self, account: &Address, now: Timestamp) -> StoreResult<()> {
@@ -1334,6 +1426,79 @@ impl Store for RedisStore {
             })?;
         let after: i64 = decode(v, &key)?;
         u64::try_from(after).map_err(|_| StoreError::Corrupt(format!("{key} holds {after}")))
+    }
+
+    async fn take_with_org(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        org: &str,
+        org_takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<JointTakeOutcome> {
+        let address = account.to_string();
+        let code = norm(org);
+        let keyed: Vec<(String, Take)> = takes
+            .iter()
+            .map(|t| {
+                let key = self
+                    .keys
+                    .counter(&address, t.counter, t.counter.window.start(now));
+                (key, *t)
+            })
+            .collect();
+        let org_keyed: Vec<(String, Take)> = org_takes
+            .iter()
+            .map(|t| {
+                let key = self
+                    .keys
+                    .org_counter(&code, t.counter, t.counter.window.start(now));
+                (key, *t)
+            })
+            .collect();
+        let what = format!("counters of {address} and organisation {code}");
+        if !matches!(self.backend, Backend::Cluster(_)) || org_keyed.is_empty() {
+            // One server: one script over both slots' keys, one round trip.
+            let all: Vec<(String, Take)> = keyed.iter().chain(&org_keyed).cloned().collect();
+            let refused = self.run_takes(&all, now, &what).await?;
+            let by_org = refused.is_some_and(|(i, _)| i >= keyed.len());
+            return Ok(JointTakeOutcome {
+                outcome: outcome_of(refused, &all),
+                by_org,
+            });
+        }
+        // Cluster: the organisation's keys are in another slot. The account's take first
+        // (refused: nothing changed), then the organisation's; if that refuses or fails,
+        // the account's take is given back (see the module docs).
+        let refused = self.run_takes(&keyed, now, &what).await?;
+        if refused.is_some() {
+            return Ok(JointTakeOutcome {
+                outcome: outcome_of(refused, &keyed),
+                by_org: false,
+            });
+        }
+        let org_result = self.run_takes(&org_keyed, now, &what).await;
+        if !matches!(org_result, Ok(None)) {
+            if let Err(e) = self.give_back(&keyed).await {
+                // Counted one too many for the account until the window ends: the safe side.
+                tracing::warn!(account = %address, "could not give back a sending count: {e}");
+            }
+        }
+        let refused = org_result?;
+        Ok(JointTakeOutcome {
+            outcome: outcome_of(refused, &org_keyed),
+            by_org: refused.is_some(),
+        })
+    }
+
+    async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        let code = norm(org);
+        self.read_counters(
+            |c| self.keys.org_counter(&code, c, c.window.start(now)),
+            now,
+            &format!("counters of organisation {code}"),
+        )
+        .await
     }
 }
 

@@ -451,6 +451,78 @@ fn account_from_row(r: &Row<'_>) -> rusqlite::Result<Account> {
     })
 }
 
+/// The `rate_counters.account` of organisation `code`'s counters (R14). An address always
+/// has an `@`, so it never collides with an account's.
+fn org_counter_key(code: &str) -> String {
+    format!("org:{}", norm(code))
+}
+
+/// The new counts after `takes` on the counters of `key`, or the first refusal.
+fn checked_takes(
+    c: &Connection,
+    key: &str,
+    takes: &[Take],
+    now: Timestamp,
+) -> StoreResult<Result<Vec<i64>, TakeOutcome>> {
+    let mut new = Vec::with_capacity(takes.len());
+    for t in takes {
+        let count = current_count(c, key, t.counter, now)?;
+        if let Some(limit) = t.limit {
+            if count.saturating_add(t.n) > limit {
+                return Ok(Err(TakeOutcome::Refused {
+                    counter: t.counter,
+                    count,
+                    limit,
+                }));
+            }
+        }
+        new.push(i64::try_from(count.saturating_add(t.n)).map_err(|_| {
+            StoreError::Corrupt(format!("counter {} of {key} overflows", t.counter))
+        })?);
+    }
+    Ok(Ok(new))
+}
+
+/// Writes the counts [`checked_takes`] computed.
+fn write_takes(
+    c: &Connection,
+    key: &str,
+    takes: &[Take],
+    new: &[i64],
+    now: Timestamp,
+) -> StoreResult<()> {
+    for (t, count) in takes.iter().zip(new) {
+        c.prepare_cached(
+            "INSERT INTO rate_counters (account, counter, window_start, count) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account, counter) \
+             DO UPDATE SET window_start = excluded.window_start, count = excluded.count",
+        )?
+        .execute(params![
+            key,
+            t.counter.name(),
+            t.counter.window.start(now),
+            count
+        ])?;
+    }
+    Ok(())
+}
+
+/// Every counter of `key` in the windows containing `now`, in one snapshot.
+fn all_counters(c: &Connection, key: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+    let tx = c.unchecked_transaction()?; // one snapshot for all counters
+    let mut out = Vec::with_capacity(Counter::ALL.len());
+    for counter in Counter::ALL {
+        out.push(CounterValue {
+            counter,
+            count: current_count(&tx, key, counter, now)?,
+            window_start: counter.window.start(now),
+            window_end: counter.window.end(now),
+        });
+    }
+    tx.finish()?;
+    Ok(out)
+}
+
 /// The count of `counter` in the window containing `now` (0 when the row is of an older
 /// window, or missing).
 fn current_count(
@@ -817,36 +889,11 @@ impl Store for SqliteStore {
             // IMMEDIATE: the write lock is taken before reading, so another process sharing
             // the file cannot read the same counts in between (no lost update).
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut counts = Vec::with_capacity(takes.len());
-            for t in &takes {
-                let count = current_count(&tx, &account, t.counter, now)?;
-                if let Some(limit) = t.limit {
-                    if count.saturating_add(t.n) > limit {
-                        return Ok(TakeOutcome::Refused {
-                            counter: t.counter,
-                            count,
-                            limit,
-                        });
-                    }
-                }
-                counts.push(count);
-            }
-            for (t, count) in takes.iter().zip(counts) {
-                let new = i64::try_from(count.saturating_add(t.n)).map_err(|_| {
-                    StoreError::Corrupt(format!("counter {} of {account} overflows", t.counter))
-                })?;
-                tx.prepare_cached(
-                    "INSERT INTO rate_counters (account, counter, window_start, count) \
-                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account, counter) \
-                     DO UPDATE SET window_start = excluded.window_start, count = excluded.count",
-                )?
-                .execute(params![
-                    account,
-                    t.counter.name(),
-                    t.counter.window.start(now),
-                    new
-                ])?;
-            }
+            let new = match checked_takes(&tx, &account, &takes, now)? {
+                Ok(new) => new,
+                Err(refused) => return Ok(refused),
+            };
+            write_takes(&tx, &account, &takes, &new, now)?;
             tx.commit()?;
             Ok(TakeOutcome::Taken)
         })
@@ -855,21 +902,7 @@ impl Store for SqliteStore {
 
     async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
         let account = account.to_string();
-        self.read(move |c| {
-            let tx = c.unchecked_transaction()?; // one snapshot for all counters
-            let mut out = Vec::with_capacity(Counter::ALL.len());
-            for counter in Counter::ALL {
-                out.push(CounterValue {
-                    counter,
-                    count: current_count(&tx, &account, counter, now)?,
-                    window_start: counter.window.start(now),
-                    window_end: counter.window.end(now),
-                });
-            }
-            tx.finish()?;
-            Ok(out)
-        })
-        .await
+        self.read(move |c| all_counters(c, &account, now)).await
     }
 
     async fn reset_counters(&self, account: &Address, _now: Timestamp) -> StoreResult<()> {
@@ -964,6 +997,54 @@ impl Store for SqliteStore {
                 .map_err(|_| StoreError::Corrupt(format!("usage of {address} is {after}")))
         })
         .await
+    }
+
+    async fn take_with_org(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        org: &str,
+        org_takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<JointTakeOutcome> {
+        let account = account.to_string();
+        let org = org_counter_key(org);
+        let (takes, org_takes) = (takes.to_vec(), org_takes.to_vec());
+        self.write(move |c| {
+            // One IMMEDIATE transaction over both: all or nothing, no lost update.
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let new = match checked_takes(&tx, &account, &takes, now)? {
+                Ok(new) => new,
+                Err(outcome) => {
+                    return Ok(JointTakeOutcome {
+                        outcome,
+                        by_org: false,
+                    });
+                }
+            };
+            let org_new = match checked_takes(&tx, &org, &org_takes, now)? {
+                Ok(new) => new,
+                Err(outcome) => {
+                    return Ok(JointTakeOutcome {
+                        outcome,
+                        by_org: true,
+                    });
+                }
+            };
+            write_takes(&tx, &account, &takes, &new, now)?;
+            write_takes(&tx, &org, &org_takes, &org_new, now)?;
+            tx.commit()?;
+            Ok(JointTakeOutcome {
+                outcome: TakeOutcome::Taken,
+                by_org: false,
+            })
+        })
+        .await
+    }
+
+    async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        let org = org_counter_key(org);
+        self.read(move |c| all_counters(c, &org, now)).await
     }
 }
 

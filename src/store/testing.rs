@@ -295,6 +295,23 @@ impl Store for TestStore {
         self.up()?;
         self.inner.add_usage(address, bytes).await
     }
+    async fn take_with_org(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        org: &str,
+        org_takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<JointTakeOutcome> {
+        self.up()?;
+        self.inner
+            .take_with_org(account, takes, org, org_takes, now)
+            .await
+    }
+    async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        self.up()?;
+        self.inner.org_counters(org, now).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;
         self.inner.ping().await

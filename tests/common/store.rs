@@ -7,8 +7,9 @@
 use async_trait::async_trait;
 use mailwarden::model::Address;
 use mailwarden::store::{
-    Account, AccountKind, AccountStatus, CounterValue, Org, OrgStatus, StatusChange, Store,
-    StoreError, StoreResult, Take, TakeOutcome, Timestamp, sqlite::SqliteStore,
+    Account, AccountKind, AccountStatus, CounterValue, JointTakeOutcome, Org, OrgStatus,
+    StatusChange, Store, StoreError, StoreResult, Take, TakeOutcome, Timestamp,
+    sqlite::SqliteStore,
 };
 use std::sync::{
     Arc, Mutex,
@@ -161,6 +162,23 @@ impl Store for TestStore {
     async fn add_usage(&self, address: &Address, bytes: u64) -> StoreResult<u64> {
         self.up()?;
         self.inner.add_usage(address, bytes).await
+    }
+    async fn take_with_org(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        org: &str,
+        org_takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<JointTakeOutcome> {
+        self.up()?;
+        self.inner
+            .take_with_org(account, takes, org, org_takes, now)
+            .await
+    }
+    async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        self.up()?;
+        self.inner.org_counters(org, now).await
     }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;
