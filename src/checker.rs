@@ -258,19 +258,23 @@ impl Checker {
                 counted.push((*rcpt).clone());
             }
         }
+        // Recorded only when some recipient had a quota to check: a message without any
+        // is not an end-of-message check (the milter records its signing decision there).
+        if !counted.is_empty() {
+            telemetry::record_decision(
+                &self.metrics,
+                tx,
+                Stage::EndOfMessage,
+                &decision,
+                start.elapsed(),
+            );
+        }
         let count = rule.count_deliveries.unwrap_or(true)
             && counts_here(&snap, RuleId::R13, tx.protocol)
             && size > 0;
         if !count {
             counted.clear();
         }
-        telemetry::record_decision(
-            &self.metrics,
-            tx,
-            Stage::EndOfMessage,
-            &decision,
-            start.elapsed(),
-        );
         EndOfMessage {
             decision,
             counted,

@@ -599,3 +599,22 @@ fn policy_r13_quota_at_end_of_data_and_usage_counted() {
     // The refused message was not counted.
     assert_eq!(quota_state(&mw, SOMSAK), (Some(1000), Some(1200)));
 }
+
+/// R14's organisation limits through Postfix: two accounts of one organisation share its
+/// hourly message limit; past it, either one gets `450 4.7.1` naming the organisation.
+#[test]
+fn policy_r14_organisation_limit() {
+    let (_mw, pf) = setup(Path::Policy, "[rules.R14]\norg_messages_per_hour = 2\n");
+    for from in [CHAMPA, SOMSAK] {
+        let sent = swaks(&pf.server, from, &[OUTSIDE]);
+        assert!(sent.queued(), "{}", sent.transcript);
+    }
+    let sent = swaks(&pf.server, CHAMPA, &[OUTSIDE]);
+    let reply = sent.expect_reply(&format!("RCPT TO:<{OUTSIDE}>"));
+    assert!(
+        reply.starts_with("450 4.7.1")
+            && reply.contains("2 messages per hour for all of organisation mpt"),
+        "{reply:?}\n{}",
+        sent.transcript
+    );
+}
