@@ -97,6 +97,7 @@ async fn seed(url: &str, accounts: usize) -> anyhow::Result<Vec<String>> {
             created_at: now,
             status_changed_at: now,
             relay_networks: Vec::new(),
+            default_quota_bytes: None,
         })
         .await?;
     let mut rows = Vec::with_capacity(accounts + 1);

@@ -96,11 +96,40 @@ pub struct Checker {
     pub alerts: crate::alerts::Alerts,
 }
 
-/// Whether sending limits (R14) are applied on this front-end: active, and counted here
-/// (`[rules.R14] count_on`) so that a message seen by both the milter and the policy
-/// service is counted once.
-fn counts_limits(snap: &Snapshot, protocol: Protocol) -> bool {
-    let rule = snap.policy.rule(RuleId::R14);
+/// What the end-of-message quota check (R13) found: the decision to answer, and what to
+/// count once the message is accepted (hand it to [`Checker::delivered`]).
+#[derive(Debug)]
+pub struct EndOfMessage {
+    pub decision: Decision,
+    /// Recipients with a quota whose usage grows by `size` when the message is delivered
+    /// (empty when deliveries are not counted on this front-end).
+    counted: Vec<Address>,
+    size: u64,
+}
+
+impl EndOfMessage {
+    fn pass() -> EndOfMessage {
+        EndOfMessage {
+            decision: Decision::pass(),
+            counted: Vec::new(),
+            size: 0,
+        }
+    }
+
+    /// The recipients whose usage [`Checker::delivered`] would grow.
+    pub fn counted(&self) -> &[Address] {
+        &self.counted
+    }
+}
+
+/// Recipients whose quota is checked at once at end of message (lookups and usage reads).
+const EOM_CONCURRENCY: usize = 16;
+
+/// Whether `rule` (R14's sending counters, R13's delivered sizes) counts on this
+/// front-end: active, and counted here (`count_on`) so that a message seen by both the
+/// milter and the policy service is counted once.
+fn counts_here(snap: &Snapshot, id: RuleId, protocol: Protocol) -> bool {
+    let rule = snap.policy.rule(id);
     if rule.mode == Mode::Off {
         return false;
     }
@@ -259,7 +288,7 @@ impl Checker {
             d.outcomes.extend(quota.outcomes);
         }
         // A refused recipient is not counted against the sender's limits.
-        if d.action == Action::Continue && counts_limits(&snap, tx.protocol) {
+        if d.action == Action::Continue && counts_here(&snap, RuleId::R14, tx.protocol) {
             let limits = self.check_limits(&snap, tx).await;
             d.action = limits.action;
             d.outcomes.extend(limits.outcomes);
@@ -268,17 +297,37 @@ impl Checker {
         d
     }
 
-    /// R13 for one recipient: a local account with a quota, against the usage its mailbox
-    /// server last reported and the announced size.
+    /// R13 for one recipient: a local account with a quota (its own, else its
+    /// organisation's default), against its current usage and the announced size.
     async fn check_quota(&self, snap: &Snapshot, tx: &Transaction, rcpt: &Address) -> Decision {
         let policy = &snap.policy;
-        let account = match self.lookup(rcpt, "lookup_recipient").await {
-            Ok(facts) => match facts.account {
-                Some(a) if a.quota_bytes.is_some() => a,
-                _ => return Decision::pass(),
-            },
-            Err(_) => return r13::store_failure(policy, rcpt),
+        let quota = match self.quota_of(rcpt).await {
+            Ok(Some(q)) => q,
+            Ok(None) => return Decision::pass(),
+            Err(()) => return r13::store_failure(policy, Stage::Rcpt, rcpt),
         };
+        let usage = self.read_usage(snap, rcpt).await;
+        r13::check(policy, Stage::Rcpt, rcpt, Some(quota), &usage, tx.size)
+    }
+
+    /// The effective quota of `rcpt` (R13): `None` when it is not a local account or has
+    /// none; `Err` when the directory could not answer (logged and counted).
+    async fn quota_of(&self, rcpt: &Address) -> Result<Option<u64>, ()> {
+        match self.lookup(rcpt, "lookup_recipient").await {
+            Ok(facts) => Ok(facts
+                .account
+                .as_ref()
+                .and_then(|a| a.effective_quota(facts.org.as_ref()))),
+            Err(_) => Err(()),
+        }
+    }
+
+    /// The current mailbox usage of `rcpt`, bounded by the store timeout.
+    async fn read_usage(
+        &self,
+        snap: &Snapshot,
+        rcpt: &Address,
+    ) -> Result<Option<u64>, StoreFailure> {
         let store = self.directory.store();
         let usage = match tokio::time::timeout(snap.config.store.timeout, store.usage(rcpt)).await {
             Ok(Ok(u)) => Ok(u),
@@ -292,7 +341,114 @@ impl Checker {
             self.metrics.count_store_error("read_usage");
             tracing::warn!(address = %rcpt, "mailbox usage unavailable: {}", e.0);
         }
-        r13::check(policy, rcpt, &account, &usage, tx.size)
+        usage
+    }
+
+    /// End of message (R13): the message's actual `size` against the quota of each accepted
+    /// `recipients` that has one. Usage plus size over any quota refuses the whole message
+    /// (`452 4.2.2`, or `552 5.2.2` when permanent): after DATA, SMTP has one reply for all
+    /// recipients. When the message is then accepted, pass the result to
+    /// [`Checker::delivered`] so the size is counted into those recipients' usage.
+    pub async fn check_end_of_message(
+        &self,
+        tx: &Transaction,
+        recipients: &[Address],
+        size: u64,
+    ) -> EndOfMessage {
+        let snap = self.snapshot();
+        let rule = snap.policy.rule(RuleId::R13);
+        if rule.mode == Mode::Off || recipients.is_empty() {
+            return EndOfMessage::pass();
+        }
+        let start = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<&Address> = recipients.iter().filter(|a| seen.insert(*a)).collect();
+        let mut decision = Decision::pass();
+        let mut counted = Vec::new();
+        for batch in unique.chunks(EOM_CONCURRENCY) {
+            let judged = futures_util::future::join_all(
+                batch
+                    .iter()
+                    .map(|rcpt| self.quota_at_eom(&snap, rcpt, size)),
+            )
+            .await;
+            for (rcpt, d) in batch.iter().zip(judged) {
+                let Some(d) = d else { continue };
+                if decision.action == Action::Continue {
+                    decision.action = d.action;
+                }
+                decision.outcomes.extend(d.outcomes);
+                counted.push((*rcpt).clone());
+            }
+        }
+        // Recorded only when some recipient had a quota to check: a message without any
+        // is not an end-of-message check (the milter records its signing decision there).
+        if !counted.is_empty() {
+            telemetry::record_decision(
+                &self.metrics,
+                tx,
+                Stage::EndOfMessage,
+                &decision,
+                start.elapsed(),
+            );
+        }
+        let count = rule.count_deliveries.unwrap_or(true)
+            && counts_here(&snap, RuleId::R13, tx.protocol)
+            && size > 0;
+        if !count {
+            counted.clear();
+        }
+        EndOfMessage {
+            decision,
+            counted,
+            size,
+        }
+    }
+
+    /// R13 at end of message for one recipient: `None` when it has no quota.
+    async fn quota_at_eom(&self, snap: &Snapshot, rcpt: &Address, size: u64) -> Option<Decision> {
+        let policy = &snap.policy;
+        match self.quota_of(rcpt).await {
+            Ok(None) => None,
+            Err(()) => Some(r13::store_failure(policy, Stage::EndOfMessage, rcpt)),
+            Ok(Some(quota)) => {
+                let usage = self.read_usage(snap, rcpt).await;
+                Some(r13::check(
+                    policy,
+                    Stage::EndOfMessage,
+                    rcpt,
+                    Some(quota),
+                    &usage,
+                    Some(size),
+                ))
+            }
+        }
+    }
+
+    /// The message checked by [`Checker::check_end_of_message`] was accepted: adds its size
+    /// to the usage of its recipients with a quota (`[rules.R13] count_deliveries`). Runs
+    /// in the background, off the reply path; a failure is logged and counted
+    /// (`store_errors{operation="add_usage"}`) and never affects mail: the mailbox server's
+    /// next report replaces the value anyway.
+    pub fn delivered(&self, eom: EndOfMessage) {
+        if eom.counted.is_empty() || eom.decision.action != Action::Continue {
+            return;
+        }
+        let store = self.directory.store().clone();
+        let metrics = self.metrics.clone();
+        let timeout = self.snapshot().config.store.timeout;
+        tokio::spawn(async move {
+            for rcpt in eom.counted {
+                let added = tokio::time::timeout(timeout, store.add_usage(&rcpt, eom.size)).await;
+                let err = match added {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {timeout:?}"),
+                };
+                metrics.count_store_error("add_usage");
+                tracing::warn!(address = %rcpt, "delivered size not counted into the usage: {err}");
+            }
+        });
     }
 
     /// R14 for one recipient about to be accepted: finds the counted sender, skips bulk
@@ -316,23 +472,41 @@ impl Checker {
             return d;
         }
         let takes = r14::takes(&limits, tx.rcpts_accepted);
+        let org_takes = r14::org_takes(&limits, tx.rcpts_accepted);
+        let org = facts
+            .org
+            .as_ref()
+            .map(|o| o.code.as_str())
+            .unwrap_or_default();
         let store = self.directory.store();
-        let outcome =
-            match tokio::time::timeout(snap.config.store.timeout, store.take(&sender, &takes, now))
-                .await
-            {
-                Ok(Ok(o)) => Ok(o),
-                Ok(Err(e)) => Err(StoreFailure(e.to_string())),
-                Err(_) => Err(StoreFailure(format!(
-                    "no answer within {:?}",
-                    snap.config.store.timeout
-                ))),
-            };
-        if let Err(e) = &outcome {
+        let timeout = snap.config.store.timeout;
+        let no_answer = || StoreFailure(format!("no answer within {timeout:?}"));
+        if org_takes.is_empty() {
+            // No organisation limits: the account's counters only (one script).
+            let outcome =
+                match tokio::time::timeout(timeout, store.take(&sender, &takes, now)).await {
+                    Ok(Ok(o)) => Ok(o),
+                    Ok(Err(e)) => Err(StoreFailure(e.to_string())),
+                    Err(_) => Err(no_answer()),
+                };
+            self.log_take_failure(&sender, outcome.as_ref().err());
+            return r14::decide(policy, &sender, &outcome, now);
+        }
+        let joint = store.take_with_org(&sender, &takes, org, &org_takes, now);
+        let outcome = match tokio::time::timeout(timeout, joint).await {
+            Ok(Ok(o)) => Ok(o),
+            Ok(Err(e)) => Err(StoreFailure(e.to_string())),
+            Err(_) => Err(no_answer()),
+        };
+        self.log_take_failure(&sender, outcome.as_ref().err());
+        r14::decide_joint(policy, &sender, org, &outcome, now)
+    }
+
+    fn log_take_failure(&self, sender: &Address, failure: Option<&StoreFailure>) {
+        if let Some(e) = failure {
             self.metrics.count_store_error("take_limits");
             tracing::warn!(address = %sender, "sending counters unavailable: {}", e.0);
         }
-        r14::decide(policy, &sender, &outcome, now)
     }
 
     /// End of headers (milter): whether and with which keys to sign (R6). Looks up the

@@ -1356,3 +1356,85 @@ async fn delegations_are_added_removed_audited_shown_and_reach_the_mail_path_at_
     assert_eq!(audit[1]["after"], json!({"delegates": []}));
     api.stop().await;
 }
+
+/// R13's organisation default: set through the API (write scope, audited as `org.quota`),
+/// shown with the organisation, and in force at once for its accounts without a quota of
+/// their own; an account's own quota wins.
+#[tokio::test]
+async fn organisation_default_quota_is_set_audited_and_enforced() {
+    let api = Api::start().await;
+    api.mpt().await;
+    for a in ["champa@mpt.gov.la", "dara@mpt.gov.la"] {
+        api.post("/v1/users", WRITE, user(a, "person")).await;
+    }
+    let (s, _) = api
+        .post("/v1/orgs/mpt/quota", READ, json!({"bytes": 1000}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = api
+        .post("/v1/orgs/nope/quota", WRITE, json!({"bytes": 1000}))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = api
+        .post("/v1/orgs/mpt/quota", WRITE, json!({"bytes": "lots"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let (s, b) = api
+        .post(
+            "/v1/orgs/MPT/quota",
+            WRITE,
+            json!({"bytes": 1000, "reason": "ministry standard"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["default_quota_bytes"], 1000);
+    let (_, shown) = api.get("/v1/orgs/mpt", READ).await;
+    assert_eq!(shown["default_quota_bytes"], 1000);
+    let (_, shown) = api.get("/v1/users/champa@mpt.gov.la", READ).await;
+    assert_eq!(shown["quota_bytes"], Value::Null);
+    assert_eq!(shown["effective_quota_bytes"], 1000, "{shown}");
+    assert_eq!(shown["usage_bytes"], Value::Null, "{shown}");
+    // dara has a quota of her own, larger than the default.
+    api.post(
+        "/v1/users/dara@mpt.gov.la/quota",
+        WRITE,
+        json!({"bytes": 5000}),
+    )
+    .await;
+
+    let mut tx = Transaction::new(Protocol::Policy);
+    tx.size = Some(1001);
+    let champa = Address::parse("champa@mpt.gov.la").unwrap();
+    let dara = Address::parse("dara@mpt.gov.la").unwrap();
+    match api.checker.check_rcpt(&tx, &champa).await.action {
+        Action::Tempfail(r) => assert_eq!((r.code, r.enhanced), (452, "4.2.2")),
+        other => panic!("over the organisation default accepted: {other:?}"),
+    }
+    assert_eq!(
+        api.checker.check_rcpt(&tx, &dara).await.action,
+        Action::Continue
+    );
+    let (s, b) = api
+        .post("/v1/orgs/mpt/quota", WRITE, json!({"bytes": null}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["default_quota_bytes"], Value::Null);
+    assert_eq!(
+        api.checker.check_rcpt(&tx, &champa).await.action,
+        Action::Continue
+    );
+
+    let audit = api.audit();
+    let changes: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["action"] == "org.quota")
+        .collect();
+    assert_eq!(changes.len(), 2);
+    assert_eq!(changes[0]["object"], "mpt");
+    assert_eq!(changes[0]["before"]["default_quota_bytes"], Value::Null);
+    assert_eq!(changes[0]["after"]["default_quota_bytes"], 1000);
+    assert_eq!(changes[0]["reason"], "ministry standard");
+    assert_eq!(changes[1]["after"]["default_quota_bytes"], Value::Null);
+    api.stop().await;
+}

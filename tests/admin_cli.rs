@@ -669,3 +669,39 @@ async fn user_delegate_undelegate_and_show() {
     assert_eq!(actions, ["user.delegate", "user.undelegate"]);
     api.stop().await;
 }
+
+#[tokio::test]
+async fn org_quota_sets_shows_and_removes_the_default() {
+    let api = Api::start().await;
+    let u = api.url.as_str();
+    let o = run(
+        u,
+        WRITE,
+        &["org", "add", "mpt", "--name", "Ministry of Posts"],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let o = run(u, WRITE, &["org", "quota", "mpt", "5368709120"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(
+        out(&o).contains("default_quota_bytes") && out(&o).contains("5368709120"),
+        "{}",
+        out(&o)
+    );
+    let o = run(u, READ, &["org", "show", "mpt"]).await;
+    assert!(out(&o).contains("5368709120"), "{}", out(&o));
+    let o = run(u, WRITE, &["org", "quota", "mpt", "lots"]).await;
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    let o = run(u, READ, &["org", "quota", "mpt", "1"]).await;
+    assert_ne!(code(&o), 0, "read scope cannot change it");
+    let o = run(u, WRITE, &["org", "quota", "mpt", "none"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(!out(&o).contains("default_quota_bytes"), "{}", out(&o));
+    let actions: Vec<String> = api
+        .audit()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(actions, ["org.create", "org.quota", "org.quota"]);
+    api.stop().await;
+}

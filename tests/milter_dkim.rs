@@ -354,3 +354,95 @@ async fn without_keys_no_content_is_requested() {
     c.close().await.unwrap();
     m.stop().await;
 }
+
+/// Waits (bounded) until `address`'s usage is `want` (delivered sizes are counted after
+/// the reply, in the background).
+async fn usage_becomes(
+    store: &common::store::TestStore,
+    address: &str,
+    want: impl Fn(Option<u64>) -> bool,
+) -> Option<u64> {
+    use mailwarden::store::Store;
+    let a = address.parse().unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let now = store.usage(&a).await.unwrap();
+        if want(now) {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "usage of {address} stayed {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// R13 at end of message on the milter: with DKIM keys the milter sees headers and body
+/// anyway, so it knows the actual size. A message without SIZE= passes RCPT with room
+/// left, and is tempfailed at end of message when it does not fit; one that fits is
+/// delivered and its measured size is added to the recipient's usage.
+#[tokio::test]
+async fn quota_is_checked_at_end_of_message_with_the_measured_size() {
+    use mailwarden::store::Store;
+    let store = seeded_store().await;
+    let bounmy = "bounmy@mpt.gov.la".parse().unwrap();
+    store.set_quota(&bounmy, Some(10_000)).await.unwrap();
+    store.set_usage(&bounmy, 9_990, 0).await.unwrap();
+    let m = Milter::spawn(
+        &config("mpt.gov.la", "[rules.R13]\ncount_on = \"milter\"\n"),
+        store.clone(),
+    )
+    .await;
+    let mut c = open(&m, "192.0.2.7").await;
+    let msg = message("Champa <champa@mpt.gov.la>", Some("champa@mpt.gov.la"));
+    let (o, actions) = send(&mut c, &msg).await;
+    assert_eq!(o.rcpts, [Status::Continue], "room left, no SIZE=: {o:?}");
+    match &o.eom {
+        Some(Status::Tempfail { reply: Some(r) }) => {
+            assert!(r.starts_with("452 4.2.2"), "{r}");
+            assert!(r.contains("bounmy@mpt.gov.la"), "{r}");
+        }
+        other => panic!("over quota at end of message: {other:?}"),
+    }
+    assert!(actions.is_empty(), "refused before signing: {actions:?}");
+    // Nothing counted for the refused message.
+    assert_eq!(store.usage(&bounmy).await.unwrap(), Some(9_990));
+
+    store.set_usage(&bounmy, 0, 1).await.unwrap();
+    let (o, actions) = send(&mut c, &msg).await;
+    assert!(o.delivered(), "{o:?}");
+    assert_eq!(signatures(&actions).len(), 2, "still signed");
+    let counted = usage_becomes(&store, "bounmy@mpt.gov.la", |u| u.is_some_and(|u| u > 0))
+        .await
+        .unwrap();
+    // Headers and body as the MTA sent them: more than the body alone, far less than 10 000.
+    assert!(
+        counted > BODY.len() as u64 && counted < 1_000,
+        "measured {counted}"
+    );
+}
+
+/// Without a content rule the milter does not ask for the body, so it has no actual size:
+/// R13 is judged at RCPT only (usage, SIZE=), and nothing is counted at end of message.
+#[tokio::test]
+async fn without_a_content_rule_the_milter_checks_quota_at_rcpt_only() {
+    use mailwarden::store::Store;
+    let store = seeded_store().await;
+    let bounmy = "bounmy@mpt.gov.la".parse().unwrap();
+    store.set_quota(&bounmy, Some(10_000)).await.unwrap();
+    store.set_usage(&bounmy, 9_990, 0).await.unwrap();
+    let m = Milter::spawn("[rules.R13]\ncount_on = \"milter\"\n", store.clone()).await;
+    let mut c = open(&m, "192.0.2.7").await;
+    let mut msg = message("Champa <champa@mpt.gov.la>", Some("champa@mpt.gov.la"));
+    let (o, _) = send(&mut c, &msg).await;
+    assert!(o.delivered(), "no size known at end of message: {o:?}");
+    // SIZE= at RCPT covers it.
+    msg.mail_params = vec!["SIZE=11"];
+    let (o, _) = send(&mut c, &msg).await;
+    match &o.rcpts[..] {
+        [Status::Tempfail { reply: Some(r) }] => assert!(r.starts_with("452 4.2.2"), "{r}"),
+        other => panic!("SIZE= past the quota accepted: {other:?}"),
+    }
+    assert_eq!(store.usage(&bounmy).await.unwrap(), Some(9_990));
+}

@@ -166,7 +166,10 @@ async fn outbound_mail_is_signed_and_never_verified() {
     )
     .await;
     // Authenticated, and from a trusted relay network.
-    for (ip, auth) in [("192.0.2.7", Some("champa@mpt.gov.la")), ("198.51.100.20", None)] {
+    for (ip, auth) in [
+        ("192.0.2.7", Some("champa@mpt.gov.la")),
+        ("198.51.100.20", None),
+    ] {
         let mut c = open(&m, ip).await;
         let msg = message(
             "<champa@mpt.gov.la>",

@@ -534,3 +534,87 @@ fn policy_r13_quota() {
 fn milter_r13_quota() {
     quota(Path::Milter);
 }
+
+/// The account's usage and the quota in force, from `user show`.
+fn quota_state(mw: &Mailwarden, address: &str) -> (Option<u64>, Option<u64>) {
+    let shown = mw.cli_ok("user", &["show", address, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    (
+        v["usage_bytes"].as_u64(),
+        v["effective_quota_bytes"].as_u64(),
+    )
+}
+
+/// R13 at the end of DATA through Postfix (`smtpd_end_of_data_restrictions` of
+/// deploy/postfix/main.cf.policy): swaks announces no SIZE=, so a recipient with room left
+/// passes at RCPT, and the message, larger than that room, is refused after its data with
+/// `452 4.2.2`. A message that fits is delivered, and mailwarden adds its size to the
+/// recipient's usage.
+#[test]
+fn policy_r13_quota_at_end_of_data_and_usage_counted() {
+    let (mw, pf) = setup(Path::Policy, "");
+    // SOMSAK: the organisation's default quota, 1 000 bytes used of 1 200: room for 200,
+    // less than any swaks message (headers alone are larger).
+    mw.cli_ok("org", &["quota", "mpt", "1200"]);
+    let answer = admin_post(
+        &mw,
+        &format!("/v1/users/{SOMSAK}/usage"),
+        r#"{"bytes":1000}"#,
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(quota_state(&mw, SOMSAK), (Some(1000), Some(1200)));
+    let sent = swaks(&pf.server, OUTSIDE, &[SOMSAK]);
+    assert!(
+        sent.expect_reply(&format!("RCPT TO:<{SOMSAK}>"))
+            .starts_with("250"),
+        "no SIZE=, room left: accepted at RCPT\n{}",
+        sent.transcript
+    );
+    let eod = sent.expect_reply(".");
+    assert!(
+        eod.starts_with("452 4.2.2") && eod.contains(SOMSAK) && eod.contains("storage quota"),
+        "{eod:?}\n{}",
+        sent.transcript
+    );
+    assert!(!sent.queued(), "{}", sent.transcript);
+
+    // CHAMPA: a quota of her own, far from full: delivered, and the size counted.
+    mw.cli_ok("user", &["quota", CHAMPA, "10000000"]);
+    let sent = swaks(&pf.server, OUTSIDE, &[CHAMPA]);
+    assert!(sent.queued(), "{}", sent.transcript);
+    let d = pf.wait_delivered(&sent.tag);
+    assert_eq!(d.rcpts, [CHAMPA]);
+    let usage = common::process::wait_for(
+        "the delivered size counted into the usage",
+        std::time::Duration::from_secs(10),
+        || quota_state(&mw, CHAMPA).0,
+    );
+    let size = Postfix::message_of(&d).len() as u64;
+    // Postfix's `size` at END-OF-MESSAGE is the message as the client sent it; the sink
+    // sees it with Postfix's Received: header on top, so a little larger.
+    assert!(
+        usage > 200 && usage < size,
+        "usage {usage} after one message of {size} bytes at the sink"
+    );
+    // The refused message was not counted.
+    assert_eq!(quota_state(&mw, SOMSAK), (Some(1000), Some(1200)));
+}
+
+/// R14's organisation limits through Postfix: two accounts of one organisation share its
+/// hourly message limit; past it, either one gets `450 4.7.1` naming the organisation.
+#[test]
+fn policy_r14_organisation_limit() {
+    let (_mw, pf) = setup(Path::Policy, "[rules.R14]\norg_messages_per_hour = 2\n");
+    for from in [CHAMPA, SOMSAK] {
+        let sent = swaks(&pf.server, from, &[OUTSIDE]);
+        assert!(sent.queued(), "{}", sent.transcript);
+    }
+    let sent = swaks(&pf.server, CHAMPA, &[OUTSIDE]);
+    let reply = sent.expect_reply(&format!("RCPT TO:<{OUTSIDE}>"));
+    assert!(
+        reply.starts_with("450 4.7.1")
+            && reply.contains("2 messages per hour for all of organisation mpt"),
+        "{reply:?}\n{}",
+        sent.transcript
+    );
+}

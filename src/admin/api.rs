@@ -36,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{code}", get(show_org))
         .route("/v1/orgs/{code}/cease", post(cease_org))
         .route("/v1/orgs/{code}/relays", post(change_relays))
+        .route("/v1/orgs/{code}/quota", post(set_org_quota))
         .route("/v1/users", get(list_users).post(create_user))
         .route(
             "/v1/users/import",
@@ -134,6 +135,8 @@ pub struct OrgView {
     pub status_changed_at: String,
     /// R10: the organisation's authorised relay networks (CIDR).
     pub relay_networks: Vec<String>,
+    /// R13: the quota of its accounts that have none of their own (`null`: none).
+    pub default_quota_bytes: Option<u64>,
 }
 
 impl From<&Org> for OrgView {
@@ -147,6 +150,7 @@ impl From<&Org> for OrgView {
             created_at: rfc3339(o.created_at),
             status_changed_at: rfc3339(o.status_changed_at),
             relay_networks: o.relay_networks.iter().map(|n| n.to_string()).collect(),
+            default_quota_bytes: o.default_quota_bytes,
         }
     }
 }
@@ -350,6 +354,7 @@ async fn create_org(
         created_at: t,
         status_changed_at: t,
         relay_networks: Vec::new(),
+        default_quota_bytes: None,
     };
     state.audit_ready().await?;
     match state.checker.directory.store().create_org(&org).await {
@@ -531,6 +536,45 @@ async fn change_relays(
     Ok(Json(after_v))
 }
 
+/// `POST /v1/orgs/{code}/quota`: the organisation's default storage quota (R13), which
+/// applies to its accounts without a quota of their own. Audited as `org.quota`.
+async fn set_org_quota(
+    State(state): State<AppState>,
+    caller: Caller,
+    peer: axum::Extension<Peer>,
+    Path(code): Path<String>,
+    Body(req): Body<Quota>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Write, "change an organisation's default quota")?;
+    let reason = directory::text("reason", req.reason.as_deref())?;
+    let _guard = state.writes.lock().await;
+    let org = find_org(&state, &code).await?;
+    state.audit_ready().await?;
+    let (before, after) = state
+        .checker
+        .directory
+        .store()
+        .set_org_quota(&org.code, req.bytes)
+        .await?;
+    state.checker.directory.invalidate_all();
+    let after_v = to_value(OrgView::from(&after));
+    state
+        .audit(
+            vec![record(
+                &caller,
+                &peer,
+                "org.quota",
+                org.code.clone(),
+                to_value(OrgView::from(&before)),
+                after_v.clone(),
+                reason,
+            )],
+            after_v.clone(),
+        )
+        .await?;
+    Ok(Json(after_v))
+}
+
 // ---- accounts -------------------------------------------------------------------------
 
 #[derive(Debug, Deserialize)]
@@ -598,7 +642,11 @@ async fn show_user(
     let address = path_address(&address)?;
     let account = find_user(&state, &address).await?;
     let store = state.checker.directory.store();
+    // R13: the quota in force (its own, else its organisation's default) and the usage.
+    let org = store.get_org(&account.org).await?;
     let mut view = to_value(UserView::from(&account));
+    view["effective_quota_bytes"] = json!(account.effective_quota(org.as_ref()));
+    view["usage_bytes"] = json!(store.usage(&address).await?);
     // R8: who may send as this account, and as which mailboxes it may send.
     view["delegates"] = to_value(strings(&store.delegates(&address).await?));
     view["may_send_as"] = to_value(strings(&store.delegated_to(&address).await?));

@@ -102,6 +102,17 @@ pub enum OrgCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Set the organisation's default storage quota in bytes (R13), or `none` to remove
+    /// it: the quota of its accounts that have none of their own.
+    #[command(after_help = EXIT_CODES)]
+    Quota {
+        code: String,
+        /// Bytes (e.g. 5368709120 for 5 GiB), or `none`.
+        bytes: String,
+        /// Why (written to the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -293,10 +304,34 @@ pub async fn org(client: &ClientArgs, cmd: OrgCommand) -> i32 {
                 };
                 Ok((v, Shape::Relays))
             }
+            OrgCommand::Quota {
+                code,
+                bytes,
+                reason,
+            } => {
+                let body = json!({ "bytes": quota_bytes(&bytes)?, "reason": reason });
+                let v = api
+                    .call(Method::POST, &["v1", "orgs", &code, "quota"], Some(body))
+                    .await?;
+                Ok((v, Shape::Org))
+            }
         }
     }
     .await;
     finish(client.json, res)
+}
+
+/// A quota argument: a number of bytes, or `none`.
+fn quota_bytes(arg: &str) -> Result<Option<u64>, Fail> {
+    match arg {
+        "none" => Ok(None),
+        b => b.parse().map(Some).map_err(|_| {
+            Fail::new(
+                EXIT_USAGE,
+                format!("{b:?} is not a number of bytes (or none)"),
+            )
+        }),
+    }
 }
 
 /// Runs a `user` subcommand; returns the process exit code.
@@ -378,16 +413,7 @@ pub async fn user(client: &ClientArgs, cmd: UserCommand) -> i32 {
                 bytes,
                 reason,
             } => {
-                let bytes: Option<u64> = match bytes.as_str() {
-                    "none" => None,
-                    b => Some(b.parse().map_err(|_| {
-                        Fail::new(
-                            EXIT_USAGE,
-                            format!("{b:?} is not a number of bytes (or none)"),
-                        )
-                    })?),
-                };
-                let body = json!({ "bytes": bytes, "reason": reason });
+                let body = json!({ "bytes": quota_bytes(&bytes)?, "reason": reason });
                 let v = change(&address, "quota", body).await?;
                 Ok((v, Shape::User))
             }
@@ -504,7 +530,7 @@ fn s(v: &Value, k: &str) -> String {
     }
 }
 
-const ORG_FIELDS: [&str; 8] = [
+const ORG_FIELDS: [&str; 9] = [
     "code",
     "name",
     "domain",
@@ -513,8 +539,9 @@ const ORG_FIELDS: [&str; 8] = [
     "created_at",
     "status_changed_at",
     "relay_networks",
+    "default_quota_bytes",
 ];
-const USER_FIELDS: [&str; 12] = [
+const USER_FIELDS: [&str; 14] = [
     "address",
     "org",
     "kind",
@@ -524,6 +551,8 @@ const USER_FIELDS: [&str; 12] = [
     "created_at",
     "status_changed_at",
     "quota_bytes",
+    "effective_quota_bytes",
+    "usage_bytes",
     "bulk",
     // R8, shown by `user show` when there are any.
     "delegates",

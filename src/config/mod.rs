@@ -285,10 +285,23 @@ pub struct RuleConfig {
     pub recipients_per_hour: Option<u64>,
     /// R14: most accepted recipients per account per UTC day (0: no limit).
     pub recipients_per_day: Option<u64>,
-    /// R14: which front-end counts (a message seen by both must be counted once).
+    /// R14: most messages per organisation per UTC hour (0 or absent: none, and nothing is
+    /// counted per organisation).
+    pub org_messages_per_hour: Option<u64>,
+    /// R14: most messages per organisation per UTC day (0 or absent: none).
+    pub org_messages_per_day: Option<u64>,
+    /// R14: most accepted recipients per organisation per UTC hour (0 or absent: none).
+    pub org_recipients_per_hour: Option<u64>,
+    /// R14: most accepted recipients per organisation per UTC day (0 or absent: none).
+    pub org_recipients_per_day: Option<u64>,
+    /// R14 (sending counters) and R13 (delivered sizes): which front-end counts (a message
+    /// seen by both must be counted once).
     pub count_on: Option<CountOn>,
     /// R13: refuse over-quota recipients with `552 5.2.2` instead of `452 4.2.2`.
     pub permanent: Option<bool>,
+    /// R13: add each accepted message's size to the usage of its recipients that have a
+    /// quota (default `true`).
+    pub count_deliveries: Option<bool>,
 }
 
 /// One `[rules.Rn]` table as written in the file: the common switches plus the few
@@ -309,6 +322,11 @@ pub struct RuleTable {
     pub messages_per_day: Option<u64>,
     pub recipients_per_hour: Option<u64>,
     pub recipients_per_day: Option<u64>,
+    pub org_messages_per_hour: Option<u64>,
+    pub org_messages_per_day: Option<u64>,
+    pub org_recipients_per_hour: Option<u64>,
+    pub org_recipients_per_day: Option<u64>,
+    /// R14 and R13: which front-end counts.
     pub count_on: Option<CountOn>,
     /// R13 only: permanent over-quota replies.
     pub permanent: Option<bool>,
@@ -324,6 +342,8 @@ pub struct RuleTable {
     /// R7 only: largest message whose body is kept for DKIM/ARC verification, in bytes
     /// (default 26214400 = 25 MiB). A larger one is judged without its DKIM signatures.
     pub max_message_size: Option<u64>,
+    /// R13 only: count delivered sizes into the usage.
+    pub count_deliveries: Option<bool>,
 }
 
 /// R11's default exemptions: loopback (local programs submitting through `sendmail` or a
@@ -559,7 +579,19 @@ impl Config {
                 ("messages_per_day", table.messages_per_day.is_some()),
                 ("recipients_per_hour", table.recipients_per_hour.is_some()),
                 ("recipients_per_day", table.recipients_per_day.is_some()),
-                ("count_on", table.count_on.is_some()),
+                (
+                    "org_messages_per_hour",
+                    table.org_messages_per_hour.is_some(),
+                ),
+                ("org_messages_per_day", table.org_messages_per_day.is_some()),
+                (
+                    "org_recipients_per_hour",
+                    table.org_recipients_per_hour.is_some(),
+                ),
+                (
+                    "org_recipients_per_day",
+                    table.org_recipients_per_day.is_some(),
+                ),
             ];
             if name != RuleId::R14.as_str() {
                 for (key, set) in r14_keys {
@@ -620,6 +652,21 @@ impl Config {
                     "is the quota reply's kind: it belongs in [rules.R13]".into(),
                 );
             }
+            if name != RuleId::R13.as_str() && table.count_deliveries.is_some() {
+                err(
+                    &format!("rules.{name}.count_deliveries"),
+                    "is about mailbox usage: it belongs in [rules.R13]".into(),
+                );
+            }
+            if name != RuleId::R13.as_str()
+                && name != RuleId::R14.as_str()
+                && table.count_on.is_some()
+            {
+                err(
+                    &format!("rules.{name}.count_on"),
+                    "says which front-end counts: only [rules.R13] and [rules.R14] count".into(),
+                );
+            }
             if !KNOWN_RULES.iter().any(|r| r.as_str() == name) {
                 err(
                     &format!("rules.{name}"),
@@ -653,8 +700,13 @@ impl Config {
                 messages_per_day: t.messages_per_day,
                 recipients_per_hour: t.recipients_per_hour,
                 recipients_per_day: t.recipients_per_day,
+                org_messages_per_hour: t.org_messages_per_hour,
+                org_messages_per_day: t.org_messages_per_day,
+                org_recipients_per_hour: t.org_recipients_per_hour,
+                org_recipients_per_day: t.org_recipients_per_day,
                 count_on: t.count_on,
                 permanent: t.permanent,
+                count_deliveries: t.count_deliveries,
             })
             .unwrap_or_default()
     }

@@ -301,3 +301,34 @@ fn r7_is_off_until_its_table_exists_and_its_keys_stay_in_it() {
         ]
     );
 }
+
+#[test]
+fn quota_keys_belong_to_r13_and_count_on_to_the_counting_rules() {
+    let c = Config::from_toml(
+        "[rules.R13]\ncount_deliveries = false\ncount_on = \"milter\"\npermanent = true\n",
+    )
+    .unwrap();
+    let r13 = c.rule(RuleId::R13);
+    assert_eq!(r13.count_deliveries, Some(false));
+    assert_eq!(r13.count_on, Some(CountOn::Milter));
+    let errs = Config::from_toml("[rules.R14]\ncount_deliveries = true\n").unwrap_err();
+    assert_eq!(errs[0].key, "rules.R14.count_deliveries", "{errs:?}");
+    assert!(errs[0].reason.contains("[rules.R13]"), "{errs:?}");
+    let errs = Config::from_toml("[rules.R1]\ncount_on = \"policy\"\n").unwrap_err();
+    assert_eq!(errs[0].key, "rules.R1.count_on", "{errs:?}");
+    let errs = Config::from_toml("[rules.R13]\ncount_deliveries = \"yes\"\n").unwrap_err();
+    assert!(errs[0].reason.contains("count_deliveries"), "{errs:?}");
+}
+
+#[test]
+fn organisation_limits_belong_to_r14_and_are_off_by_default() {
+    let c = Config::from_toml("").unwrap();
+    assert_eq!(c.rule(RuleId::R14).org_messages_per_hour, None);
+    let c = Config::from_toml("[rules.R14]\norg_recipients_per_day = 5000\n").unwrap();
+    assert_eq!(c.rule(RuleId::R14).org_recipients_per_day, Some(5000));
+    let errs = Config::from_toml("[rules.R13]\norg_messages_per_hour = 5\n").unwrap_err();
+    assert_eq!(errs[0].key, "rules.R13.org_messages_per_hour", "{errs:?}");
+    assert!(errs[0].reason.contains("[rules.R14]"), "{errs:?}");
+    let errs = Config::from_toml("[rules.R14]\norg_messages_per_day = -1\n").unwrap_err();
+    assert!(errs[0].reason.contains("org_messages_per_day"), "{errs:?}");
+}

@@ -279,32 +279,64 @@ async fn body(s: Arc<Shared>, cx: &mut Context<Session>, chunk: impl AsRef<[u8]>
     sess.body_status()
 }
 
+/// End of message: R13 with the measured size (only when headers and body were
+/// negotiated anyway, for a content rule such as DKIM signing: the body is never asked for
+/// just to measure it; `SIZE=` at RCPT covers the rest), then R6's signatures. When the
+/// message is accepted, its size is counted into its recipients' usage.
 async fn eom(s: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {
     let sess = session(&s, &mut cx.data);
     let measured = sess.sees_content() || s.features.body;
     sess.end_of_message(&cx.macros, measured);
     let status = if sess.message_failed() {
         failed_message(sess, &mut cx.reply)
-    } else if let Some(v) = sess.take_verifying() {
-        verify_inbound(&s, sess, &mut cx.reply, &cx.actions, v).await
     } else {
-        let status = match sess.take_signer() {
-            Some((domain, signer)) => {
-                sign(&s, sess, &mut cx.reply, &cx.actions, &domain, signer).await
+        let quota = match (measured, sess.tx.size) {
+            (true, Some(size)) => {
+                let check = s
+                    .checker
+                    .check_end_of_message(&sess.tx, &sess.tx.recipients, size);
+                match guarded(check).await {
+                    Ok(eom) => Some(eom),
+                    Err(e) => {
+                        let status = internal_error(sess, &mut cx.reply, "eom", &e);
+                        sess.end_message();
+                        return status;
+                    }
+                }
             }
+            _ => None,
+        };
+        let quota_status = match &quota {
+            Some(eom) => answer(&mut cx.reply, &eom.decision.action, &sess.tx),
             None => Status::Continue,
         };
-        // Outbound and authorised mail is not verified, but an `Authentication-Results`
-        // claiming our authserv-id is a forgery there too (a local recipient's reader would
-        // trust it): removed from every message while R7 is on. Never signed (not in h=).
-        if status == Status::Continue && sess.verifies() {
-            match remove_forged(sess, &cx.actions).await {
-                Ok(_) => status,
-                Err(e) => internal_error(sess, &mut cx.reply, "eom", &e),
-            }
+        let status = if quota_status != Status::Continue {
+            quota_status
+        } else if let Some(v) = sess.take_verifying() {
+            verify_inbound(&s, sess, &mut cx.reply, &cx.actions, v).await
         } else {
-            status
+            let status = match sess.take_signer() {
+                Some((domain, signer)) => {
+                    sign(&s, sess, &mut cx.reply, &cx.actions, &domain, signer).await
+                }
+                None => Status::Continue,
+            };
+            // Outbound and authorised mail is not verified, but an `Authentication-Results`
+            // claiming our authserv-id is a forgery there too (a local recipient's reader would
+            // trust it): removed from every message while R7 is on. Never signed (not in h=).
+            if status == Status::Continue && sess.verifies() {
+                match remove_forged(sess, &cx.actions).await {
+                    Ok(_) => status,
+                    Err(e) => internal_error(sess, &mut cx.reply, "eom", &e),
+                }
+            } else {
+                status
+            }
+        };
+        if let (Status::Continue, Some(eom)) = (status, quota) {
+            s.checker.delivered(eom);
         }
+        status
     };
     sess.end_message();
     status

@@ -9,7 +9,7 @@
 use super::codec::{Action, CodecError, Decoder, Limits, Request};
 use super::request::{PolicyRequest, ProtocolState, RequestError, action_for};
 use crate::checker::Checker;
-use crate::model::{self, Protocol};
+use crate::model::{self, Address, Protocol};
 use crate::net::{self, Conn, Listener};
 use crate::telemetry;
 use futures_util::future::Either;
@@ -140,9 +140,15 @@ where
                 if rcpt {
                     req.tx.rcpts_accepted = message.before(req.instance.as_deref());
                 }
-                let action = respond(checker, &req).await;
+                let accepted = match req.state {
+                    ProtocolState::EndOfMessage => message.finish(req.instance.as_deref()),
+                    _ => Vec::new(),
+                };
+                let action = respond(checker, &req, &accepted).await;
                 if rcpt && action == Action::dunno() {
-                    message.accepted += 1;
+                    if let Some(r) = &req.recipient {
+                        message.accept(r);
+                    }
                 }
                 action
             }
@@ -157,14 +163,22 @@ where
     }
 }
 
-/// The recipients this connection let through for the current message (R14 counts a
-/// message once, at its first accepted recipient). One smtpd process talks to the policy
-/// service over one connection, one SMTP session at a time, so requests of one message
-/// arrive in order on one connection; `instance` tells messages apart.
+/// Most recipients of one message remembered for the end-of-message quota check; the
+/// memory bound of a connection, far above any MTA's recipient limit
+/// (`smtpd_recipient_limit`, 1000 by default). Recipients past it are counted for R14 but
+/// not checked again at end of message.
+pub const MAX_REMEMBERED_RECIPIENTS: usize = 10_000;
+
+/// The recipients this connection let through for the current message: R14 counts a
+/// message once, at its first accepted recipient, and R13 checks each of them again at
+/// END-OF-MESSAGE with the actual size. One smtpd process talks to the policy service over
+/// one connection, one SMTP session at a time, so requests of one message arrive in order
+/// on one connection; `instance` tells messages apart.
 #[derive(Default)]
 struct MessageRecipients {
     instance: Option<String>,
     accepted: usize,
+    addresses: Vec<Address>,
 }
 
 impl MessageRecipients {
@@ -174,8 +188,26 @@ impl MessageRecipients {
         if instance.is_none() || self.instance.as_deref() != instance {
             self.instance = instance.map(str::to_owned);
             self.accepted = 0;
+            self.addresses.clear();
         }
         self.accepted
+    }
+
+    /// Records a recipient this service let through (after [`Self::before`]).
+    fn accept(&mut self, rcpt: &Address) {
+        self.accepted += 1;
+        if self.addresses.len() < MAX_REMEMBERED_RECIPIENTS {
+            self.addresses.push(rcpt.clone());
+        }
+    }
+
+    /// END-OF-MESSAGE of `instance`: the recipients accepted for it (none when the
+    /// instance is unknown or another message's). The message is over: they are forgotten.
+    fn finish(&mut self, instance: Option<&str>) -> Vec<Address> {
+        if instance.is_none() || self.instance.as_deref() != instance {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.addresses)
     }
 }
 
@@ -235,8 +267,9 @@ async fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
 }
 
 /// Which checks a request's stage calls for. Rules for other stages come later; until then
-/// Postfix is told `DUNNO` and goes on with its own restrictions.
-async fn respond(checker: &Checker, req: &PolicyRequest) -> Action {
+/// Postfix is told `DUNNO` and goes on with its own restrictions. `accepted`: at
+/// END-OF-MESSAGE, the recipients this service let through for the message.
+async fn respond(checker: &Checker, req: &PolicyRequest, accepted: &[Address]) -> Action {
     let action = match req.state {
         ProtocolState::Rcpt => {
             // With Postfix's default `smtpd_delay_reject = yes` the sender is judged at RCPT.
@@ -251,10 +284,20 @@ async fn respond(checker: &Checker, req: &PolicyRequest) -> Action {
             }
         }
         ProtocolState::Mail => action_for(&checker.check_mail(&req.tx).await),
+        // R13 with the actual size (`size` at END-OF-MESSAGE). Postfix asks here only with
+        // `smtpd_end_of_data_restrictions = check_policy_service ...`.
+        ProtocolState::EndOfMessage => match req.tx.size {
+            Some(size) if !accepted.is_empty() => {
+                let eom = checker.check_end_of_message(&req.tx, accepted, size).await;
+                let action = action_for(&eom.decision);
+                checker.delivered(eom);
+                action
+            }
+            _ => Action::dunno(),
+        },
         ProtocolState::Connect
         | ProtocolState::Helo
         | ProtocolState::Data
-        | ProtocolState::EndOfMessage
         | ProtocolState::Vrfy
         | ProtocolState::Etrn
         | ProtocolState::Other(_) => Action::dunno(),

@@ -774,3 +774,173 @@ async fn quota_refuses_a_full_mailbox_at_rcpt() {
     let action = c.ask(&with_size("0")).await.unwrap();
     assert_eq!(code(&action), "552 5.2.2", "{action}");
 }
+
+/// A request of message `instance` at `state` (`recipient` may be empty), with `size`.
+fn in_message(state: &str, instance: &str, recipient: &str, size: &str) -> Request {
+    Request::from_attrs([
+        ("request", "smtpd_access_policy"),
+        ("protocol_state", state),
+        ("instance", instance),
+        ("client_address", "192.0.2.10"),
+        ("sender", "friend@example.org"),
+        ("recipient", recipient),
+        ("size", size),
+    ])
+}
+
+/// Waits (bounded) until `address`'s usage is `want`: delivered sizes are counted in the
+/// background, after the reply.
+async fn usage_becomes(store: &TestStore, address: &crate::model::Address, want: u64) {
+    use crate::store::Store;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = store.usage(address).await.unwrap();
+        if now == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "usage of {address} is {now:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// R13 at END-OF-MESSAGE: the recipients accepted at RCPT (without SIZE=, so they passed
+/// there) are checked again with the actual size; over quota, the whole message is
+/// refused; accepted, its size is added to each quota holder's usage.
+#[tokio::test]
+async fn quota_is_checked_again_at_end_of_message_with_the_actual_size() {
+    use crate::store::Store;
+    use crate::store::testing::{account, addr};
+    let s = Server::start("").await;
+    let champa = addr("champa@mpt.gov.la");
+    let dara = addr("dara@mpt.gov.la");
+    s.store
+        .create_account(&account("dara@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+    // champa: 10 000 of her own, 9 000 used; dara: the organisation's default of 5 000.
+    s.store.set_quota(&champa, Some(10_000)).await.unwrap();
+    s.store.set_usage(&champa, 9_000, 0).await.unwrap();
+    s.store.set_org_quota("mpt", Some(5_000)).await.unwrap();
+    s.checker.directory.invalidate_all();
+    let mut c = s.client().await;
+
+    // Message m1: no SIZE=, both pass at RCPT; 1 001 bytes take champa past her quota.
+    for r in [
+        "champa@mpt.gov.la",
+        "dara@mpt.gov.la",
+        "someone@example.org",
+    ] {
+        let action = c.ask(&in_message("RCPT", "m1", r, "0")).await.unwrap();
+        assert_eq!(action, "DUNNO", "{r}");
+    }
+    let action = c
+        .ask(&in_message("END-OF-MESSAGE", "m1", "", "1001"))
+        .await
+        .unwrap();
+    assert_eq!(code(&action), "452 4.2.2", "{action}");
+    assert!(action.contains("champa@mpt.gov.la"), "{action}");
+
+    // Message m2: 1 000 bytes fit exactly; both usages grow by the size after the reply.
+    for r in ["champa@mpt.gov.la", "dara@mpt.gov.la"] {
+        c.ask(&in_message("RCPT", "m2", r, "0")).await.unwrap();
+    }
+    let action = c
+        .ask(&in_message("END-OF-MESSAGE", "m2", "", "1000"))
+        .await
+        .unwrap();
+    assert_eq!(action, "DUNNO");
+    usage_becomes(&s.store, &champa, 10_000).await;
+    usage_becomes(&s.store, &dara, 1_000).await;
+    // m1 was refused: nothing of it was counted.
+    assert_eq!(s.store.usage(&champa).await.unwrap(), Some(10_000));
+
+    // Message m3: champa is full now and refused at RCPT, so only dara is checked at the
+    // end (and counted).
+    let action = c
+        .ask(&in_message("RCPT", "m3", "champa@mpt.gov.la", "0"))
+        .await
+        .unwrap();
+    assert_eq!(code(&action), "452 4.2.2", "{action}");
+    c.ask(&in_message("RCPT", "m3", "dara@mpt.gov.la", "0"))
+        .await
+        .unwrap();
+    let action = c
+        .ask(&in_message("END-OF-MESSAGE", "m3", "", "500"))
+        .await
+        .unwrap();
+    assert_eq!(action, "DUNNO");
+    usage_becomes(&s.store, &dara, 1_500).await;
+
+    // An END-OF-MESSAGE of a message whose recipients this connection did not see (or
+    // without a size) has nothing to check.
+    let action = c
+        .ask(&in_message("END-OF-MESSAGE", "other", "", "999999"))
+        .await
+        .unwrap();
+    assert_eq!(action, "DUNNO");
+    c.ask(&in_message("RCPT", "m4", "dara@mpt.gov.la", "0"))
+        .await
+        .unwrap();
+    let action = c
+        .ask(&in_message("END-OF-MESSAGE", "m4", "", ""))
+        .await
+        .unwrap();
+    assert_eq!(action, "DUNNO");
+    let m = s.metrics();
+    assert!(
+        m.contains(r#"mailwarden_verdicts_total{rule="R13",stage="eom",outcome="tempfail",protocol="policy"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn end_of_message_quota_is_552_when_permanent_and_counting_can_be_off() {
+    use crate::model::{Action, Protocol, Transaction};
+    use crate::store::Store;
+    use crate::store::testing::addr;
+    let champa = addr("champa@mpt.gov.la");
+    let p = Server::start("[rules.R13]\npermanent = true\n").await;
+    p.store.set_quota(&champa, Some(100)).await.unwrap();
+    let mut c = p.client().await;
+    c.ask(&in_message("RCPT", "m1", "champa@mpt.gov.la", "0"))
+        .await
+        .unwrap();
+    let action = c
+        .ask(&in_message("END-OF-MESSAGE", "m1", "", "101"))
+        .await
+        .unwrap();
+    assert_eq!(code(&action), "552 5.2.2", "{action}");
+
+    // What would be counted, decided before anything is written.
+    let tx = Transaction::new(Protocol::Policy);
+    let counted = |toml: &'static str| {
+        let champa = champa.clone();
+        let tx = tx.clone();
+        async move {
+            let s = Server::start(toml).await;
+            s.store.set_quota(&champa, Some(1_000)).await.unwrap();
+            let eom = s
+                .checker
+                .check_end_of_message(&tx, std::slice::from_ref(&champa), 10)
+                .await;
+            assert_eq!(eom.decision.action, Action::Continue);
+            eom.counted().to_vec()
+        }
+    };
+    assert_eq!(counted("").await, vec![champa.clone()]);
+    assert!(
+        counted("[rules.R13]\ncount_deliveries = false\n")
+            .await
+            .is_empty()
+    );
+    // Counted by the milter instead (both wired): the policy service does not count.
+    assert!(
+        counted("[rules.R13]\ncount_on = \"milter\"\n")
+            .await
+            .is_empty()
+    );
+    assert!(counted("[rules.R13]\nmode = \"off\"\n").await.is_empty());
+}

@@ -79,6 +79,11 @@ macro_rules! store_contract_tests {
             delegations_are_added_listed_and_removed,
             delegation_needs_registered_accounts,
             delegation_is_seen_by_a_peer,
+            org_default_quota_roundtrip,
+            add_usage_accumulates_and_reports_replace_it,
+            concurrent_add_usage_from_two_instances_loses_nothing,
+            take_with_org_counts_both_all_or_nothing,
+            concurrent_org_takes_from_two_instances_stop_at_exactly_the_org_limit,
         );
     };
     (@each $harness:path; $($check:ident),+ $(,)?) => {
@@ -1367,4 +1372,195 @@ pub async fn delegation_is_seen_by_a_peer(h: Harness) {
     assert!(h.peer.remove_delegate(&cabinet, &champa).await.unwrap());
     assert!(h.store.delegates(&cabinet).await.unwrap().is_empty());
     assert!(h.store.delegated_to(&champa).await.unwrap().is_empty());
+}
+
+pub async fn org_default_quota_roundtrip(h: Harness) {
+    with_orgs(&*h.store, &["mpt"]).await;
+    let (before, after) = h.store.set_org_quota("MPT", Some(5 << 30)).await.unwrap();
+    assert_eq!(before, org("mpt"));
+    assert_eq!(
+        after,
+        Org {
+            default_quota_bytes: Some(5 << 30),
+            ..org("mpt")
+        }
+    );
+    assert_eq!(h.peer.get_org("mpt").await.unwrap(), Some(after.clone()));
+    assert_eq!(
+        h.peer.get_org_by_domain("mpt.gov.la").await.unwrap(),
+        Some(after.clone())
+    );
+    assert_eq!(h.peer.list_orgs().await.unwrap(), vec![after.clone()]);
+    // Other changes keep it.
+    let change = StatusChange {
+        status: OrgStatus::Ceased,
+        reason: None,
+        at: 5,
+    };
+    let (_, ceased) = h.store.set_org_status("mpt", &change).await.unwrap();
+    assert_eq!(ceased.default_quota_bytes, Some(5 << 30));
+    let (before, removed) = h.store.set_org_quota("mpt", None).await.unwrap();
+    assert_eq!(before.default_quota_bytes, Some(5 << 30));
+    assert_eq!(removed.default_quota_bytes, None);
+    assert_eq!(h.peer.get_org("mpt").await.unwrap(), Some(removed));
+    assert_not_found(
+        h.store.set_org_quota("mof", Some(1)).await,
+        "organisation",
+        "mof",
+    );
+    // Registered with a default: stored as given.
+    let mof = Org {
+        default_quota_bytes: Some(0),
+        ..org("mof")
+    };
+    h.store.create_org(&mof).await.unwrap();
+    assert_eq!(h.peer.get_org("mof").await.unwrap(), Some(mof));
+}
+
+pub async fn add_usage_accumulates_and_reports_replace_it(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    // Never reported: counting starts from 0.
+    assert_eq!(h.store.add_usage(&a, 1000).await.unwrap(), 1000);
+    assert_eq!(h.peer.add_usage(&a, 24).await.unwrap(), 1024);
+    assert_eq!(h.store.usage(&a).await.unwrap(), Some(1024));
+    // The mailbox server's report replaces the sum (deleted mail is corrected for).
+    h.peer.set_usage(&a, 100, NOW).await.unwrap();
+    assert_eq!(h.store.usage(&a).await.unwrap(), Some(100));
+    assert_eq!(h.store.add_usage(&a, 5).await.unwrap(), 105);
+    assert_eq!(h.peer.usage(&a).await.unwrap(), Some(105));
+    assert_eq!(h.store.usage(&addr("kham@mpt.gov.la")).await.unwrap(), None);
+}
+
+pub async fn concurrent_add_usage_from_two_instances_loses_nothing(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    let mut tasks = Vec::new();
+    for i in 0..40u64 {
+        let s = if i % 2 == 0 {
+            h.store.clone()
+        } else {
+            h.peer.clone()
+        };
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move { s.add_usage(&a, 10).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(h.store.usage(&a).await.unwrap(), Some(400));
+}
+
+// ---------------------------------------------------------------------------------------
+// Organisation sending limits (R14)
+
+async fn org_counts(s: &dyn Store, org: &str, now: Timestamp) -> Vec<u64> {
+    s.org_counters(org, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.count)
+        .collect()
+}
+
+pub async fn take_with_org_counts_both_all_or_nothing(h: Harness) {
+    let champa = addr("champa@mpt.gov.la");
+    let dara = addr("dara@mpt.gov.la");
+    let mine = [take(MSG_HOUR, 1, Some(2)), take(RCPT_HOUR, 1, None)];
+    let org = [take(MSG_HOUR, 1, Some(3)), take(RCPT_DAY, 1, None)];
+    let joint = |a: &Address| {
+        let (a, s) = (a.clone(), h.store.clone());
+        async move { s.take_with_org(&a, &mine, "MPT", &org, NOW).await.unwrap() }
+    };
+    let taken = JointTakeOutcome {
+        outcome: TakeOutcome::Taken,
+        by_org: false,
+    };
+    assert_eq!(joint(&champa).await, taken);
+    assert_eq!(joint(&champa).await, taken);
+    // champa's own limit: refused by the account, the organisation unchanged.
+    assert_eq!(
+        joint(&champa).await,
+        JointTakeOutcome {
+            outcome: TakeOutcome::Refused {
+                counter: MSG_HOUR,
+                count: 2,
+                limit: 2
+            },
+            by_org: false
+        }
+    );
+    assert_eq!(org_counts(&*h.peer, "mpt", NOW).await, [2, 0, 0, 2]);
+    assert_eq!(joint(&dara).await, taken);
+    // The organisation's limit (3) is reached: refused by it, dara's counters unchanged.
+    assert_eq!(
+        joint(&dara).await,
+        JointTakeOutcome {
+            outcome: TakeOutcome::Refused {
+                counter: MSG_HOUR,
+                count: 3,
+                limit: 3
+            },
+            by_org: true
+        }
+    );
+    assert_eq!(counts(&*h.peer, &dara, NOW).await, [1, 0, 1, 0]);
+    assert_eq!(counts(&*h.peer, &champa, NOW).await, [2, 0, 2, 0]);
+    assert_eq!(org_counts(&*h.peer, "mpt", NOW).await, [3, 0, 0, 3]);
+    // Organisation counters are not an account's, and have their own windows.
+    assert_eq!(org_counts(&*h.store, "mof", NOW).await, [0, 0, 0, 0]);
+    assert_eq!(org_counts(&*h.store, "mpt", NOW + 3600).await, [0, 0, 0, 3]);
+    // Without organisation takes it is a plain take.
+    let plain = h
+        .store
+        .take_with_org(&dara, &[take(MSG_DAY, 1, None)], "mpt", &[], NOW)
+        .await
+        .unwrap();
+    assert_eq!(plain, taken);
+    assert_eq!(counts(&*h.store, &dara, NOW).await, [1, 1, 1, 0]);
+}
+
+pub async fn concurrent_org_takes_from_two_instances_stop_at_exactly_the_org_limit(h: Harness) {
+    const LIMIT: u64 = 12;
+    const TASKS: usize = 40;
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let mut tasks = Vec::new();
+    for i in 0..TASKS {
+        let s = if i % 2 == 0 {
+            h.store.clone()
+        } else {
+            h.peer.clone()
+        };
+        let barrier = barrier.clone();
+        // Four accounts of one organisation, each far from its own limit.
+        let a = addr(&format!("user{}@mpt.gov.la", i % 4));
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            s.take_with_org(
+                &a,
+                &[take(MSG_HOUR, 1, Some(1000))],
+                "mpt",
+                &[take(MSG_HOUR, 1, Some(LIMIT))],
+                NOW,
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    let mut taken = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            JointTakeOutcome {
+                outcome: TakeOutcome::Taken,
+                ..
+            } => taken += 1,
+            JointTakeOutcome { by_org, .. } => assert!(by_org),
+        }
+    }
+    assert_eq!(taken, LIMIT);
+    assert_eq!(org_counts(&*h.store, "mpt", NOW).await[0], LIMIT);
+    // Every account's counter holds exactly what it was granted: refusals gave back.
+    let mut sum = 0;
+    for i in 0..4 {
+        sum += counts(&*h.peer, &addr(&format!("user{i}@mpt.gov.la")), NOW).await[0];
+    }
+    assert_eq!(sum, LIMIT);
 }

@@ -20,6 +20,17 @@
 //! when none would pass its limit, in one atomic step (one SQLite write transaction; one
 //! Lua script on Redis, whose keys share the account's hash tag). So two daemons racing for
 //! the last unit of a limit never both get it, and a refused check changes nothing.
+//!
+//! # Organisation counters
+//!
+//! With per-organisation limits configured (`[rules.R14] org_messages_per_hour`, ...), the
+//! same counters are kept per organisation code, and [`super::Store::take_with_org`] takes
+//! the account's and the organisation's together: all or nothing. On SQLite and on Redis
+//! standalone/Sentinel that is one transaction / one script. On Redis Cluster the
+//! organisation's keys live in their own slot, so it is two scripts: the account's take,
+//! then the organisation's; when the organisation refuses, the account's take is given back
+//! (see the Redis store's module docs). Without organisation limits nothing is counted per
+//! organisation and a check costs what it did before.
 
 use super::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -131,6 +142,14 @@ pub enum TakeOutcome {
         count: u64,
         limit: u64,
     },
+}
+
+/// The answer of [`super::Store::take_with_org`]: the joint outcome, and whose counter
+/// refused (`by_org`: the organisation's; else the account's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JointTakeOutcome {
+    pub outcome: TakeOutcome,
+    pub by_org: bool,
 }
 
 /// A counter's value in the window containing the time asked about.

@@ -163,6 +163,34 @@ pub trait Store: Send + Sync + 'static {
     async fn delegates(&self, mailbox: &Address) -> StoreResult<Vec<Address>>;
     /// The mailboxes `delegate` may send as (R8), ordered by address.
     async fn delegated_to(&self, delegate: &Address) -> StoreResult<Vec<Address>>;
+
+    /// Sets (or with `None` removes) an organisation's default storage quota in bytes (R13:
+    /// the quota of its accounts that have none of their own); returns (before, after).
+    /// `NotFound` if unknown. Announced on the change feed like other organisation changes.
+    async fn set_org_quota(&self, code: &str, quota_bytes: Option<u64>) -> StoreResult<(Org, Org)>;
+
+    /// Adds `bytes` to an account's mailbox usage (R13: mailwarden counting a delivered
+    /// message); an account without a reported usage starts from 0. Atomic against other
+    /// instances and against the mailbox server's reports ([`Store::set_usage`]: the next
+    /// report replaces the sum). Returns the usage after the addition.
+    async fn add_usage(&self, address: &Address, bytes: u64) -> StoreResult<u64>;
+
+    /// Sending limits (R14) with per-organisation limits: [`Store::take`] of `takes` on the
+    /// account's counters and of `org_takes` on organisation `org`'s counters, all or
+    /// nothing (a refusal leaves both unchanged once the call returns). The account's
+    /// counters are checked first; `by_org` says whose counter refused. With `org_takes`
+    /// empty this is exactly [`Store::take`].
+    async fn take_with_org(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        org: &str,
+        org_takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<JointTakeOutcome>;
+    /// Organisation `org`'s counters ([`Counter::ALL`], in that order) in the windows
+    /// containing `now`; 0 for a counter never incremented in its window.
+    async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>>;
 }
 
 /// Round-trip statistics of a networked store, shared with the metrics registry (the

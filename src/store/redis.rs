@@ -21,7 +21,7 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `P:{dir}:org:<code>` | hash | one organisation (field `relays`: R10's networks, space-separated; absent when none) |
+//! | `P:{dir}:org:<code>` | hash | one organisation (field `relays`: R10's networks, space-separated; `default_quota_bytes`: R13's default; each absent when none) |
 //! | `P:{dir}:dom:<domain>` | string | the code of the organisation owning `<domain>` |
 //! | `P:{dir}:orgs` | sorted set | every code, score 0 (so ordered by code, bytewise) |
 //! | `P:{dir}:acct:<address>` | hash | one account |
@@ -37,10 +37,13 @@
 //! |---|---|---|
 //! | `P:{acct:<address>}:rate:<measure>:<window>:<start>` | string | a count, e.g. `mw:{acct:champa@mpt.gov.la}:rate:messages:hour:1796421600` |
 //!
+//! | `P:{org:<code>}:rate:<measure>:<window>:<start>` | string | an organisation's count (R14's `org_*` limits; only the limited counters are kept) |
+//!
 //! `<start>` is the window's start (Unix seconds); a key expires one window after its
-//! window ends, so old windows clean themselves up. The mailbox usage its mailbox server
-//! reported (R13) is `P:usage:<address>/quota/storage`, a decimal byte count (plain SET/GET:
-//! the last report wins). That is the key Dovecot's `quota_clone` plugin writes with
+//! window ends, so old windows clean themselves up. The mailbox usage (R13) is
+//! `P:usage:<address>/quota/storage`, a decimal byte count: a report of the mailbox server
+//! SETs it (the last report wins), a delivery counted by mailwarden INCRBYs it (atomic, so
+//! instances counting at once lose nothing; a missing key counts from 0). That is the key Dovecot's `quota_clone` plugin writes with
 //! `quota_clone_dict = redis:...:prefix=P:usage:` (its redis dict stores the private key
 //! `priv/quota/storage` of user U as `<prefix>U/quota/storage`), so Dovecot can report usage
 //! straight into the store; it is read with a single GET, so it needs no hash tag.
@@ -83,8 +86,19 @@
 //!   not retried after a broken connection: it may have run, and a tempfailed recipient
 //!   that was counted anyway errs on the safe side (never a count lost, at worst one
 //!   recipient counted that the client will send again).
-//! - `set_field`: like `set_status`, for one field: the bulk permission (`bulk`, `1` or
-//!   absent) and the quota (`quota_bytes`, absent for none).
+//! - `take` with organisation limits ([`Store::take_with_org`]): on standalone and Sentinel,
+//!   one `take` script over the account's and the organisation's keys (one round trip, all
+//!   or nothing). On Cluster the organisation's keys are in their own slot `{org:<code>}`,
+//!   which a script cannot combine with the account's; so the account's `take` runs first
+//!   (refused: nothing changed), then the organisation's; when that refuses or fails,
+//!   `give_back` DECRBYs the account's counters again. Two round trips per check, only when
+//!   organisation limits are configured (three on an organisation refusal). Between the two
+//!   the account's counters are briefly one higher: a racing check of that account may
+//!   refuse early, none can pass a limit. A failed give-back leaves the account counted one
+//!   too many until the window ends (the safe side, logged).
+//! - `set_field`: like `set_status`, for one field: an account's bulk permission (`bulk`,
+//!   `1` or absent) and quota (`quota_bytes`, absent for none), an organisation's default
+//!   quota (`default_quota_bytes`), each announced like any change of that record.
 //! - `delegate` (R8): checks that the mailbox (and, when adding, the delegate) account
 //!   exists, then adds or removes the pair in both sorted sets together; the answer says
 //!   whether anything changed.
@@ -314,6 +328,108 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// Runs the TAKE script over `keyed` (all in one slot, or any keys off Cluster): `None`
+    /// when every take was applied, else the (0-based) index of the first refused take and
+    /// its counter's count. Not retried: a script whose connection broke may have run (see
+    /// the module docs).
+    async fn run_takes(
+        &self,
+        keyed: &[(String, Take)],
+        now: Timestamp,
+        what: &str,
+    ) -> StoreResult<Option<(usize, u64)>> {
+        if keyed.is_empty() {
+            return Ok(None);
+        }
+        let mut inv = TAKE.prepare_invoke();
+        for (key, t) in keyed {
+            let w = t.counter.window;
+            // Kept one window past its end: long enough for any instance whose clock lags.
+            let ttl = w.end(now) - now + w.seconds();
+            inv.key(key)
+                .arg(t.n)
+                .arg(t.limit.map(|l| l.to_string()).unwrap_or_default())
+                .arg(ttl);
+        }
+        let v = self.call(Call::Script(&inv), false).await?;
+        let Value::Array(mut parts) = v else {
+            return Err(unexpected(what, &v));
+        };
+        let tag: String = match parts.first() {
+            Some(t) => decode(t.clone(), what)?,
+            None => return Err(StoreError::Corrupt(format!("{what}: empty script reply"))),
+        };
+        match (tag.as_str(), parts.len()) {
+            ("ok", 1) => Ok(None),
+            ("refused", 3) => {
+                let count: u64 = decode(parts.pop().unwrap_or_default(), what)?;
+                let index: usize = decode(parts.pop().unwrap_or_default(), what)?;
+                match index.checked_sub(1).filter(|&i| i < keyed.len()) {
+                    Some(i) => Ok(Some((i, count))),
+                    None => Err(StoreError::Corrupt(format!("{what}: refused take {index}"))),
+                }
+            }
+            ("corrupt", 2) => {
+                let key: String = decode(parts.pop().unwrap_or_default(), what)?;
+                Err(StoreError::Corrupt(format!("{key} does not hold a count")))
+            }
+            _ => Err(StoreError::Corrupt(format!(
+                "{what}: unexpected script reply {tag:?}"
+            ))),
+        }
+    }
+
+    /// Gives back takes applied by [`Self::run_takes`] (Cluster, when the organisation
+    /// refused after the account's take). One script in the account's slot.
+    async fn give_back(&self, keyed: &[(String, Take)]) -> StoreResult<()> {
+        let mut inv = GIVE_BACK.prepare_invoke();
+        for (key, t) in keyed {
+            inv.key(key).arg(t.n);
+        }
+        self.call(Call::Script(&inv), false).await?;
+        Ok(())
+    }
+
+    /// Every counter ([`Counter::ALL`]) named by `key`, in one MGET.
+    async fn read_counters(
+        &self,
+        key: impl Fn(Counter) -> String,
+        now: Timestamp,
+        what: &str,
+    ) -> StoreResult<Vec<CounterValue>> {
+        let mut mget = ::redis::cmd("MGET");
+        for c in Counter::ALL {
+            mget.arg(key(c));
+        }
+        let v = self.call(Call::Cmd(&mget), true).await?;
+        let counts: Vec<Option<String>> = decode(v, what)?;
+        if counts.len() != Counter::ALL.len() {
+            return Err(StoreError::Corrupt(format!(
+                "{what}: asked for {} counters, got {}",
+                Counter::ALL.len(),
+                counts.len()
+            )));
+        }
+        Counter::ALL
+            .into_iter()
+            .zip(counts)
+            .map(|(counter, count)| {
+                let count = match count {
+                    None => 0,
+                    Some(s) => s.parse::<u64>().map_err(|_| {
+                        StoreError::Corrupt(format!("{what}: {counter} holds {s:?}"))
+                    })?,
+                };
+                Ok(CounterValue {
+                    counter,
+                    count,
+                    window_start: counter.window.start(now),
+                    window_end: counter.window.end(now),
+                })
+            })
+            .collect()
+    }
+
     /// Sets (`Some`) or removes (`None`) one field of an account record, announcing it.
     async fn set_field(
         &self,
@@ -323,10 +439,30 @@ impl RedisStore {
     ) -> StoreResult<(Account, Account)> {
         let address = address.to_string();
         let key = self.keys.account(&address);
+        let (before, after) = self
+            .set_record_field(
+                ("account", address.clone(), key),
+                format!("acct:{address}"),
+                field,
+                value,
+            )
+            .await?;
+        Ok((before.account()?, after.account()?))
+    }
+
+    /// Sets (`Some`) or removes (`None`) one field of the record `key` (an account or an
+    /// organisation, `what` `name` in errors), announcing `announce` on the change feed.
+    async fn set_record_field(
+        &self,
+        (what, name, key): (&'static str, String, String),
+        announce: String,
+        field: &str,
+        value: Option<String>,
+    ) -> StoreResult<(Record, Record)> {
         let mut inv = SET_FIELD.prepare_invoke();
         inv.key(&key)
             .arg(self.keys.changes())
-            .arg(format!("acct:{address}"))
+            .arg(announce)
             .arg(VERSION)
             .arg(field)
             .arg(if value.is_some() { "1" } else { "0" })
@@ -343,18 +479,12 @@ impl RedisStore {
             ("ok", 3) => {
                 let after: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
                 let before: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
-                Ok((
-                    Record::new(key.clone(), before).account()?,
-                    Record::new(key, after).account()?,
-                ))
+                Ok((Record::new(key.clone(), before), Record::new(key, after)))
             }
-            ("notfound", _) => Err(StoreError::NotFound {
-                what: "account",
-                name: address,
-            }),
+            ("notfound", _) => Err(StoreError::NotFound { what, name }),
             ("corrupt", 2) => {
                 let detail: String = decode(parts.pop().unwrap_or_default(), &key)?;
-                Err(StoreError::Corrupt(format!("account {address}: {detail}")))
+                Err(StoreError::Corrupt(format!("{what} {name}: {detail}")))
             }
             _ => Err(StoreError::Corrupt(format!(
                 "{key}: unexpected script reply {tag:?}"
@@ -495,6 +625,15 @@ impl Keys {
     fn counter(&self, address: &str, counter: Counter, window_start: Timestamp) -> String {
         format!(
             "{}:{{acct:{address}}}:rate:{}:{window_start}",
+            self.prefix,
+            counter.name()
+        )
+    }
+    /// A sending counter of organisation `code` (R14's organisation limits), in the
+    /// organisation's own slot.
+    fn org_counter(&self, code: &str, counter: Counter, window_start: Timestamp) -> String {
+        format!(
+            "{}:{{org:{code}}}:rate:{}:{window_start}",
             self.prefix,
             counter.name()
         )
@@ -676,7 +815,21 @@ return {added, before}
     )
 });
 
-/// KEYS: the account record. ARGV: change channel, announcement, encoding version, field,
+/// R14 on Cluster: gives back an account's take after its organisation refused. KEYS: the
+/// counters taken; ARGV: the amounts. A counter that expired meanwhile is left alone.
+static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('DECRBY', key, ARGV[i]) end
+end
+return 'ok'
+"#,
+    )
+});
+
+/// KEYS: the record (an account or an organisation). ARGV: change channel, announcement,
+/// encoding version, field,
 /// '1' to set it to the value that follows or '0' to remove it, the value.
 /// Returns {'ok', before, after}, {'notfound'} or {'corrupt', detail}.
 static SET_FIELD: LazyLock<Script> = LazyLock::new(|| {
@@ -764,6 +917,9 @@ fn org_fields(o: &Org) -> Vec<(&'static str, String)> {
     let relays = changed_relays(&o.relay_networks, &[], &[]);
     if !relays.is_empty() {
         f.push(("relays", networks_text(&relays)));
+    }
+    if let Some(q) = o.default_quota_bytes {
+        f.push(("default_quota_bytes", q.to_string()));
     }
     f
 }
@@ -863,18 +1019,24 @@ impl Record {
                     .collect::<Result<_, _>>()
                     .map_err(|e| self.corrupt("relays", format!("{text:?}: {e}")))?,
             },
+            default_quota_bytes: self.opt_bytes("default_quota_bytes")?,
         })
+    }
+
+    /// An optional decimal byte count.
+    fn opt_bytes(&mut self, field: &str) -> StoreResult<Option<u64>> {
+        match self.opt(field) {
+            None => Ok(None),
+            Some(q) => q
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|e| self.corrupt(field, format!("{q:?}: {e}"))),
+        }
     }
 
     fn account(mut self) -> StoreResult<Account> {
         self.check_version()?;
-        let quota_bytes = match self.opt("quota_bytes") {
-            None => None,
-            Some(q) => Some(
-                q.parse::<u64>()
-                    .map_err(|e| self.corrupt("quota_bytes", format!("{q:?}: {e}")))?,
-            ),
-        };
+        let quota_bytes = self.opt_bytes("quota_bytes")?;
         let bulk = match self.opt("bulk").as_deref() {
             None => false,
             Some("1") => true,
@@ -892,6 +1054,21 @@ impl Record {
             status_changed_at: self.parse("status_changed_at")?,
             quota_bytes,
         })
+    }
+}
+
+/// The [`TakeOutcome`] of [`RedisStore::run_takes`]'s answer.
+fn outcome_of(refused: Option<(usize, u64)>, keyed: &[(String, Take)]) -> TakeOutcome {
+    match refused {
+        None => TakeOutcome::Taken,
+        Some((i, count)) => {
+            let t = keyed[i].1;
+            TakeOutcome::Refused {
+                counter: t.counter,
+                count,
+                limit: t.limit.unwrap_or(u64::MAX),
+            }
+        }
     }
 }
 
@@ -1217,89 +1394,30 @@ impl Store for RedisStore {
         takes: &[Take],
         now: Timestamp,
     ) -> StoreResult<TakeOutcome> {
-        if takes.is_empty() {
-            return Ok(TakeOutcome::Taken);
-        }
         let address = account.to_string();
-        let mut inv = TAKE.prepare_invoke();
-        for t in takes {
-            let w = t.counter.window;
-            // Kept one window past its end: long enough for any instance whose clock lags.
-            let ttl = w.end(now) - now + w.seconds();
-            inv.key(self.keys.counter(&address, t.counter, w.start(now)))
-                .arg(t.n)
-                .arg(t.limit.map(|l| l.to_string()).unwrap_or_default())
-                .arg(ttl);
-        }
-        // Not retried: a script whose connection broke may have run (see the module docs).
-        let v = self.call(Call::Script(&inv), false).await?;
-        let what = format!("counters of {address}");
-        let Value::Array(mut parts) = v else {
-            return Err(unexpected(&what, &v));
-        };
-        let tag: String = match parts.first() {
-            Some(t) => decode(t.clone(), &what)?,
-            None => return Err(StoreError::Corrupt(format!("{what}: empty script reply"))),
-        };
-        match (tag.as_str(), parts.len()) {
-            ("ok", 1) => Ok(TakeOutcome::Taken),
-            ("refused", 3) => {
-                let count: u64 = decode(parts.pop().unwrap_or_default(), &what)?;
-                let index: usize = decode(parts.pop().unwrap_or_default(), &what)?;
-                let t = index
-                    .checked_sub(1)
-                    .and_then(|i| takes.get(i))
-                    .ok_or_else(|| StoreError::Corrupt(format!("{what}: refused take {index}")))?;
-                Ok(TakeOutcome::Refused {
-                    counter: t.counter,
-                    count,
-                    limit: t.limit.unwrap_or(u64::MAX),
-                })
-            }
-            ("corrupt", 2) => {
-                let key: String = decode(parts.pop().unwrap_or_default(), &what)?;
-                Err(StoreError::Corrupt(format!("{key} does not hold a count")))
-            }
-            _ => Err(StoreError::Corrupt(format!(
-                "{what}: unexpected script reply {tag:?}"
-            ))),
-        }
+        let keyed: Vec<(String, Take)> = takes
+            .iter()
+            .map(|t| {
+                let key = self
+                    .keys
+                    .counter(&address, t.counter, t.counter.window.start(now));
+                (key, *t)
+            })
+            .collect();
+        let refused = self
+            .run_takes(&keyed, now, &format!("counters of {address}"))
+            .await?;
+        Ok(outcome_of(refused, &keyed))
     }
 
     async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
         let address = account.to_string();
-        let mut mget = ::redis::cmd("MGET");
-        for c in Counter::ALL {
-            mget.arg(self.keys.counter(&address, c, c.window.start(now)));
-        }
-        let v = self.call(Call::Cmd(&mget), true).await?;
-        let what = format!("counters of {address}");
-        let counts: Vec<Option<String>> = decode(v, &what)?;
-        if counts.len() != Counter::ALL.len() {
-            return Err(StoreError::Corrupt(format!(
-                "{what}: asked for {} counters, got {}",
-                Counter::ALL.len(),
-                counts.len()
-            )));
-        }
-        Counter::ALL
-            .into_iter()
-            .zip(counts)
-            .map(|(counter, count)| {
-                let count = match count {
-                    None => 0,
-                    Some(s) => s.parse::<u64>().map_err(|_| {
-                        StoreError::Corrupt(format!("{what}: {counter} holds {s:?}"))
-                    })?,
-                };
-                Ok(CounterValue {
-                    counter,
-                    count,
-                    window_start: counter.window.start(now),
-                    window_end: counter.window.end(now),
-                })
-            })
-            .collect()
+        self.read_counters(
+            |c| self.keys.counter(&address, c, c.window.start(now)),
+            now,
+            &format!("counters of {address}"),
+        )
+        .await
     }
 
     async fn reset_counters(&self, account: &Address, now: Timestamp) -> StoreResult<()> {
@@ -1431,6 +1549,117 @@ impl Store for RedisStore {
 
     fn stats(&self) -> Option<StoreStats> {
         Some(self.stats.clone())
+    }
+
+    async fn set_org_quota(&self, code: &str, quota_bytes: Option<u64>) -> StoreResult<(Org, Org)> {
+        let code = norm(code);
+        let key = self.keys.org(&code);
+        let (before, after) = self
+            .set_record_field(
+                ("organisation", code.clone(), key),
+                format!("org:{code}"),
+                "default_quota_bytes",
+                quota_bytes.map(|q| q.to_string()),
+            )
+            .await?;
+        Ok((before.org()?, after.org()?))
+    }
+
+    async fn add_usage(&self, address: &Address, bytes: u64) -> StoreResult<u64> {
+        // The key Dovecot's quota_clone writes (a decimal string, which INCRBY takes): one
+        // atomic command. Not retried: an INCRBY whose connection broke may have run.
+        let key = self.keys.usage(&address.to_string());
+        let bytes = i64::try_from(bytes).map_err(|_| {
+            StoreError::Corrupt(format!("delivered size {bytes} for {address} is too large"))
+        })?;
+        let v = self
+            .call(
+                Call::Cmd(::redis::cmd("INCRBY").arg(&key).arg(bytes)),
+                false,
+            )
+            .await
+            .map_err(|e| match e {
+                // INCRBY refuses a value that is not an integer (or would overflow).
+                StoreError::Unavailable(m) if m.contains("not an integer") => {
+                    StoreError::Corrupt(format!("{key}: {m}"))
+                }
+                e => e,
+            })?;
+        let after: i64 = decode(v, &key)?;
+        u64::try_from(after).map_err(|_| StoreError::Corrupt(format!("{key} holds {after}")))
+    }
+
+    async fn take_with_org(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        org: &str,
+        org_takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<JointTakeOutcome> {
+        let address = account.to_string();
+        let code = norm(org);
+        let keyed: Vec<(String, Take)> = takes
+            .iter()
+            .map(|t| {
+                let key = self
+                    .keys
+                    .counter(&address, t.counter, t.counter.window.start(now));
+                (key, *t)
+            })
+            .collect();
+        let org_keyed: Vec<(String, Take)> = org_takes
+            .iter()
+            .map(|t| {
+                let key = self
+                    .keys
+                    .org_counter(&code, t.counter, t.counter.window.start(now));
+                (key, *t)
+            })
+            .collect();
+        let what = format!("counters of {address} and organisation {code}");
+        if !matches!(self.backend, Backend::Cluster(_)) || org_keyed.is_empty() {
+            // One server: one script over both slots' keys, one round trip.
+            let all: Vec<(String, Take)> = keyed.iter().chain(&org_keyed).cloned().collect();
+            let refused = self.run_takes(&all, now, &what).await?;
+            let by_org = refused.is_some_and(|(i, _)| i >= keyed.len());
+            return Ok(JointTakeOutcome {
+                outcome: outcome_of(refused, &all),
+                by_org,
+            });
+        }
+        // Cluster: the organisation's keys are in another slot. The account's take first
+        // (refused: nothing changed), then the organisation's; if that refuses or fails,
+        // the account's take is given back (see the module docs).
+        let refused = self.run_takes(&keyed, now, &what).await?;
+        if refused.is_some() {
+            return Ok(JointTakeOutcome {
+                outcome: outcome_of(refused, &keyed),
+                by_org: false,
+            });
+        }
+        let org_result = self.run_takes(&org_keyed, now, &what).await;
+        if !matches!(org_result, Ok(None)) {
+            if let Err(e) = self.give_back(&keyed).await {
+                // Counted one too many for the account until the window ends: the safe side.
+                tracing::warn!(account = %address, "could not give back a sending count: {e}");
+            }
+        }
+        let refused = org_result?;
+        Ok(JointTakeOutcome {
+            outcome: outcome_of(refused, &org_keyed),
+            by_org: refused.is_some(),
+        })
+    }
+
+    async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        let code = norm(org);
+        self.read_counters(
+            |c| self.keys.org_counter(&code, c, c.window.start(now)),
+            now,
+            &format!("counters of organisation {code}"),
+        )
+        .await
     }
 }
 

@@ -134,6 +134,12 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (account, country)
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 9 (numbered for the merge; the integrator renumbers): R13's organisation default quota,
+    // the quota of the organisation's accounts that have none of their own (NULL: none).
+    r#"
+    ALTER TABLE orgs ADD COLUMN default_quota_bytes INTEGER
+        CHECK (default_quota_bytes IS NULL OR default_quota_bytes >= 0);
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -393,8 +399,8 @@ where
     }
 }
 
-const ORG_COLUMNS: &str =
-    "code, name, domain, status, status_reason, created_at, status_changed_at, relay_networks";
+const ORG_COLUMNS: &str = "code, name, domain, status, status_reason, created_at, \
+                           status_changed_at, relay_networks, default_quota_bytes";
 const ACCOUNT_COLUMNS: &str = "address, org, kind, status, status_reason, display_name, \
                                created_at, status_changed_at, quota_bytes, bulk";
 
@@ -409,6 +415,31 @@ fn org_from_row(r: &Row<'_>) -> rusqlite::Result<Org> {
         status_changed_at: r.get(6)?,
         relay_networks: parse_networks(&r.get::<_, String>(7)?)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(7, Type::Text, e.into()))?,
+        default_quota_bytes: bytes_column(r, 8, "default_quota_bytes")?,
+    })
+}
+
+/// A nullable byte count (a quota): never negative.
+fn bytes_column(r: &Row<'_>, i: usize, name: &str) -> rusqlite::Result<Option<u64>> {
+    match r.get::<_, Option<i64>>(i)? {
+        None => Ok(None),
+        Some(q) => u64::try_from(q).map(Some).map_err(|_| {
+            rusqlite::Error::FromSqlConversionFailure(
+                i,
+                Type::Integer,
+                format!("{name} {q} is negative").into(),
+            )
+        }),
+    }
+}
+
+/// A byte count as SQLite stores it (at most `i64::MAX`).
+fn stored_bytes(bytes: u64, what: &dyn Display) -> StoreResult<i64> {
+    i64::try_from(bytes).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "{what} {bytes} is larger than the store can hold ({})",
+            i64::MAX
+        ))
     })
 }
 
@@ -449,6 +480,78 @@ fn account_from_row(r: &Row<'_>) -> rusqlite::Result<Account> {
         quota_bytes,
         bulk: r.get(9)?,
     })
+}
+
+/// The `rate_counters.account` of organisation `code`'s counters (R14). An address always
+/// has an `@`, so it never collides with an account's.
+fn org_counter_key(code: &str) -> String {
+    format!("org:{}", norm(code))
+}
+
+/// The new counts after `takes` on the counters of `key`, or the first refusal.
+fn checked_takes(
+    c: &Connection,
+    key: &str,
+    takes: &[Take],
+    now: Timestamp,
+) -> StoreResult<Result<Vec<i64>, TakeOutcome>> {
+    let mut new = Vec::with_capacity(takes.len());
+    for t in takes {
+        let count = current_count(c, key, t.counter, now)?;
+        if let Some(limit) = t.limit {
+            if count.saturating_add(t.n) > limit {
+                return Ok(Err(TakeOutcome::Refused {
+                    counter: t.counter,
+                    count,
+                    limit,
+                }));
+            }
+        }
+        new.push(i64::try_from(count.saturating_add(t.n)).map_err(|_| {
+            StoreError::Corrupt(format!("counter {} of {key} overflows", t.counter))
+        })?);
+    }
+    Ok(Ok(new))
+}
+
+/// Writes the counts [`checked_takes`] computed.
+fn write_takes(
+    c: &Connection,
+    key: &str,
+    takes: &[Take],
+    new: &[i64],
+    now: Timestamp,
+) -> StoreResult<()> {
+    for (t, count) in takes.iter().zip(new) {
+        c.prepare_cached(
+            "INSERT INTO rate_counters (account, counter, window_start, count) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account, counter) \
+             DO UPDATE SET window_start = excluded.window_start, count = excluded.count",
+        )?
+        .execute(params![
+            key,
+            t.counter.name(),
+            t.counter.window.start(now),
+            count
+        ])?;
+    }
+    Ok(())
+}
+
+/// Every counter of `key` in the windows containing `now`, in one snapshot.
+fn all_counters(c: &Connection, key: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+    let tx = c.unchecked_transaction()?; // one snapshot for all counters
+    let mut out = Vec::with_capacity(Counter::ALL.len());
+    for counter in Counter::ALL {
+        out.push(CounterValue {
+            counter,
+            count: current_count(&tx, key, counter, now)?,
+            window_start: counter.window.start(now),
+            window_end: counter.window.end(now),
+        });
+    }
+    tx.finish()?;
+    Ok(out)
 }
 
 /// The count of `counter` in the window containing `now` (0 when the row is of an older
@@ -548,11 +651,15 @@ impl Store for SqliteStore {
             domain: norm(&org.domain),
             ..org.clone()
         };
+        let default_quota = org
+            .default_quota_bytes
+            .map(|q| stored_bytes(q, &format_args!("default_quota_bytes of {}", org.code)))
+            .transpose()?;
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let result = tx.execute(
                 &format!(
-                    "INSERT INTO orgs ({ORG_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                    "INSERT INTO orgs ({ORG_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
                 ),
                 params![
                     org.code,
@@ -563,6 +670,7 @@ impl Store for SqliteStore {
                     org.created_at,
                     org.status_changed_at,
                     networks_text(&changed_relays(&org.relay_networks, &[], &[])),
+                    default_quota,
                 ],
             );
             if let Err(e) = result {
@@ -812,36 +920,11 @@ impl Store for SqliteStore {
             // IMMEDIATE: the write lock is taken before reading, so another process sharing
             // the file cannot read the same counts in between (no lost update).
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut counts = Vec::with_capacity(takes.len());
-            for t in &takes {
-                let count = current_count(&tx, &account, t.counter, now)?;
-                if let Some(limit) = t.limit {
-                    if count.saturating_add(t.n) > limit {
-                        return Ok(TakeOutcome::Refused {
-                            counter: t.counter,
-                            count,
-                            limit,
-                        });
-                    }
-                }
-                counts.push(count);
-            }
-            for (t, count) in takes.iter().zip(counts) {
-                let new = i64::try_from(count.saturating_add(t.n)).map_err(|_| {
-                    StoreError::Corrupt(format!("counter {} of {account} overflows", t.counter))
-                })?;
-                tx.prepare_cached(
-                    "INSERT INTO rate_counters (account, counter, window_start, count) \
-                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account, counter) \
-                     DO UPDATE SET window_start = excluded.window_start, count = excluded.count",
-                )?
-                .execute(params![
-                    account,
-                    t.counter.name(),
-                    t.counter.window.start(now),
-                    new
-                ])?;
-            }
+            let new = match checked_takes(&tx, &account, &takes, now)? {
+                Ok(new) => new,
+                Err(refused) => return Ok(refused),
+            };
+            write_takes(&tx, &account, &takes, &new, now)?;
             tx.commit()?;
             Ok(TakeOutcome::Taken)
         })
@@ -850,21 +933,7 @@ impl Store for SqliteStore {
 
     async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
         let account = account.to_string();
-        self.read(move |c| {
-            let tx = c.unchecked_transaction()?; // one snapshot for all counters
-            let mut out = Vec::with_capacity(Counter::ALL.len());
-            for counter in Counter::ALL {
-                out.push(CounterValue {
-                    counter,
-                    count: current_count(&tx, &account, counter, now)?,
-                    window_start: counter.window.start(now),
-                    window_end: counter.window.end(now),
-                });
-            }
-            tx.finish()?;
-            Ok(out)
-        })
-        .await
+        self.read(move |c| all_counters(c, &account, now)).await
     }
 
     async fn reset_counters(&self, account: &Address, _now: Timestamp) -> StoreResult<()> {
@@ -1016,9 +1085,102 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn set_org_quota(&self, code: &str, quota_bytes: Option<u64>) -> StoreResult<(Org, Org)> {
+        let code = norm(code);
+        let quota = quota_bytes
+            .map(|q| stored_bytes(q, &format_args!("default_quota_bytes of {code}")))
+            .transpose()?;
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(before) = select_org(&tx, "code", &code)? else {
+                return Err(StoreError::NotFound {
+                    what: "organisation",
+                    name: code,
+                });
+            };
+            tx.execute(
+                "UPDATE orgs SET default_quota_bytes = ?1 WHERE code = ?2",
+                params![quota, code],
+            )?;
+            let after = select_org(&tx, "code", &code)?
+                .ok_or_else(|| StoreError::Corrupt(format!("organisation {code} vanished")))?;
+            tx.commit()?;
+            Ok((before, after))
+        })
+        .await
+    }
+
     async fn login_countries(&self, account: &Address) -> StoreResult<Vec<String>> {
         let account = account.to_string();
         self.read(move |c| select_countries(c, &account)).await
+    }
+
+    async fn add_usage(&self, address: &Address, bytes: u64) -> StoreResult<u64> {
+        let address = address.to_string();
+        let bytes = stored_bytes(bytes, &format_args!("delivered size for {address}"))?;
+        let now = chrono::Utc::now().timestamp();
+        self.write(move |c| {
+            // One statement: atomic against other processes sharing the file. A row the
+            // mailbox server wrote keeps its `updated_at` (the time of its last report).
+            let after: i64 = c
+                .prepare_cached(
+                    "INSERT INTO mailbox_usage (account, bytes, updated_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (account) DO UPDATE SET bytes = bytes + excluded.bytes \
+                     RETURNING bytes",
+                )?
+                .query_row(params![address, bytes, now], |r| r.get(0))?;
+            u64::try_from(after)
+                .map_err(|_| StoreError::Corrupt(format!("usage of {address} is {after}")))
+        })
+        .await
+    }
+
+    async fn take_with_org(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        org: &str,
+        org_takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<JointTakeOutcome> {
+        let account = account.to_string();
+        let org = org_counter_key(org);
+        let (takes, org_takes) = (takes.to_vec(), org_takes.to_vec());
+        self.write(move |c| {
+            // One IMMEDIATE transaction over both: all or nothing, no lost update.
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let new = match checked_takes(&tx, &account, &takes, now)? {
+                Ok(new) => new,
+                Err(outcome) => {
+                    return Ok(JointTakeOutcome {
+                        outcome,
+                        by_org: false,
+                    });
+                }
+            };
+            let org_new = match checked_takes(&tx, &org, &org_takes, now)? {
+                Ok(new) => new,
+                Err(outcome) => {
+                    return Ok(JointTakeOutcome {
+                        outcome,
+                        by_org: true,
+                    });
+                }
+            };
+            write_takes(&tx, &account, &takes, &new, now)?;
+            write_takes(&tx, &org, &org_takes, &org_new, now)?;
+            tx.commit()?;
+            Ok(JointTakeOutcome {
+                outcome: TakeOutcome::Taken,
+                by_org: false,
+            })
+        })
+        .await
+    }
+
+    async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        let org = org_counter_key(org);
+        self.read(move |c| all_counters(c, &org, now)).await
     }
 }
 

@@ -28,6 +28,7 @@ pub fn org(code: &str) -> Org {
         created_at: 1_700_000_000,
         status_changed_at: 1_700_000_000,
         relay_networks: Vec::new(),
+        default_quota_bytes: None,
     }
 }
 
@@ -285,6 +286,31 @@ impl Store for TestStore {
     async fn usage(&self, address: &Address) -> StoreResult<Option<u64>> {
         self.up()?;
         self.inner.usage(address).await
+    }
+    async fn set_org_quota(&self, code: &str, quota_bytes: Option<u64>) -> StoreResult<(Org, Org)> {
+        self.up()?;
+        self.inner.set_org_quota(code, quota_bytes).await
+    }
+    async fn add_usage(&self, address: &Address, bytes: u64) -> StoreResult<u64> {
+        self.up()?;
+        self.inner.add_usage(address, bytes).await
+    }
+    async fn take_with_org(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        org: &str,
+        org_takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<JointTakeOutcome> {
+        self.up()?;
+        self.inner
+            .take_with_org(account, takes, org, org_takes, now)
+            .await
+    }
+    async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        self.up()?;
+        self.inner.org_counters(org, now).await
     }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;

@@ -88,6 +88,10 @@ pub struct Org {
     /// canonical form (host bits cleared), sorted. Empty: not declared (R10 does not apply).
     #[serde(default)]
     pub relay_networks: Vec<ipnet::IpNet>,
+    /// R13: the storage quota in bytes of the organisation's accounts that have none of
+    /// their own (see [`Account::effective_quota`]). `None`: no default.
+    #[serde(default)]
+    pub default_quota_bytes: Option<u64>,
 }
 
 /// The relay networks `current` with `add` added and `remove` removed: canonical (host bits
@@ -121,11 +125,21 @@ pub struct Account {
     pub display_name: Option<String>,
     pub created_at: Timestamp,
     pub status_changed_at: Timestamp,
-    /// Granted storage in bytes (R13; enforced by a later version).
+    /// Granted storage in bytes (R13). `None`: the organisation's default applies
+    /// ([`Account::effective_quota`]).
     pub quota_bytes: Option<u64>,
     /// The bulk permission (Art. 20.3, 20.5): the account is exempt from sending limits (R14).
     #[serde(default)]
     pub bulk: bool,
+}
+
+impl Account {
+    /// R13: the quota in force for this account: its own, else its organisation's default
+    /// (`org` is the account's organisation, when known). `None`: no limit.
+    pub fn effective_quota(&self, org: Option<&Org>) -> Option<u64> {
+        self.quota_bytes
+            .or_else(|| org.and_then(|o| o.default_quota_bytes))
+    }
 }
 
 /// A status change request, stored with its reason and time.

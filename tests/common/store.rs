@@ -7,8 +7,9 @@
 use async_trait::async_trait;
 use mailwarden::model::Address;
 use mailwarden::store::{
-    Account, AccountKind, AccountStatus, CounterValue, LoginCountry, Org, OrgStatus, StatusChange,
-    Store, StoreError, StoreResult, Take, TakeOutcome, Timestamp, sqlite::SqliteStore,
+    Account, AccountKind, AccountStatus, CounterValue, JointTakeOutcome, LoginCountry, Org,
+    OrgStatus, StatusChange, Store, StoreError, StoreResult, Take, TakeOutcome, Timestamp,
+    sqlite::SqliteStore,
 };
 use std::sync::{
     Arc, Mutex,
@@ -154,6 +155,31 @@ impl Store for TestStore {
         self.up()?;
         self.inner.usage(address).await
     }
+    async fn set_org_quota(&self, code: &str, quota_bytes: Option<u64>) -> StoreResult<(Org, Org)> {
+        self.up()?;
+        self.inner.set_org_quota(code, quota_bytes).await
+    }
+    async fn add_usage(&self, address: &Address, bytes: u64) -> StoreResult<u64> {
+        self.up()?;
+        self.inner.add_usage(address, bytes).await
+    }
+    async fn take_with_org(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        org: &str,
+        org_takes: &[Take],
+        now: Timestamp,
+    ) -> StoreResult<JointTakeOutcome> {
+        self.up()?;
+        self.inner
+            .take_with_org(account, takes, org, org_takes, now)
+            .await
+    }
+    async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
+        self.up()?;
+        self.inner.org_counters(org, now).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;
         self.inner.ping().await
@@ -205,6 +231,7 @@ pub fn org(code: &str, status: OrgStatus) -> Org {
         created_at: 0,
         status_changed_at: 0,
         relay_networks: Vec::new(),
+        default_quota_bytes: None,
     }
 }
 

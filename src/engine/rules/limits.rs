@@ -9,13 +9,15 @@
 //! - nobody else: unauthenticated external senders are not R14's business.
 //!
 //! Each recipient mailwarden accepts counts one recipient; a message counts once, at its
-//! first accepted recipient. The checker does the I/O (directory lookup, the store's atomic
+//! first accepted recipient. Per-organisation limits (`org_*`, none by default) count the
+//! same for all accounts of the sender's organisation together, taken in the same atomic
+//! step as the account's counters; without them nothing is counted per organisation. The checker does the I/O (directory lookup, the store's atomic
 //! [`Store::take`](crate::store::Store::take)); this module decides from what it found.
 
 use crate::config::RuleConfig;
 use crate::engine::{Policy, StoreFailure, Verdicts};
 use crate::model::{Address, Decision, Reply, RuleId, Stage};
-use crate::store::{Counter, Measure, Take, TakeOutcome, Timestamp, Window};
+use crate::store::{Counter, JointTakeOutcome, Measure, Take, TakeOutcome, Timestamp, Window};
 
 /// The limits in force (0: no limit), from `[rules.R14]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +27,11 @@ pub struct Limits {
     pub messages_per_day: u64,
     pub recipients_per_hour: u64,
     pub recipients_per_day: u64,
+    /// Per organisation (0: none, and not counted).
+    pub org_messages_per_hour: u64,
+    pub org_messages_per_day: u64,
+    pub org_recipients_per_hour: u64,
+    pub org_recipients_per_day: u64,
 }
 
 impl Limits {
@@ -37,6 +44,10 @@ impl Limits {
         messages_per_day: 500,
         recipients_per_hour: 300,
         recipients_per_day: 1000,
+        org_messages_per_hour: 0,
+        org_messages_per_day: 0,
+        org_recipients_per_hour: 0,
+        org_recipients_per_day: 0,
     };
 
     pub fn from_rule(rule: &RuleConfig) -> Limits {
@@ -49,7 +60,21 @@ impl Limits {
             messages_per_day: rule.messages_per_day.unwrap_or(d.messages_per_day),
             recipients_per_hour: rule.recipients_per_hour.unwrap_or(d.recipients_per_hour),
             recipients_per_day: rule.recipients_per_day.unwrap_or(d.recipients_per_day),
+            org_messages_per_hour: rule.org_messages_per_hour.unwrap_or(0),
+            org_messages_per_day: rule.org_messages_per_day.unwrap_or(0),
+            org_recipients_per_hour: rule.org_recipients_per_hour.unwrap_or(0),
+            org_recipients_per_day: rule.org_recipients_per_day.unwrap_or(0),
         }
+    }
+
+    fn org_limit(&self, counter: Counter) -> Option<u64> {
+        let l = match (counter.measure, counter.window) {
+            (Measure::Messages, Window::Hour) => self.org_messages_per_hour,
+            (Measure::Messages, Window::Day) => self.org_messages_per_day,
+            (Measure::Recipients, Window::Hour) => self.org_recipients_per_hour,
+            (Measure::Recipients, Window::Day) => self.org_recipients_per_day,
+        };
+        (l > 0).then_some(l)
     }
 
     fn limit(&self, counter: Counter) -> Option<u64> {
@@ -74,6 +99,22 @@ pub fn takes(limits: &Limits, accepted_before: usize) -> Vec<Take> {
             counter,
             n: 1,
             limit: limits.limit(counter),
+        })
+        .collect()
+}
+
+/// The organisation counters one accepted recipient adds to: only those with an
+/// organisation limit (none configured: nothing, and the store is asked as before).
+pub fn org_takes(limits: &Limits, accepted_before: usize) -> Vec<Take> {
+    Counter::ALL
+        .into_iter()
+        .filter(|c| c.measure == Measure::Recipients || accepted_before == 0)
+        .filter_map(|counter| {
+            limits.org_limit(counter).map(|limit| Take {
+                counter,
+                n: 1,
+                limit: Some(limit),
+            })
         })
         .collect()
 }
@@ -140,6 +181,43 @@ pub fn decide(
         Err(_) => v.store_failure(&[RuleId::R14], account),
     }
     v.finish()
+}
+
+/// After the store, with organisation limits: a refusal by the organisation's counters
+/// names organisation `org`; anything else is [`decide`]'s.
+pub fn decide_joint(
+    policy: &Policy,
+    account: &Address,
+    org: &str,
+    outcome: &Result<JointTakeOutcome, StoreFailure>,
+    now: Timestamp,
+) -> Decision {
+    match outcome {
+        Ok(JointTakeOutcome {
+            outcome: TakeOutcome::Refused { counter, limit, .. },
+            by_org: true,
+        }) => {
+            let mut v = Verdicts::new(policy, Stage::Rcpt);
+            v.violation(
+                RuleId::R14,
+                account,
+                Reply::new(
+                    450,
+                    "4.7.1",
+                    format!(
+                        "Sending limit reached: {limit} {} per {} for all of organisation \
+                         {org}; try again after {} UTC, or ask for the bulk permission",
+                        counter.measure.as_str(),
+                        counter.window.as_str(),
+                        clock(counter.window.end(now)),
+                    ),
+                ),
+            );
+            v.finish()
+        }
+        Ok(j) => decide(policy, account, &Ok(j.outcome), now),
+        Err(e) => decide(policy, account, &Err(e.clone()), now),
+    }
 }
 
 /// `HH:MM` (UTC) of a timestamp.
@@ -273,5 +351,85 @@ mod tests {
         let d = decide(&open, &champa(), &down, NOW);
         assert_eq!(d.action, Action::Continue);
         assert_eq!(d.outcomes[0].kind, "fail_open");
+    }
+
+    #[test]
+    fn organisation_limits_are_off_by_default_and_only_set_ones_are_counted() {
+        let none = Limits::from_rule(&policy("").rule(RuleId::R14));
+        assert!(
+            org_takes(&none, 0).is_empty(),
+            "default: nothing per organisation"
+        );
+        let p = policy(
+            "[rules.R14]\norg_messages_per_day = 2000\norg_recipients_per_hour = 0\norg_recipients_per_day = 9000\n",
+        );
+        let l = Limits::from_rule(&p.rule(RuleId::R14));
+        let first = org_takes(&l, 0);
+        assert_eq!(
+            first
+                .iter()
+                .map(|t| (t.counter, t.limit))
+                .collect::<Vec<_>>(),
+            [
+                (Counter::new(Measure::Messages, Window::Day), Some(2000)),
+                (Counter::new(Measure::Recipients, Window::Day), Some(9000)),
+            ]
+        );
+        let later = org_takes(&l, 1);
+        assert_eq!(
+            later.iter().map(|t| t.counter).collect::<Vec<_>>(),
+            [Counter::new(Measure::Recipients, Window::Day)]
+        );
+        // The account's own counters are unchanged by organisation limits.
+        assert_eq!(takes(&l, 0), takes(&Limits::DEFAULT, 0));
+    }
+
+    #[test]
+    fn an_organisation_refusal_names_the_organisation() {
+        let p = policy("");
+        let by_org = Ok(JointTakeOutcome {
+            outcome: TakeOutcome::Refused {
+                counter: Counter::new(Measure::Recipients, Window::Hour),
+                count: 50,
+                limit: 50,
+            },
+            by_org: true,
+        });
+        let d = decide_joint(&p, &champa(), "mpt", &by_org, NOW);
+        let Action::Tempfail(r) = &d.action else {
+            panic!("{d:?}")
+        };
+        assert_eq!((r.code, r.enhanced), (450, "4.7.1"));
+        assert!(
+            r.text
+                .contains("50 recipients per hour for all of organisation mpt"),
+            "{}",
+            r.text
+        );
+        assert!(r.text.contains("after 23:00 UTC"), "{}", r.text);
+        let by_account = Ok(JointTakeOutcome {
+            outcome: TakeOutcome::Refused {
+                counter: Counter::new(Measure::Messages, Window::Hour),
+                count: 100,
+                limit: 100,
+            },
+            by_org: false,
+        });
+        let d = decide_joint(&p, &champa(), "mpt", &by_account, NOW);
+        let Action::Tempfail(r) = &d.action else {
+            panic!("{d:?}")
+        };
+        assert!(r.text.contains("for champa@mpt.gov.la"), "{}", r.text);
+        let taken = Ok(JointTakeOutcome {
+            outcome: TakeOutcome::Taken,
+            by_org: false,
+        });
+        assert_eq!(
+            decide_joint(&p, &champa(), "mpt", &taken, NOW),
+            Decision::pass()
+        );
+        let down = Err(StoreFailure("down".into()));
+        let d = decide_joint(&p, &champa(), "mpt", &down, NOW);
+        assert!(matches!(d.action, Action::Tempfail(ref r) if r.code == 451));
     }
 }

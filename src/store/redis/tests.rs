@@ -204,6 +204,107 @@ mod cluster {
         }
     }
 
+    /// Per-organisation limits across instances on Cluster (the organisation's counters in
+    /// their own slot, taken by a second script; the account's take given back when the
+    /// organisation refuses): two daemons, four accounts of one organisation sending
+    /// concurrently. Exactly the organisation's limit of messages gets through, the
+    /// organisation's counters hold exactly that, and the accounts' counters add up to it
+    /// (nothing counted for a refused message).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn organisation_limits_are_exact_across_two_instances() {
+        use crate::checker::Checker;
+        use crate::config::Config;
+        use crate::model::{Action, Protocol, Transaction};
+        use crate::telemetry::Metrics;
+        const LIMIT: usize = 30;
+        const PER_INSTANCE: usize = 40;
+        let s = shared(&CLUSTER, Cluster::start).await;
+        let url = format!("redis+cluster://{}?prefix={}", s.hosts(), fresh_prefix());
+        let config = Config::from_toml(&format!(
+            "[rules.R14]\nmessages_per_hour = 1000\nrecipients_per_hour = 1000\n\
+             org_messages_per_hour = {LIMIT}\n"
+        ))
+        .unwrap();
+        let mut checkers = Vec::new();
+        for _ in 0..2 {
+            let store: Arc<dyn Store> = Arc::new(RedisStore::open(&url).await.unwrap());
+            let directory = CachedDirectory::new(
+                store,
+                config.store.cache_ttl,
+                config.store.cache_size,
+                config.store.timeout,
+            );
+            checkers.push(Arc::new(Checker::new(
+                config.clone(),
+                directory,
+                Arc::new(Metrics::new()),
+            )));
+        }
+        let store = checkers[0].directory.store().clone();
+        store.create_org(&org("mpt")).await.unwrap();
+        let senders: Vec<String> = (0..4).map(|i| format!("user{i}@mpt.gov.la")).collect();
+        for a in &senders {
+            store.create_account(&account(a, "mpt")).await.unwrap();
+        }
+        let barrier = Arc::new(tokio::sync::Barrier::new(2 * PER_INSTANCE));
+        let mut tasks = Vec::new();
+        for i in 0..2 * PER_INSTANCE {
+            let checker = checkers[i % 2].clone();
+            let barrier = barrier.clone();
+            let sender = senders[i % 4].clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tx = Transaction::new(Protocol::Policy);
+                tx.sasl_username = Some(sender);
+                let to = addr(&format!("r{i}@example.org"));
+                barrier.wait().await;
+                checker.check_rcpt(&tx, &to).await.action
+            }));
+        }
+        let mut accepted = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Action::Continue => accepted += 1,
+                Action::Tempfail(r) => {
+                    assert_eq!((r.code, r.enhanced), (450, "4.7.1"), "{r}");
+                    assert!(
+                        r.text
+                            .contains("30 messages per hour for all of organisation mpt"),
+                        "{r}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(accepted, LIMIT);
+        let now = chrono::Utc::now().timestamp();
+        let org_counts: Vec<u64> = store
+            .org_counters("mpt", now)
+            .await
+            .unwrap()
+            .iter()
+            .map(|v| v.count)
+            .collect();
+        // Only the configured organisation counter is kept.
+        assert_eq!(org_counts, [LIMIT as u64, 0, 0, 0]);
+        let mut per_account = 0;
+        for a in &senders {
+            per_account += store.counters(&addr(a), now).await.unwrap()[0].count;
+        }
+        assert_eq!(
+            per_account, LIMIT as u64,
+            "refused messages were given back"
+        );
+    }
+
+    /// With organisation limits a cached RCPT check on Cluster costs two round trips (the
+    /// account's slot, then the organisation's); without them, one (the test below).
+    #[tokio::test]
+    async fn a_cached_rcpt_check_with_organisation_limits_is_two_round_trips_on_cluster() {
+        let s = shared(&CLUSTER, Cluster::start).await;
+        let url = format!("redis+cluster://{}?prefix={}", s.hosts(), fresh_prefix());
+        super::round_trips_per_check(&url, 2).await;
+    }
+
     /// Issue 4's budget: with the directory cached, a RCPT check with every sending limit
     /// on costs exactly one round trip to the cluster (one script in the account's slot),
     /// counted by the store's own `store_round_trips` counter.
@@ -385,9 +486,17 @@ async fn changes_reach_other_instances(url: &str) {
         next_change(&mut rx).await,
         DirectoryChange::Org("mpt".into())
     );
+    a.set_org_quota("mpt", Some(1 << 30)).await.unwrap();
+    assert_eq!(
+        next_change(&mut rx).await,
+        DirectoryChange::Org("mpt".into())
+    );
+    // Usage is metering, not a directory change: not announced.
+    a.add_usage(&addr("champa@mpt.gov.la"), 10).await.unwrap();
 
     // Refused: nothing announced, so the next announcement is the one after.
     assert!(a.create_org(&org("mpt")).await.is_err());
+    assert!(a.set_org_quota("nope", Some(1)).await.is_err());
     assert!(
         a.create_account(&account("champa@mpt.gov.la", "mpt"))
             .await
@@ -1178,4 +1287,68 @@ async fn sending_limits_hold_through_a_sentinel_failover_under_load() {
          = counter, {:?} from kill to the limit",
         kill_time.elapsed()
     );
+}
+
+/// Round trips of one cached RCPT check with every account and organisation limit on.
+async fn round_trips_per_check(url: &str, expected: u64) {
+    use crate::checker::Checker;
+    use crate::config::Config;
+    use crate::model::{Action, Protocol, Transaction};
+    use crate::telemetry::Metrics;
+    let config = Config::from_toml(
+        "[rules.R14]\nmessages_per_hour = 1000\nmessages_per_day = 1000\n\
+         recipients_per_hour = 1000\nrecipients_per_day = 1000\n\
+         org_messages_per_hour = 1000\norg_recipients_per_day = 1000\n",
+    )
+    .unwrap();
+    let store = Arc::new(RedisStore::open(url).await.unwrap());
+    store.create_org(&org("mpt")).await.unwrap();
+    store
+        .create_account(&account("champa@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+    let stats = store.stats().expect("Redis keeps round-trip statistics");
+    let directory = CachedDirectory::new(
+        store,
+        config.store.cache_ttl,
+        config.store.cache_size,
+        config.store.timeout,
+    );
+    let checker = Checker::new(config, directory, Arc::new(Metrics::new()));
+    let mut tx = Transaction::new(Protocol::Policy);
+    tx.sasl_username = Some("champa@mpt.gov.la".into());
+    let outside = addr("someone@example.org");
+    assert_eq!(
+        checker.check_rcpt(&tx, &outside).await.action,
+        Action::Continue
+    );
+    const CHECKS: u64 = 10;
+    let before = stats.round_trips.get();
+    for _ in 0..CHECKS {
+        assert_eq!(
+            checker.check_rcpt(&tx, &outside).await.action,
+            Action::Continue
+        );
+    }
+    assert_eq!(stats.round_trips.get() - before, expected * CHECKS);
+    let now = chrono::Utc::now().timestamp();
+    let org_counts: Vec<u64> = checker
+        .directory
+        .store()
+        .org_counters("mpt", now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.count)
+        .collect();
+    // Each check is a message of one recipient; only the limited counters are kept.
+    assert_eq!(org_counts, [CHECKS + 1, 0, 0, CHECKS + 1]);
+}
+
+/// On one server the account's and the organisation's counters are one script.
+#[tokio::test]
+async fn a_cached_rcpt_check_with_organisation_limits_is_one_round_trip_on_one_server() {
+    let s = standalone().await;
+    let url = format!("redis://127.0.0.1:{}/0?prefix={}", s.port(), fresh_prefix());
+    round_trips_per_check(&url, 1).await;
 }
