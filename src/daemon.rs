@@ -134,6 +134,14 @@ impl Daemon {
         );
 
         let health = tokio::spawn(health_loop(checker.clone(), shutdown.clone()));
+        // R15 locks found on the mail path are audited; R20 withdraws inactive accounts.
+        let (locks_tx, locks_rx) = mpsc::channel(1024);
+        checker.add_event_sink(Arc::new(locks_tx));
+        let system = tokio::spawn(crate::admin::system::run(
+            checker.clone(),
+            locks_rx,
+            shutdown.clone(),
+        ));
         // Changes made through other daemons sharing the store (Redis) reach this cache too.
         if let Some(changes) = checker.directory.store().changes() {
             let (checker, shutdown) = (checker.clone(), shutdown.clone());
@@ -168,6 +176,7 @@ impl Daemon {
         tracing::info!("shutting down: no new connections, draining open sessions");
         shutdown.cancel();
         health.abort();
+        let _ = system.await;
         while servers.join_next().await.is_some() {}
         drain(&sessions, &checker).await;
         tracing::info!("mailwarden stopped");

@@ -15,9 +15,12 @@
 //! - [`telemetry`]: logging setup, decision events, Prometheus metrics.
 //! - [`admin`]: the admin HTTP API (and `/metrics`), the audit log, and the CLI client.
 //! - [`daemon`]: binds listeners and runs everything until shutdown; used by `main` and tests.
+//! - [`events`]: the hook account events (R15 locks) are raised on, for R16's alerts.
+//! - [`activity`]: last authenticated use per account and automatic withdrawal (R20).
 
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod admin;
 pub mod checker;
 pub mod config;
@@ -25,6 +28,7 @@ pub mod daemon;
 pub mod directory;
 pub mod dkim;
 pub mod engine;
+pub mod events;
 pub mod milter;
 pub mod model;
 pub mod net;

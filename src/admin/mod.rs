@@ -30,9 +30,10 @@ mod audit;
 mod auth;
 pub mod cli;
 mod error;
+pub mod system;
 
 pub use api::{MAX_IMPORT_ROWS, OrgView, UserView};
-pub use audit::AuditRecord;
+pub use audit::{AuditLog, AuditRecord};
 
 use crate::checker::Checker;
 use crate::net::{self, Conn, Listener};

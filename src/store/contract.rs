@@ -1405,7 +1405,10 @@ pub async fn last_use_keeps_the_latest_time(h: Harness) {
         addr("kham@mpt.gov.la"),
         addr("noy@mpt.gov.la"),
     );
-    assert_eq!(h.store.last_use(std::slice::from_ref(&a)).await.unwrap(), [None]);
+    assert_eq!(
+        h.store.last_use(std::slice::from_ref(&a)).await.unwrap(),
+        [None]
+    );
     h.store.touch(&a, NOW).await.unwrap();
     h.peer.touch(&b, NOW - 10).await.unwrap();
     h.peer.touch(&a, NOW - 100).await.unwrap(); // a late write from a lagging instance

@@ -52,6 +52,11 @@ struct DkimSignedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DomainLabels {
     domain: String,
 }
@@ -77,6 +82,9 @@ pub struct Metrics {
     admin_requests: Family<ResultLabels, Counter>,
     dkim_signed: Family<DkimSignedLabels, Counter>,
     dkim_unsigned_tempfail: Family<DomainLabels, Counter>,
+    account_locks: Family<CauseLabels, Counter>,
+    account_unlocks: Counter,
+    accounts_withdrawn_inactive: Counter,
 }
 
 impl Default for Metrics {
@@ -156,8 +164,29 @@ impl Metrics {
             "Outbound messages of a local domain tempfailed (451 4.7.5) because they could not be signed: no key, or signing failed",
             dkim_unsigned_tempfail.clone(),
         );
+        let account_locks = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "account_locks",
+            "Accounts locked for sending (R15), by cause: burst, rejections (automatic), manual (admin API)",
+            account_locks.clone(),
+        );
+        let account_unlocks = Counter::default();
+        registry.register(
+            "account_unlocks",
+            "Sending locks released through the admin API (R15)",
+            account_unlocks.clone(),
+        );
+        let accounts_withdrawn_inactive = Counter::default();
+        registry.register(
+            "accounts_withdrawn_inactive",
+            "Accounts withdrawn automatically for inactivity (R20, [activity] auto_withdraw_after)",
+            accounts_withdrawn_inactive.clone(),
+        );
         Metrics {
             registry,
+            account_locks,
+            account_unlocks,
+            accounts_withdrawn_inactive,
             dkim_signed,
             dkim_unsigned_tempfail,
             verdicts,
@@ -272,6 +301,21 @@ impl Metrics {
                 domain: domain.to_owned(),
             })
             .inc();
+    }
+
+    /// An account was locked for sending (R15); `cause` is a [`crate::store::LockCause`] kind.
+    pub fn count_account_lock(&self, cause: &'static str) {
+        self.account_locks
+            .get_or_create(&CauseLabels { cause })
+            .inc();
+    }
+
+    pub fn count_account_unlock(&self) {
+        self.account_unlocks.inc();
+    }
+
+    pub fn count_withdrawn_inactive(&self, n: u64) {
+        self.accounts_withdrawn_inactive.inc_by(n);
     }
 
     /// OpenMetrics text for `/metrics`.
