@@ -556,11 +556,19 @@ fn render(v: &Value, shape: &Shape) -> String {
             }
             out
         }
-        Shape::Inactive => table(
-            v.get("users"),
-            &["address", "status", "last_use", "created_at", "name"],
-            "no inactive accounts",
-        ),
+        Shape::Inactive => {
+            let mut users = v.get("users").cloned().unwrap_or(Value::Null);
+            for u in users.as_array_mut().into_iter().flatten() {
+                if u["last_use"].is_null() {
+                    u["last_use"] = Value::from("never");
+                }
+            }
+            table(
+                Some(&users),
+                &["address", "status", "last_use", "created_at", "name"],
+                "no inactive accounts",
+            )
+        }
         Shape::Orgs => table(
             v.get("orgs"),
             &["code", "domain", "status", "name"],
