@@ -102,9 +102,9 @@ pub async fn withdraw_inactive(
         let change = StatusChange {
             status: AccountStatus::Withdrawn,
             reason: Some(format!(
-                "inactive: {what} {} (more than {} ago; [activity] auto_withdraw_after)",
+                "inactive: {what} {} (more than {} days ago; [activity] auto_withdraw_after)",
                 date(since),
-                humantime::format_duration(after)
+                after.as_secs() / 86_400
             )),
             at: now,
         };
