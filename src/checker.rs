@@ -214,7 +214,13 @@ impl Checker {
         let mut d = engine::check_sender(&snap.policy, tx, lookup.as_ref());
         let now = chrono::Utc::now().timestamp();
         self.note_use(&snap, tx, now);
-        if d.action == Action::Continue && snap.policy.rule(RuleId::R15).mode != Mode::Off {
+        // R15's lock, once per message: the policy service is asked this at every RCPT,
+        // but once a recipient of the message was accepted the RCPT count (which reads the
+        // lock in the same store call) has the say, so no extra round trip per recipient.
+        if d.action == Action::Continue
+            && tx.rcpts_accepted == 0
+            && snap.policy.rule(RuleId::R15).mode != Mode::Off
+        {
             // The account that would send: the SASL login, else a local envelope sender.
             let account = match counted_sender(tx) {
                 Some(a) if tx.sasl_username.is_some() => Some(a),

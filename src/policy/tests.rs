@@ -775,3 +775,50 @@ async fn quota_refuses_a_full_mailbox_at_rcpt() {
     let action = c.ask(&with_size("0")).await.unwrap();
     assert_eq!(code(&action), "552 5.2.2", "{action}");
 }
+
+/// R15 through policy: Postfix asks at every RCPT, but the lock is read at the MAIL stage
+/// only for a message's first recipient; later ones are judged by the RCPT count, which
+/// reads the lock in the same store call (one round trip per recipient, as R14 alone).
+#[tokio::test]
+async fn a_lock_is_read_once_per_message_and_still_stops_later_recipients() {
+    use crate::store::{LockCause, SendLock, Store};
+    let s = Server::start("").await;
+    let champa = "champa@mpt.gov.la";
+    let mut c = s.client().await;
+    let first = c
+        .ask(&submission(champa, champa, "a@example.org", "m1"))
+        .await
+        .unwrap();
+    assert_eq!(code(&first), "DUNNO", "{first}");
+    let lock = SendLock {
+        at: 1_796_423_281,
+        by: "security-desk".into(),
+        cause: LockCause::Manual {
+            reason: "phished".into(),
+        },
+    };
+    s.store
+        .set_send_lock(&crate::store::testing::addr(champa), Some(&lock))
+        .await
+        .unwrap();
+    let second = c
+        .ask(&submission(champa, champa, "b@example.org", "m1"))
+        .await
+        .unwrap();
+    assert!(second.starts_with("450 4.7.1"), "{second}");
+    let next_message = c
+        .ask(&submission(champa, champa, "c@example.org", "m2"))
+        .await
+        .unwrap();
+    assert!(next_message.starts_with("450 4.7.1"), "{next_message}");
+    let m = s.metrics();
+    // The second recipient was stopped at RCPT (no MAIL-stage read), the next message at MAIL.
+    for stage in ["rcpt", "mail"] {
+        assert!(
+            m.contains(&format!(
+                r#"mailwarden_verdicts_total{{rule="R15",stage="{stage}",outcome="tempfail",protocol="policy"}} 1"#
+            )),
+            "{stage}: {m}"
+        );
+    }
+}
