@@ -32,8 +32,9 @@ pub struct BenchArgs {
     /// Rounds per protocol (the best and median rounds are reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// Turn the sending limits (R14) off. By default they are on with no limit reached, so
-    /// every RCPT also counts in the store, as in production.
+    /// Turn the sending limits (R14) and the compromise response (R15) off. By default they
+    /// are on with no limit or threshold reached, so every RCPT also counts in the store (one
+    /// combined call), as in production.
     #[arg(long)]
     pub without_limits: bool,
 }
@@ -121,7 +122,8 @@ fn start_daemon(dir: &Path, without_limits: bool) -> anyhow::Result<(Child, serd
              [store]\nurl = \"sqlite:{db}\"\n[admin]\nlisten = \"\"\naudit_log = \"{audit}\"\n\
              [log]\nlevel = \"warn\"\n\
              [rules.R14]\nmode = \"{r14}\"\nrecipients_per_message = 0\nmessages_per_hour = 0\n\
-             messages_per_day = 0\nrecipients_per_hour = 0\nrecipients_per_day = 0\n",
+             messages_per_day = 0\nrecipients_per_hour = 0\nrecipients_per_day = 0\n\
+             [rules.R15]\nmode = \"{r14}\"\nburst_floor = 1000000000\nreject_min = 1000000000\n",
             db = dir.join("bench.db").display(),
             audit = dir.join("audit.jsonl").display(),
             r14 = if without_limits { "off" } else { "enforce" },

@@ -214,11 +214,13 @@ impl Checker {
         let mut d = engine::check_sender(&snap.policy, tx, lookup.as_ref());
         let now = chrono::Utc::now().timestamp();
         self.note_use(&snap, tx, now);
-        // R15's lock, once per message: the policy service is asked this at every RCPT,
-        // but once a recipient of the message was accepted the RCPT count (which reads the
-        // lock in the same store call) has the say, so no extra round trip per recipient.
+        // R15's lock. Not read here when this is the policy service and it counts sending:
+        // Postfix asks it at RCPT, and the RCPT count that follows reads the lock in the same
+        // store call (one round trip per recipient, as R14 alone). Recipients refused by
+        // other rules are refused anyway.
+        let policy_counts = tx.protocol == Protocol::Policy && counts_limits(&snap, tx.protocol);
         if d.action == Action::Continue
-            && tx.rcpts_accepted == 0
+            && !policy_counts
             && snap.policy.rule(RuleId::R15).mode != Mode::Off
         {
             // The account that would send: the SASL login, else a local envelope sender.

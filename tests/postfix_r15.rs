@@ -119,7 +119,8 @@ fn burst_locks_and_the_cli_releases(milter: bool) {
             "mailwarden_verdicts_total",
             &[
                 ("rule", "R15"),
-                ("stage", "mail"),
+                // The milter reads the lock at MAIL; policy's RCPT count reads it itself.
+                ("stage", if milter { "mail" } else { "rcpt" }),
                 ("outcome", "tempfail"),
                 ("protocol", protocol)
             ]

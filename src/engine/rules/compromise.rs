@@ -8,7 +8,8 @@
 //! - at MAIL, a locked account (the SASL login, else a local envelope sender) gets
 //!   `450 4.7.1`;
 //! - at RCPT, the combined R14/R15 count answers `Locked` (already locked: `450 4.7.1`),
-//!   `Tripped` (this recipient locked it: `450 4.7.1`), or R14's outcome.
+//!   `Tripped` (this recipient locked it: `450 4.7.1`), or R14's outcome. Through the policy
+//!   service (asked at RCPT) when it counts, this is the only lock check: no separate read.
 //!
 //! 450 rather than 5xx: the lock is temporary by nature and the client's queue keeps the
 //! mail, so legitimate mail goes out once the owner has been reached and the lock released.
@@ -152,6 +153,7 @@ mod tests {
             let d = decide(&p, &champa(), &Ok(o), NOW);
             assert_eq!(code(&d), Some((450, "4.7.1")));
             assert_eq!(d.outcomes[0].rule, RuleId::R15);
+            assert_eq!(d.outcomes[0].stage, Stage::Rcpt);
         }
     }
 
