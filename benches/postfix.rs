@@ -29,10 +29,12 @@ use std::{
 
 const SENDER: &str = "user0@mpt.gov.la";
 
-/// Every rule on, as in production, but sending limits that the benchmark's single sender
-/// never reaches: 0 = no limit, still counted in the store on every RCPT (R14's real cost).
+/// Every rule on, as in production, but sending limits and R15 thresholds that the
+/// benchmark's single sender never reaches: 0 = no limit, still counted in the store on every
+/// RCPT (the real cost of R14 and R15's one combined call).
 const RULES: &str = "[rules.R14]\nrecipients_per_message = 0\nmessages_per_hour = 0\n\
-                     messages_per_day = 0\nrecipients_per_hour = 0\nrecipients_per_day = 0\n";
+                     messages_per_day = 0\nrecipients_per_hour = 0\nrecipients_per_day = 0\n\
+                     [rules.R15]\nburst_floor = 1000000000\nreject_min = 1000000000\n";
 const RECIPIENT: &str = "user1@mpt.gov.la";
 
 /// CPU seconds used so far by the processes whose command line contains `needle`

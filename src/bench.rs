@@ -32,8 +32,9 @@ pub struct BenchArgs {
     /// Rounds per protocol (the best and median rounds are reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// Turn the sending limits (R14) off. By default they are on with no limit reached, so
-    /// every RCPT also counts in the store, as in production.
+    /// Turn the sending limits (R14) and the compromise response (R15) off. By default they
+    /// are on with no limit or threshold reached, so every RCPT also counts in the store (one
+    /// combined call), as in production.
     #[arg(long)]
     pub without_limits: bool,
     /// Store URL shared by the daemons (`redis://…`, `redis+cluster://…`). Default: a fresh
@@ -149,7 +150,8 @@ fn start_daemon(
              [log]\nlevel = \"warn\"\n\
              [rules.R14]\nmode = \"{r14}\"\nrecipients_per_message = 0\nmessages_per_hour = {big}\n\
              messages_per_day = {big}\nrecipients_per_hour = {big}\nrecipients_per_day = {big}\n\
-             count_on = \"{count_on}\"\n",
+             count_on = \"{count_on}\"\n\
+             [rules.R15]\nmode = \"{r14}\"\nburst_floor = 1000000000\nreject_min = 1000000000\n",
             audit = dir.join(format!("audit{n}.jsonl")).display(),
             r14 = if without_limits { "off" } else { "enforce" },
         ),

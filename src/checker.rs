@@ -2,19 +2,23 @@
 //! pure engine, and records the decision (log + metrics). Protocol code stays free of policy;
 //! the engine stays free of I/O.
 
+use crate::activity::Tracker;
 use crate::config::Config;
 use crate::config::CountOn;
 use crate::config::OnError;
 use crate::config::in_networks;
 use crate::dkim::SigningKey;
+use crate::engine::rules::compromise as r15;
 use crate::engine::rules::dkim::{self as r6, NotSigned, SigningPlan};
 use crate::engine::rules::limits::{self as r14, Limits};
 use crate::engine::rules::quota as r13;
 use crate::engine::rules::sendas::{self as r8, Identity};
 use crate::engine::rules::spoofing::{self as r7, Source};
 use crate::engine::{self, Lookup, Policy, StoreFailure};
+use crate::events::{AccountLocked, EventSink};
 use crate::model::{Action, Address, Decision, Mode, Protocol, RuleId, Stage, Transaction};
 use crate::store::cache::CachedDirectory;
+use crate::store::{SendLock, StoreResult, Timestamp, WatchOutcome};
 use crate::telemetry::{self, Metrics};
 use crate::verify::{Report, Resolver};
 use arc_swap::ArcSwap;
@@ -94,6 +98,10 @@ pub struct Checker {
     pub metrics: Arc<Metrics>,
     /// Owner alerts (R16): `alerts.sender()` raises them; logins feed new-country detection.
     pub alerts: crate::alerts::Alerts,
+    /// Where account events go (R15 locks; R16's alerts subscribe here).
+    events: ArcSwap<Vec<Arc<dyn EventSink>>>,
+    /// When this daemon last wrote each account's last use (R20).
+    activity: Arc<Tracker>,
 }
 
 /// What the end-of-message quota check (R13) found: the decision to answer, and what to
@@ -130,7 +138,10 @@ const EOM_CONCURRENCY: usize = 16;
 /// milter and the policy service is counted once.
 fn counts_here(snap: &Snapshot, id: RuleId, protocol: Protocol) -> bool {
     let rule = snap.policy.rule(id);
-    if rule.mode == Mode::Off {
+    // R15's sending pattern is counted with R14's counters, so R14's counting place
+    // applies while either of them is on.
+    let r15_on = id == RuleId::R14 && snap.policy.rule(RuleId::R15).mode != Mode::Off;
+    if rule.mode == Mode::Off && !r15_on {
         return false;
     }
     let on = match rule.count_on.unwrap_or_default() {
@@ -154,12 +165,100 @@ fn counted_sender(tx: &Transaction) -> Option<Address> {
 impl Checker {
     pub fn new(config: Config, directory: CachedDirectory, metrics: Arc<Metrics>) -> Checker {
         let alerts = crate::alerts::Alerts::new(&config, metrics.alerts.clone());
+        let capacity = config.store.cache_size;
         Checker {
             alerts,
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
             directory,
             metrics,
+            events: ArcSwap::from_pointee(Vec::new()),
+            activity: Arc::new(Tracker::new(capacity)),
         }
+    }
+
+    /// Adds a receiver of account events (see [`crate::events`]).
+    pub fn add_event_sink(&self, sink: Arc<dyn EventSink>) {
+        self.events.rcu(|sinks| {
+            let mut sinks = Vec::clone(sinks);
+            sinks.push(sink.clone());
+            sinks
+        });
+    }
+
+    /// R15 locked `account` just now (found by this daemon's count): log, count, tell the
+    /// sinks. Locks made through the admin API are audited and counted there.
+    fn account_locked(&self, account: &crate::model::Address, lock: &SendLock) {
+        tracing::warn!(
+            address = %account,
+            cause = lock.cause.kind(),
+            "account locked for sending (R15): {}",
+            lock.cause
+        );
+        self.metrics.count_account_lock(lock.cause.kind());
+        let event = AccountLocked {
+            address: account.clone(),
+            lock: lock.clone(),
+        };
+        for sink in self.events.load().iter() {
+            sink.account_locked(&event);
+        }
+    }
+
+    /// A store call on the mail path, bounded by `store.timeout`; a failure is counted
+    /// under `operation` and logged.
+    async fn bounded<T>(
+        &self,
+        snap: &Snapshot,
+        operation: &'static str,
+        subject: &Address,
+        call: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> Result<T, StoreFailure> {
+        let r = match tokio::time::timeout(snap.config.store.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreFailure(e.to_string())),
+            Err(_) => Err(StoreFailure(format!(
+                "no answer within {:?}",
+                snap.config.store.timeout
+            ))),
+        };
+        if let Err(e) = &r {
+            self.metrics.count_store_error(operation);
+            tracing::warn!(operation, address = %subject, "store unavailable: {}", e.0);
+        }
+        r
+    }
+
+    /// R20: notes an authenticated use of the SASL login, written to the store in the
+    /// background at most once per `[activity] write_interval`.
+    fn note_use(&self, snap: &Snapshot, tx: &Transaction, now: Timestamp) {
+        let Some(login) = tx
+            .sasl_username
+            .as_deref()
+            .and_then(|l| Address::parse(l).ok())
+        else {
+            return;
+        };
+        if !self
+            .activity
+            .due(&login, now, snap.config.activity.write_interval)
+        {
+            return;
+        }
+        let store = self.directory.store().clone();
+        let (metrics, tracker) = (self.metrics.clone(), self.activity.clone());
+        let timeout = snap.config.store.timeout;
+        // In the background: the stage's answer does not wait for this write.
+        tokio::spawn(async move {
+            let error = match tokio::time::timeout(timeout, store.touch(&login, now)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {timeout:?}"),
+            };
+            // Try again at the account's next use.
+            tracker.forget(&login);
+            metrics.count_store_error("touch_last_use");
+            tracing::warn!(address = %login, "last use not recorded: {error}");
+        });
     }
 
     /// The configuration in force now.
@@ -214,7 +313,35 @@ impl Checker {
             true => Some(self.identity(&snap, tx, r8::envelope_addresses(tx)).await),
             false => None,
         };
-        let d = engine::check_sender_as(&snap.policy, tx, lookup.as_ref(), identity.as_ref());
+        let mut d = engine::check_sender_as(&snap.policy, tx, lookup.as_ref(), identity.as_ref());
+        let now = chrono::Utc::now().timestamp();
+        self.note_use(&snap, tx, now);
+        // R15's lock. Not read here when this is the policy service and it counts sending:
+        // Postfix asks it at RCPT, and the RCPT count that follows reads the lock in the same
+        // store call (one round trip per recipient, as R14 alone). Recipients refused by
+        // other rules are refused anyway.
+        let policy_counts =
+            tx.protocol == Protocol::Policy && counts_here(&snap, RuleId::R14, tx.protocol);
+        if d.action == Action::Continue
+            && !policy_counts
+            && snap.policy.rule(RuleId::R15).mode != Mode::Off
+        {
+            // The account that would send: the SASL login, else a local envelope sender.
+            let account = match counted_sender(tx) {
+                Some(a) if tx.sasl_username.is_some() => Some(a),
+                Some(a) if matches!(&lookup, Some(Ok(f)) if f.is_local()) => Some(a),
+                _ => None,
+            };
+            if let Some(account) = account {
+                let store = self.directory.store();
+                let lock = self
+                    .bounded(&snap, "read_send_lock", &account, store.send_lock(&account))
+                    .await;
+                let r15 = r15::at_mail(&snap.policy, &account, &lock);
+                d.action = r15.action;
+                d.outcomes.extend(r15.outcomes);
+            }
+        }
         telemetry::record_decision(&self.metrics, tx, Stage::Mail, &d, start.elapsed());
         d
     }
@@ -287,11 +414,17 @@ impl Checker {
             d.action = quota.action;
             d.outcomes.extend(quota.outcomes);
         }
-        // A refused recipient is not counted against the sender's limits.
+        // A refused recipient is not counted against the sender's limits; a permanently
+        // refused one counts in R15's share of refused recipients.
         if d.action == Action::Continue && counts_here(&snap, RuleId::R14, tx.protocol) {
             let limits = self.check_limits(&snap, tx).await;
             d.action = limits.action;
             d.outcomes.extend(limits.outcomes);
+        } else if matches!(d.action, Action::Reject(_))
+            && snap.policy.rule(RuleId::R15).mode != Mode::Off
+            && counts_here(&snap, RuleId::R14, tx.protocol)
+        {
+            self.count_refused(&snap, tx).await;
         }
         telemetry::record_decision(&self.metrics, tx, Stage::Rcpt, &d, start.elapsed());
         d
@@ -451,9 +584,10 @@ impl Checker {
         });
     }
 
-    /// R14 for one recipient about to be accepted: finds the counted sender, skips bulk
-    /// accounts, checks the per-message limit, then takes one recipient (and, at the
-    /// message's first accepted recipient, one message) from the store's counters.
+    /// R14 and R15 for one recipient about to be accepted: finds the counted sender, checks
+    /// the per-message limit (not for bulk accounts), then in one store call takes one
+    /// recipient (and, at the message's first accepted recipient, one message) from R14's
+    /// counters and counts it in R15's sending pattern, which may lock the account.
     async fn check_limits(&self, snap: &Snapshot, tx: &Transaction) -> Decision {
         let policy = &snap.policy;
         let Some(sender) = counted_sender(tx) else {
@@ -462,50 +596,123 @@ impl Checker {
         let now = chrono::Utc::now().timestamp();
         let facts = match self.lookup(&sender, "lookup_limited_sender").await {
             Ok(facts) => facts,
-            Err(e) => return r14::decide(policy, &sender, &Err(e), now),
+            Err(e) => return r15::decide(policy, &sender, &Err(e), now),
         };
-        if !facts.is_local() || facts.account.as_ref().is_some_and(|a| a.bulk) {
+        if !facts.is_local() {
             return Decision::pass();
         }
-        let limits = Limits::from_rule(&policy.rule(RuleId::R14));
-        if let Some(d) = r14::per_message(policy, &limits, &sender, tx.rcpts_accepted) {
-            return d;
-        }
-        let takes = r14::takes(&limits, tx.rcpts_accepted);
-        let org_takes = r14::org_takes(&limits, tx.rcpts_accepted);
-        let org = facts
-            .org
-            .as_ref()
-            .map(|o| o.code.as_str())
-            .unwrap_or_default();
+        let r14_on = policy.rule(RuleId::R14).mode != Mode::Off;
+        let r15_rule = policy.rule(RuleId::R15);
+        let limited = r14_on && !facts.account.as_ref().is_some_and(|a| a.bulk);
+        let (mut takes, org_takes) = if limited {
+            let limits = Limits::from_rule(&policy.rule(RuleId::R14));
+            if let Some(d) = r14::per_message(policy, &limits, &sender, tx.rcpts_accepted) {
+                return d;
+            }
+            (
+                r14::takes(&limits, tx.rcpts_accepted),
+                r14::org_takes(&limits, tx.rcpts_accepted),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let store = self.directory.store();
-        let timeout = snap.config.store.timeout;
-        let no_answer = || StoreFailure(format!("no answer within {timeout:?}"));
-        if org_takes.is_empty() {
-            // No organisation limits: the account's counters only (one script).
-            let outcome =
-                match tokio::time::timeout(timeout, store.take(&sender, &takes, now)).await {
-                    Ok(Ok(o)) => Ok(o),
-                    Ok(Err(e)) => Err(StoreFailure(e.to_string())),
-                    Err(_) => Err(no_answer()),
-                };
-            self.log_take_failure(&sender, outcome.as_ref().err());
+        // Organisation limits (R14): the account's and the organisation's counters are taken
+        // first, all or nothing; R15's pattern is then counted alone (one more round trip,
+        // only when organisation limits are configured). A lock found there refuses this
+        // recipient although it was counted: the safe side.
+        let mut before = Decision::pass();
+        if !org_takes.is_empty() {
+            let org = facts
+                .org
+                .as_ref()
+                .map(|o| o.code.as_str())
+                .unwrap_or_default();
+            let joint = self
+                .bounded(
+                    snap,
+                    "take_limits",
+                    &sender,
+                    store.take_with_org(&sender, &takes, org, &org_takes, now),
+                )
+                .await;
+            let d = r14::decide_joint(policy, &sender, org, &joint, now);
+            if d.action != Action::Continue || r15_rule.mode == Mode::Off {
+                return d;
+            }
+            takes.clear();
+            before = d;
+        }
+        if r15_rule.mode == Mode::Off {
+            if takes.is_empty() {
+                return before;
+            }
+            let outcome = self
+                .bounded(
+                    snap,
+                    "take_limits",
+                    &sender,
+                    store.take(&sender, &takes, now),
+                )
+                .await;
             return r14::decide(policy, &sender, &outcome, now);
         }
-        let joint = store.take_with_org(&sender, &takes, org, &org_takes, now);
-        let outcome = match tokio::time::timeout(timeout, joint).await {
-            Ok(Ok(o)) => Ok(o),
-            Ok(Err(e)) => Err(StoreFailure(e.to_string())),
-            Err(_) => Err(no_answer()),
-        };
-        self.log_take_failure(&sender, outcome.as_ref().err());
-        r14::decide_joint(policy, &sender, org, &outcome, now)
+        let watch = r15::watch(&r15_rule);
+        let message = tx.rcpts_accepted == 0;
+        let outcome = self
+            .bounded(
+                snap,
+                "take_limits",
+                &sender,
+                store.take_watched(&sender, &takes, &watch, message, now),
+            )
+            .await;
+        if let Ok(WatchOutcome::Tripped(lock)) = &outcome {
+            self.tripped(&sender, lock, &watch);
+        }
+        let mut d = r15::decide(policy, &sender, &outcome, now);
+        before.outcomes.append(&mut d.outcomes);
+        d.outcomes = before.outcomes;
+        d
     }
 
-    fn log_take_failure(&self, sender: &Address, failure: Option<&StoreFailure>) {
-        if let Some(e) = failure {
-            self.metrics.count_store_error("take_limits");
-            tracing::warn!(address = %sender, "sending counters unavailable: {}", e.0);
+    /// A recipient was refused permanently: R15 counts it for the counted (local) sender.
+    /// The recipient's reply is already decided; only a lock may follow.
+    async fn count_refused(&self, snap: &Snapshot, tx: &Transaction) {
+        let Some(sender) = counted_sender(tx) else {
+            return;
+        };
+        match self.lookup(&sender, "lookup_limited_sender").await {
+            Ok(facts) if facts.is_local() => {}
+            _ => return,
+        }
+        let watch = r15::watch(&snap.policy.rule(RuleId::R15));
+        let now = chrono::Utc::now().timestamp();
+        let store = self.directory.store();
+        let outcome = self
+            .bounded(
+                snap,
+                "count_refused",
+                &sender,
+                store.count_rejected(&sender, &watch, now),
+            )
+            .await;
+        if let Ok(WatchOutcome::Tripped(lock)) = &outcome {
+            self.tripped(&sender, lock, &watch);
+        }
+    }
+
+    /// R15 found `account`'s pattern abnormal: a lock (enforce) or what would be one.
+    fn tripped(&self, account: &Address, lock: &SendLock, watch: &crate::store::Watch) {
+        if watch.lock {
+            self.account_locked(account, lock);
+        } else {
+            tracing::warn!(
+                address = %account,
+                cause = lock.cause.kind(),
+                "R15 (monitor): would lock the account for sending: {}",
+                lock.cause
+            );
         }
     }
 

@@ -142,6 +142,16 @@ impl Daemon {
         checker
             .alerts
             .start(checker.directory.store().clone(), shutdown.clone());
+        // R15 locks found on the mail path raise the owner alert (R16) ...
+        checker.add_event_sink(Arc::new(checker.alerts.sender()));
+        // ... and are audited; R20 withdraws inactive accounts.
+        let (locks_tx, locks_rx) = mpsc::channel(1024);
+        checker.add_event_sink(Arc::new(locks_tx));
+        let system = tokio::spawn(crate::admin::system::run(
+            checker.clone(),
+            locks_rx,
+            shutdown.clone(),
+        ));
         // Changes made through other daemons sharing the store (Redis) reach this cache too.
         if let Some(changes) = checker.directory.store().changes() {
             let (checker, shutdown) = (checker.clone(), shutdown.clone());
@@ -176,6 +186,7 @@ impl Daemon {
         tracing::info!("shutting down: no new connections, draining open sessions");
         shutdown.cancel();
         health.abort();
+        let _ = system.await;
         while servers.join_next().await.is_some() {}
         drain(&sessions, &checker).await;
         // An alert being posted finishes its attempt (bounded by alerts.webhook_timeout);

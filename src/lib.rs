@@ -18,9 +18,12 @@
 //! - [`verify`]: inbound verification (R7): SPF, DKIM, DMARC, ARC and the
 //!   `Authentication-Results` header, with the configured DNS resolver.
 //! - [`daemon`]: binds listeners and runs everything until shutdown; used by `main` and tests.
+//! - [`events`]: the hook account events (R15 locks) are raised on, for R16's alerts.
+//! - [`activity`]: last authenticated use per account and automatic withdrawal (R20).
 
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod admin;
 pub mod alerts;
 pub mod checker;
@@ -29,6 +32,7 @@ pub mod daemon;
 pub mod directory;
 pub mod dkim;
 pub mod engine;
+pub mod events;
 pub mod milter;
 pub mod model;
 pub mod net;

@@ -1438,3 +1438,232 @@ async fn organisation_default_quota_is_set_audited_and_enforced() {
     assert_eq!(changes[1]["after"]["default_quota_bytes"], Value::Null);
     api.stop().await;
 }
+
+/// R15 through the API: a lock by hand (write scope, reason required, audited) refuses the
+/// account's mail at MAIL; `show` gives the lock; unlock releases it (audited); locking
+/// twice or unlocking an unlocked account is a 409.
+#[tokio::test]
+async fn accounts_are_locked_shown_and_unlocked() {
+    let api = Api::start().await;
+    api.mpt().await;
+    api.post("/v1/users", WRITE, user("champa@mpt.gov.la", "person"))
+        .await;
+    let path = "/v1/users/champa@mpt.gov.la";
+    let (_, b) = api.get(path, READ).await;
+    assert_eq!(b["send_lock"], Value::Null, "{b}");
+    assert_eq!(b["last_use"], Value::Null, "{b}");
+
+    let (s, _) = api
+        .post(&format!("{path}/lock"), READ, json!({"reason": "x"}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, b) = api.post(&format!("{path}/lock"), WRITE, json!({})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a reason is required: {b}");
+    let (s, b) = api
+        .post(
+            &format!("{path}/lock"),
+            WRITE,
+            json!({"reason": "password phished, ticket 42"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["send_lock"]["cause"], "manual");
+    assert_eq!(b["send_lock"]["by"], "registrar");
+    assert!(
+        b["send_lock"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ticket 42"),
+        "{b}"
+    );
+    let (s, b) = api
+        .post(&format!("{path}/lock"), WRITE, json!({"reason": "again"}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+
+    let mut tx = Transaction::new(Protocol::Milter);
+    tx.sasl_username = Some("champa@mpt.gov.la".into());
+    tx.tls_version = Some("TLSv1.3".into()); // R11
+    tx.sender = Some(mailwarden::model::Sender::parse("champa@mpt.gov.la"));
+    match api.checker.check_mail(&tx).await.action {
+        Action::Tempfail(r) => assert_eq!((r.code, r.enhanced), (450, "4.7.1")),
+        other => panic!("a locked account passed MAIL: {other:?}"),
+    }
+
+    let (s, b) = api
+        .post(
+            &format!("{path}/unlock"),
+            WRITE,
+            json!({"reason": "owner reached"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["send_lock"], Value::Null);
+    assert_eq!(api.checker.check_mail(&tx).await.action, Action::Continue);
+    let (s, _) = api.post(&format!("{path}/unlock"), WRITE, json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = api
+        .post(
+            "/v1/users/nobody@mpt.gov.la/lock",
+            WRITE,
+            json!({"reason": "x"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let audit = api.audit();
+    let tail: Vec<&str> = audit
+        .iter()
+        .skip(2)
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(tail, ["user.lock", "user.unlock"]);
+    assert_eq!(audit[2]["before"]["send_lock"], Value::Null);
+    assert_eq!(audit[2]["after"]["send_lock"]["cause"], "manual");
+    assert_eq!(audit[3]["before"]["send_lock"]["cause"], "manual");
+    assert_eq!(audit[3]["reason"], "owner reached");
+    let m = api.checker.metrics.encode();
+    assert!(
+        m.contains(r#"mailwarden_account_locks_total{cause="manual"} 1"#),
+        "{m}"
+    );
+    assert!(m.contains("mailwarden_account_unlocks_total 1"), "{m}");
+    api.stop().await;
+}
+
+/// R15 on the mail path: refused recipients lock the sender once their share and number
+/// pass the thresholds, and the event hook hears about it.
+#[tokio::test]
+async fn many_refused_recipients_lock_the_sender_and_raise_an_event() {
+    let api = Api::start_with(|c, _| {
+        c.rules.insert(
+            "R15".into(),
+            mailwarden::config::RuleTable {
+                reject_min: Some(3),
+                reject_share: Some(50),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    api.mpt().await;
+    for a in ["champa@mpt.gov.la", "old@mpt.gov.la"] {
+        api.post("/v1/users", WRITE, user(a, "person")).await;
+    }
+    api.post(
+        "/v1/users/old@mpt.gov.la/suspend",
+        WRITE,
+        json!({"reason": "left"}),
+    )
+    .await;
+    let (events, mut heard) = tokio::sync::mpsc::channel(4);
+    api.checker.add_event_sink(std::sync::Arc::new(events));
+    let mut tx = Transaction::new(Protocol::Policy);
+    tx.sasl_username = Some("champa@mpt.gov.la".into());
+    let ok = Address::parse("friend@example.org").unwrap();
+    let bad = Address::parse("old@mpt.gov.la").unwrap();
+    assert_eq!(
+        api.checker.check_rcpt(&tx, &ok).await.action,
+        Action::Continue
+    );
+    for _ in 0..3 {
+        // R1 refuses each (550 5.2.1); the third makes 3 of 4 refused.
+        assert!(matches!(
+            api.checker.check_rcpt(&tx, &bad).await.action,
+            Action::Reject(_)
+        ));
+    }
+    let event = heard.try_recv().expect("the lock was announced");
+    assert_eq!(event.address.to_string(), "champa@mpt.gov.la");
+    assert_eq!(
+        event.lock.cause,
+        mailwarden::store::LockCause::Rejections {
+            rejected: 3,
+            total: 4
+        }
+    );
+    match api.checker.check_rcpt(&tx, &ok).await.action {
+        Action::Tempfail(r) => assert_eq!((r.code, r.enhanced), (450, "4.7.1")),
+        other => panic!("a locked account's recipient passed: {other:?}"),
+    }
+    let (_, b) = api.get("/v1/users/champa@mpt.gov.la", READ).await;
+    assert!(
+        b["send_lock"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("3 of 4 recipients"),
+        "{b}"
+    );
+    api.stop().await;
+}
+
+/// R20 through the API: `inactive_for` lists accounts by last use (or creation); the
+/// automatic withdrawal, driven with an injected clock, withdraws them and audits it.
+#[tokio::test]
+async fn inactive_accounts_are_listed_and_withdrawn_automatically() {
+    use mailwarden::store::Store;
+    let api = Api::start_with(|c, _| {
+        c.activity.auto_withdraw_after = Some(std::time::Duration::from_secs(730 * 86_400));
+    })
+    .await;
+    api.mpt().await;
+    for a in ["champa@mpt.gov.la", "kham@mpt.gov.la"] {
+        api.post("/v1/users", WRITE, user(a, "person")).await;
+    }
+    // champa authenticates (written in the background, once per write_interval).
+    let mut tx = Transaction::new(Protocol::Policy);
+    tx.sasl_username = Some("champa@mpt.gov.la".into());
+    tx.sender = Some(mailwarden::model::Sender::parse("champa@mpt.gov.la"));
+    api.checker.check_mail(&tx).await;
+    let champa = Address::parse("champa@mpt.gov.la").unwrap();
+    // The write is a background task with nothing to wait on: poll, bounded.
+    let mut used = None;
+    for _ in 0..1000 {
+        used = api
+            .store
+            .last_use(std::slice::from_ref(&champa))
+            .await
+            .unwrap()[0];
+        if used.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let used = used.expect("champa's last use was written");
+    let now = chrono::Utc::now().timestamp();
+    assert!((now - used).abs() < 60, "{used} vs {now}");
+
+    let (s, b) = api.get("/v1/users?inactive_for=1h", READ).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["users"].as_array().unwrap().len(), 0, "both are new: {b}");
+    let (s, b) = api.get("/v1/users?inactive_for=soon", READ).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("inactive_for"), "{b}");
+
+    // Two years and a day later (the clock is injected): kham was never used, champa not
+    // since today. Both are withdrawn, audited as the daemon's own change.
+    let later = now + 731 * 86_400;
+    let log = mailwarden::admin::AuditLog::new();
+    let n = mailwarden::admin::system::withdraw_inactive(&api.checker, &log, later).await;
+    assert_eq!(n, 2);
+    let (_, b) = api.get("/v1/users/kham@mpt.gov.la", READ).await;
+    assert_eq!(b["status"], "withdrawn");
+    assert!(
+        b["status_reason"].as_str().unwrap().contains("never used"),
+        "{b}"
+    );
+    let audit = api.audit();
+    let withdrawals: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["action"] == "user.withdraw")
+        .collect();
+    assert_eq!(withdrawals.len(), 2);
+    assert!(withdrawals.iter().all(|r| r["actor"] == "mailwarden"));
+    assert_eq!(withdrawals[0]["before"]["status"], "active");
+    // Nothing left to do.
+    assert_eq!(
+        mailwarden::admin::system::withdraw_inactive(&api.checker, &log, later).await,
+        0
+    );
+    api.stop().await;
+}

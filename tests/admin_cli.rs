@@ -705,3 +705,84 @@ async fn org_quota_sets_shows_and_removes_the_default() {
     assert_eq!(actions, ["org.create", "org.quota", "org.quota"]);
     api.stop().await;
 }
+
+/// R15 and R20 commands: `user lock` / `unlock` / `show`, `user list --inactive-for`.
+#[tokio::test]
+async fn user_lock_unlock_and_inactive_list() {
+    let api = Api::start().await;
+    let u = api.url.as_str();
+    api.mpt().await;
+    let o = run(
+        u,
+        WRITE,
+        &["user", "add", "champa@mpt.gov.la", "--kind", "person"],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+
+    let o = run(u, WRITE, &["user", "lock", "champa@mpt.gov.la"]).await;
+    assert_eq!(code(&o), 2, "--reason is required: {}", err(&o));
+    let o = run(
+        u,
+        WRITE,
+        &["user", "lock", "champa@mpt.gov.la", "--reason", "phished"],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let o = run(u, READ, &["user", "show", "champa@mpt.gov.la"]).await;
+    let shown = out(&o);
+    let lock = shown
+        .lines()
+        .find(|l| l.starts_with("send_lock "))
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(
+        lock.contains("LOCKED since") && lock.contains("by registrar") && lock.contains("phished"),
+        "{shown}"
+    );
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("last_use ") && l.ends_with("never")),
+        "{shown}"
+    );
+    let o = run(u, WRITE, &["user", "unlock", "champa@mpt.gov.la"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let o = run(u, WRITE, &["user", "unlock", "champa@mpt.gov.la"]).await;
+    assert_ne!(code(&o), 0);
+    assert!(err(&o).contains("not locked"), "{}", err(&o));
+
+    // Registered just now: not inactive for a year.
+    let o = run(u, READ, &["user", "list", "--inactive-for", "365d"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("no inactive accounts"), "{}", out(&o));
+    // An account registered two years ago and never used.
+    {
+        use mailwarden::store::{Account, AccountKind, AccountStatus, Store};
+        let then = chrono::Utc::now().timestamp() - 2 * 366 * 86_400;
+        let old = Account {
+            address: mailwarden::model::Address::parse("old@mpt.gov.la").unwrap(),
+            org: "mpt".into(),
+            kind: AccountKind::Unit,
+            status: AccountStatus::Active,
+            status_reason: None,
+            display_name: None,
+            created_at: then,
+            status_changed_at: then,
+            quota_bytes: None,
+            bulk: false,
+        };
+        api.store.create_account(&old).await.unwrap();
+    }
+    let o = run(u, READ, &["user", "list", "--inactive-for", "365d"]).await;
+    let listed = out(&o);
+    assert!(
+        listed.contains("LAST_USE")
+            && listed.contains("old@mpt.gov.la  active  never")
+            && !listed.contains("champa@"),
+        "{listed}"
+    );
+    let o = run(u, READ, &["user", "list", "--inactive-for", "a while"]).await;
+    assert_ne!(code(&o), 0);
+    assert!(err(&o).contains("inactive_for"), "{}", err(&o));
+    api.stop().await;
+}

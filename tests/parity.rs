@@ -632,3 +632,53 @@ async fn r8_send_as_gives_the_same_verdict_through_both() {
     );
     both.stop().await;
 }
+
+/// R15: an account locked for sending gets the same 450 4.7.1 at MAIL through both, whether
+/// it authenticates or only appears as the local envelope sender; released, it may send.
+#[tokio::test]
+async fn r15_a_locked_account_gets_450_4_7_1_through_both() {
+    use mailwarden::store::{LockCause, SendLock, Store};
+    let store = seeded_store().await;
+    let champa_addr = mailwarden::model::Address::parse("champa@mpt.gov.la").unwrap();
+    let lock = SendLock {
+        at: 1_796_423_281,
+        by: "security-desk".into(),
+        cause: LockCause::Manual {
+            reason: "phished password reported".into(),
+        },
+    };
+    store
+        .set_send_lock(&champa_addr, Some(&lock))
+        .await
+        .unwrap();
+    let both = Both::spawn("", store.clone()).await;
+    let (champa, bounmy) = ("champa@mpt.gov.la", "bounmy@mpt.gov.la");
+    let cases: [Envelope; 4] = [
+        ("192.0.2.7", champa, "TLSv1.3", champa, Some("450 4.7.1")),
+        // The login is what counts, whatever the envelope says.
+        ("192.0.2.7", champa, "TLSv1.3", bounmy, Some("450 4.7.1")),
+        ("127.0.0.1", "", "", champa, Some("450 4.7.1")),
+        ("192.0.2.7", bounmy, "TLSv1.3", bounmy, None),
+    ];
+    run_envelopes(&both, &cases).await;
+    // The same replies (checked above). The stage label differs on purpose: the milter reads
+    // the lock at MAIL; the policy service, asked at RCPT, lets its RCPT count read it in the
+    // same store call (one round trip per recipient).
+    let (policy_counts, milter_counts) = both.counted();
+    assert_eq!(
+        policy_counts.get(r#"rule="R15",stage="rcpt",outcome="tempfail""#),
+        Some(&3),
+        "{policy_counts:?}"
+    );
+    assert_eq!(
+        milter_counts.get(r#"rule="R15",stage="mail",outcome="tempfail""#),
+        Some(&3),
+        "{milter_counts:?}"
+    );
+    assert_eq!(policy_counts.len(), 1, "{policy_counts:?}");
+    assert_eq!(milter_counts.len(), 1, "{milter_counts:?}");
+    store.set_send_lock(&champa_addr, None).await.unwrap();
+    let released: [Envelope; 1] = [("192.0.2.7", champa, "TLSv1.3", champa, None)];
+    run_envelopes(&both, &released).await;
+    both.stop().await;
+}

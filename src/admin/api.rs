@@ -10,7 +10,8 @@ use crate::config::Scope;
 use crate::directory::{self, Holder, Rules};
 use crate::model::Address;
 use crate::store::{
-    Account, AccountKind, AccountStatus, Org, OrgStatus, StatusChange, StoreError, Timestamp,
+    Account, AccountKind, AccountStatus, LockCause, Org, OrgStatus, SendLock, StatusChange,
+    StoreError, Timestamp,
 };
 use axum::{
     Json, Router,
@@ -53,6 +54,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/users/{address}/delegates/remove",
             post(remove_delegate),
         )
+        .route("/v1/users/{address}/lock", post(lock_user))
+        .route("/v1/users/{address}/unlock", post(unlock_user))
         .route("/v1/users/{address}/{action}", post(change_user))
         .route(
             "/dovecot/auth-policy",
@@ -584,6 +587,10 @@ struct UserQuery {
     org: Option<String>,
     #[serde(default)]
     status: Option<String>,
+    /// R20: only accounts whose last use (or creation, if never used) is older than this
+    /// (`365d`); each listed with `last_use`.
+    #[serde(default)]
+    inactive_for: Option<String>,
 }
 
 async fn list_users(
@@ -610,10 +617,32 @@ async fn list_users(
         .store()
         .list_accounts(org.as_deref())
         .await?;
-    let views: Vec<UserView> = accounts
-        .iter()
+    let inactive_for = match q.inactive_for.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(humantime::parse_duration(s).map_err(|e| {
+            ApiError::bad_request(format!(
+                "inactive_for: {s:?} is not a duration like \"365d\": {e}"
+            ))
+        })?),
+    };
+    let accounts: Vec<Account> = accounts
+        .into_iter()
         .filter(|a| status.is_none_or(|s| a.status == s))
-        .map(UserView::from)
+        .collect();
+    let Some(idle) = inactive_for else {
+        let views: Vec<UserView> = accounts.iter().map(UserView::from).collect();
+        return Ok(Json(json!({ "users": views })));
+    };
+    let addresses: Vec<Address> = accounts.iter().map(|a| a.address.clone()).collect();
+    let uses = state.checker.directory.store().last_use(&addresses).await?;
+    let cutoff = now().saturating_sub(i64::try_from(idle.as_secs()).unwrap_or(i64::MAX));
+    let views: Vec<Value> = crate::activity::inactive(accounts, uses, cutoff)
+        .iter()
+        .map(|(a, used)| {
+            let mut v = to_value(UserView::from(a));
+            v["last_use"] = json!(used.map(rfc3339));
+            v
+        })
         .collect();
     Ok(Json(json!({ "users": views })))
 }
@@ -633,6 +662,37 @@ async fn find_user(state: &AppState, address: &Address) -> Result<Account, ApiEr
         .ok_or_else(|| ApiError::not_found(format!("account {address} is not registered")))
 }
 
+/// An account with its sending lock (R15) and last use (R20).
+async fn user_details(state: &AppState, address: &Address) -> Result<Value, ApiError> {
+    let account = find_user(state, address).await?;
+    let store = state.checker.directory.store();
+    let lock = store.send_lock(address).await?;
+    let last_use = store.last_use(std::slice::from_ref(address)).await?;
+    let mut v = to_value(UserView::from(&account));
+    v["send_lock"] = lock_view(lock.as_ref());
+    v["last_use"] = json!(last_use.first().copied().flatten().map(rfc3339));
+    // R13: the quota in force (its own, else its organisation's default) and the usage.
+    let org = store.get_org(&account.org).await?;
+    v["effective_quota_bytes"] = json!(account.effective_quota(org.as_ref()));
+    v["usage_bytes"] = json!(store.usage(address).await?);
+    // R8: who may send as this account, and as which mailboxes it may send.
+    v["delegates"] = to_value(strings(&store.delegates(address).await?));
+    v["may_send_as"] = to_value(strings(&store.delegated_to(address).await?));
+    Ok(v)
+}
+
+fn lock_view(lock: Option<&SendLock>) -> Value {
+    match lock {
+        None => Value::Null,
+        Some(l) => {
+            let mut v = to_value(l);
+            v["locked_at"] = json!(rfc3339(l.at));
+            v["reason"] = json!(l.cause.to_string());
+            v
+        }
+    }
+}
+
 async fn show_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -640,17 +700,7 @@ async fn show_user(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::Read, "look at accounts")?;
     let address = path_address(&address)?;
-    let account = find_user(&state, &address).await?;
-    let store = state.checker.directory.store();
-    // R13: the quota in force (its own, else its organisation's default) and the usage.
-    let org = store.get_org(&account.org).await?;
-    let mut view = to_value(UserView::from(&account));
-    view["effective_quota_bytes"] = json!(account.effective_quota(org.as_ref()));
-    view["usage_bytes"] = json!(store.usage(&address).await?);
-    // R8: who may send as this account, and as which mailboxes it may send.
-    view["delegates"] = to_value(strings(&store.delegates(&address).await?));
-    view["may_send_as"] = to_value(strings(&store.delegated_to(&address).await?));
-    Ok(Json(view))
+    Ok(Json(user_details(&state, &address).await?))
 }
 
 fn strings(a: &[Address]) -> Vec<String> {
@@ -1206,6 +1256,129 @@ async fn reset_limits(
                 &caller,
                 &peer,
                 "user.limits_reset",
+                addr.to_string(),
+                before,
+                after.clone(),
+                reason,
+            )],
+            after.clone(),
+        )
+        .await?;
+    Ok(Json(after))
+}
+
+// ---- sending locks (R15) --------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LockRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Locks an account for sending by hand (e.g. on a report of a phished password). Audited
+/// as `user.lock`; the reason is required.
+async fn lock_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    peer: axum::Extension<Peer>,
+    Path(address): Path<String>,
+    Body(req): Body<LockRequest>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Write, "lock an account for sending")?;
+    let addr = path_address(&address)?;
+    let reason = required_reason(req.reason.as_deref(), "locking an account")?;
+    let _guard = state.writes.lock().await;
+    let before = user_details(&state, &addr).await?;
+    if !before["send_lock"].is_null() {
+        return Err(ApiError::conflict(format!(
+            "{addr} is already locked for sending: {}",
+            before["send_lock"]["reason"].as_str().unwrap_or("")
+        )));
+    }
+    let lock = SendLock {
+        at: now(),
+        by: caller.name.clone(),
+        cause: LockCause::Manual {
+            reason: reason.clone(),
+        },
+    };
+    state.audit_ready().await?;
+    state
+        .checker
+        .directory
+        .store()
+        .set_send_lock(&addr, Some(&lock))
+        .await?;
+    state.checker.metrics.count_account_lock("manual");
+    tracing::warn!(address = %addr, by = %caller.name, "account locked for sending by hand (R15)");
+    // R16: the owner hears of it like of an automatic lock.
+    state
+        .checker
+        .alerts
+        .send(crate::alerts::Alert::account_locked(
+            addr.clone(),
+            lock.cause.to_string(),
+        ));
+    finish_lock_change(
+        &state,
+        &caller,
+        &peer,
+        "user.lock",
+        &addr,
+        before,
+        Some(reason),
+    )
+    .await
+}
+
+/// Releases an account's sending lock (automatic or by hand). Audited as `user.unlock`
+/// with the lock that was removed.
+async fn unlock_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    peer: axum::Extension<Peer>,
+    Path(address): Path<String>,
+    Body(req): Body<LockRequest>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Write, "release an account's sending lock")?;
+    let addr = path_address(&address)?;
+    let reason = directory::text("reason", req.reason.as_deref())?;
+    let _guard = state.writes.lock().await;
+    let before = user_details(&state, &addr).await?;
+    if before["send_lock"].is_null() {
+        return Err(ApiError::conflict(format!(
+            "{addr} is not locked for sending"
+        )));
+    }
+    state.audit_ready().await?;
+    state
+        .checker
+        .directory
+        .store()
+        .set_send_lock(&addr, None)
+        .await?;
+    state.checker.metrics.count_account_unlock();
+    tracing::info!(address = %addr, by = %caller.name, "sending lock released (R15)");
+    finish_lock_change(&state, &caller, &peer, "user.unlock", &addr, before, reason).await
+}
+
+async fn finish_lock_change(
+    state: &AppState,
+    caller: &Caller,
+    peer: &Peer,
+    action: &'static str,
+    addr: &Address,
+    before: Value,
+    reason: Option<String>,
+) -> Result<Json<Value>, ApiError> {
+    let after = user_details(state, addr).await?;
+    state
+        .audit(
+            vec![record(
+                caller,
+                peer,
+                action,
                 addr.to_string(),
                 before,
                 after.clone(),

@@ -24,7 +24,9 @@ pub struct AuditRecord {
     /// `org.create`, `org.cease`, `org.relays`, `user.create`, `user.import`, `user.suspend`,
     /// `user.restore`, `user.activate`, `user.withdraw`, `user.permit` (bulk permission),
     /// `user.limits_reset` (R14 counters), `user.quota` (R13), `user.delegate` and
-    /// `user.undelegate` (R8 send-as delegation; object: the mailbox).
+    /// `user.undelegate` (R8 send-as delegation; object: the mailbox), `user.lock`, `user.unlock`
+    /// (R15). The daemon's own changes have the actor `mailwarden`: automatic locks (R15) and
+    /// withdrawals for inactivity (R20).
     pub action: &'static str,
     /// Organisation code or account address.
     pub object: String,

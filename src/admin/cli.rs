@@ -144,6 +144,11 @@ pub enum UserCommand {
         /// Only accounts with this status.
         #[arg(long, value_parser = ["pending", "active", "suspended", "withdrawn"])]
         status: Option<String>,
+        /// Only accounts not used for this long (R20): last authenticated use, or creation
+        /// if never used, older than e.g. `365d`; shows the last use. Withdrawn accounts are
+        /// left out.
+        #[arg(long, value_name = "DURATION")]
+        inactive_for: Option<String>,
     },
     /// Suspend an account: it receives no mail until restored (R1).
     #[command(after_help = EXIT_CODES)]
@@ -223,6 +228,23 @@ pub enum UserCommand {
         /// The account that may no longer send as it.
         #[arg(long)]
         from: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lock an account for sending (R15): its mail is refused with 450 4.7.1 until
+    /// `unlock`. Accounts are also locked automatically on a sending burst or many refused
+    /// recipients; `show` gives the reason.
+    #[command(after_help = EXIT_CODES)]
+    Lock {
+        address: String,
+        /// Why (audit log; shown by `user show`).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Release an account's sending lock (R15), automatic or by hand. Audited.
+    #[command(after_help = EXIT_CODES)]
+    Unlock {
+        address: String,
         #[arg(long)]
         reason: Option<String>,
     },
@@ -369,7 +391,11 @@ pub async fn user(client: &ClientArgs, cmd: UserCommand) -> i32 {
                     .await?;
                 Ok((v, Shape::User))
             }
-            UserCommand::List { org, status } => {
+            UserCommand::List {
+                org,
+                status,
+                inactive_for,
+            } => {
                 let path = ["v1", "users"];
                 let mut query = Vec::new();
                 if let Some(o) = &org {
@@ -378,8 +404,24 @@ pub async fn user(client: &ClientArgs, cmd: UserCommand) -> i32 {
                 if let Some(s) = &status {
                     query.push(("status", s.as_str()));
                 }
+                if let Some(d) = &inactive_for {
+                    query.push(("inactive_for", d.as_str()));
+                }
                 let v = api.call_query(Method::GET, &path, &query, None).await?;
-                Ok((v, Shape::Users))
+                let shape = if inactive_for.is_some() {
+                    Shape::Inactive
+                } else {
+                    Shape::Users
+                };
+                Ok((v, shape))
+            }
+            UserCommand::Lock { address, reason } => {
+                let v = change(&address, "lock", json!({ "reason": reason })).await?;
+                Ok((v, Shape::User))
+            }
+            UserCommand::Unlock { address, reason } => {
+                let v = change(&address, "unlock", json!({ "reason": reason })).await?;
+                Ok((v, Shape::User))
             }
             UserCommand::Suspend { address, reason } => {
                 let v = change(&address, "suspend", json!({ "reason": reason })).await?;
@@ -489,6 +531,8 @@ enum Shape {
     Limits,
     /// A mailbox's delegates after a change (R8).
     Delegation,
+    /// Accounts with their last use (R20).
+    Inactive,
 }
 
 fn finish(json_out: bool, res: Result<(Value, Shape), Fail>) -> i32 {
@@ -562,7 +606,46 @@ const USER_FIELDS: [&str; 14] = [
 fn render(v: &Value, shape: &Shape) -> String {
     match shape {
         Shape::Org => record(v, &ORG_FIELDS),
-        Shape::User => record(v, &USER_FIELDS),
+        Shape::User => {
+            let mut out = record(v, &USER_FIELDS);
+            // R15 and R20, present in `show` (and after lock/unlock).
+            if let Some(lock) = v.get("send_lock") {
+                let line = if lock.is_null() {
+                    "no".to_owned()
+                } else {
+                    format!(
+                        "LOCKED since {} by {}: {}",
+                        s(lock, "locked_at"),
+                        s(lock, "by"),
+                        s(lock, "reason")
+                    )
+                };
+                out.push_str(&format!("{:<17}  {line}\n", "send_lock"));
+            }
+            if v.get("last_use").is_some() {
+                let used = s(v, "last_use");
+                let used = if used.is_empty() {
+                    "never".into()
+                } else {
+                    used
+                };
+                out.push_str(&format!("{:<17}  {used}\n", "last_use"));
+            }
+            out
+        }
+        Shape::Inactive => {
+            let mut users = v.get("users").cloned().unwrap_or(Value::Null);
+            for u in users.as_array_mut().into_iter().flatten() {
+                if u["last_use"].is_null() {
+                    u["last_use"] = Value::from("never");
+                }
+            }
+            table(
+                Some(&users),
+                &["address", "status", "last_use", "created_at", "name"],
+                "no inactive accounts",
+            )
+        }
         Shape::Orgs => table(
             v.get("orgs"),
             &["code", "domain", "status", "name"],

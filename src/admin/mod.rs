@@ -12,10 +12,10 @@
 //! | `POST /v1/orgs` | write | `{"code","name","domain"?}` | 201 Org |
 //! | `GET /v1/orgs/{code}` | read | | Org |
 //! | `POST /v1/orgs/{code}/cease` | admin | `{"reason","confirm": code}` | Org |
-//! | `GET /v1/users?org=&status=` | read | | `{"users": [User]}` |
+//! | `GET /v1/users?org=&status=&inactive_for=` | read | | `{"users": [User]}` (R20: with `last_use`) |
 //! | `POST /v1/users` | write | `{"address","kind","name"?,"status"?}` | 201 User; 409 + `suggestions` |
 //! | `POST /v1/users/import` | write | `{"rows": [{"line"?,"address","kind","name"?,"status"?}]}` | 201 `{"imported","users"}`; 400 + `rows: [{"line","address","error"}]` |
-//! | `GET /v1/users/{address}` | read | | User |
+//! | `GET /v1/users/{address}` | read | | User + `send_lock` (R15), `last_use` (R20) |
 //! | `POST /v1/users/{address}/suspend` | write | `{"reason"}` | User |
 //! | `POST /v1/users/{address}/restore` | write | `{"reason"?}` | User |
 //! | `POST /v1/users/{address}/activate` | write | `{"reason"?}` | User |
@@ -23,6 +23,8 @@
 //! | `POST /dovecot/auth-policy?command=allow\|report` | auth_policy | Dovecot's auth-policy JSON | `{"status":0,"msg":""}` (R16) |
 //! | `POST /v1/users/{address}/delegates` | write | `{"delegate","reason"?}` | `{"address","delegate","changed","delegates"}` (R8) |
 //! | `POST /v1/users/{address}/delegates/remove` | write | `{"delegate","reason"?}` | same; 404 when not a delegate |
+//! | `POST /v1/users/{address}/lock` | write | `{"reason"}` | User + `send_lock` (R15) |
+//! | `POST /v1/users/{address}/unlock` | write | `{"reason"?}` | User + `send_lock` (R15) |
 //!
 //! Errors are `{"error": "...", ...}` (`rule`, `suggestions`, `missing_scope`, `rows`,
 //! `confirm_required` where they apply). Every change appends one JSON line to
@@ -33,9 +35,10 @@ mod audit;
 mod auth;
 pub mod cli;
 mod error;
+pub mod system;
 
 pub use api::{MAX_IMPORT_ROWS, OrgView, UserView};
-pub use audit::AuditRecord;
+pub use audit::{AuditLog, AuditRecord};
 
 use crate::checker::Checker;
 use crate::net::{self, Conn, Listener};

@@ -191,6 +191,17 @@ pub struct AlertSender {
     shared: Arc<Shared>,
 }
 
+/// R15's automatic locks reach the owner (R16): the checker's event hook queues an
+/// `account_locked` alert, never waiting.
+impl crate::events::EventSink for AlertSender {
+    fn account_locked(&self, event: &crate::events::AccountLocked) {
+        self.send(Alert::account_locked(
+            event.address.clone(),
+            event.lock.cause.to_string(),
+        ));
+    }
+}
+
 impl AlertSender {
     /// Queues `alert` for delivery and returns at once. With no webhook configured the alert
     /// is logged and counted as `disabled`; with the queue full it is dropped (counted,

@@ -84,8 +84,38 @@ pub struct Config {
     /// The DNS resolver of inbound verification (R7) and `mailwarden dkim check`.
     pub dns: DnsConfig,
     /// Per-rule settings, keyed by rule id (`R1`, `R2`, `R6`, `R7`, `R8`, `R9`, `R10`, `R11`,
-    /// `R14`).
+    /// `R13`, `R14`, `R15`).
     pub rules: BTreeMap<String, RuleTable>,
+    /// Activity tracking (R20): how often last use is written, automatic withdrawal.
+    pub activity: ActivityConfig,
+}
+
+/// `[activity]` (R20).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActivityConfig {
+    /// An account's last authenticated use is written to the store at most once per this
+    /// interval per daemon (so not once per message); `user list --inactive-for` is exact
+    /// to within it.
+    #[serde(with = "duration")]
+    pub write_interval: Duration,
+    /// Withdraw accounts (audited, reason given) whose last use, or creation if never used,
+    /// is older than this. Unset (default): never withdraw automatically. At least 30 days.
+    #[serde(with = "duration::option")]
+    pub auto_withdraw_after: Option<Duration>,
+    /// How often the automatic withdrawal looks for such accounts.
+    #[serde(with = "duration")]
+    pub check_interval: Duration,
+}
+
+impl Default for ActivityConfig {
+    fn default() -> Self {
+        ActivityConfig {
+            write_interval: Duration::from_secs(300),
+            auto_withdraw_after: None,
+            check_interval: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -302,6 +332,12 @@ pub struct RuleConfig {
     /// R13: add each accepted message's size to the usage of its recipients that have a
     /// quota (default `true`).
     pub count_deliveries: Option<bool>,
+    /// R15: the thresholds (see [`crate::store::Watch`]; unset ones take its defaults).
+    pub burst_factor: Option<u64>,
+    pub burst_floor: Option<u64>,
+    pub baseline_hours: Option<u64>,
+    pub reject_share: Option<u64>,
+    pub reject_min: Option<u64>,
 }
 
 /// One `[rules.Rn]` table as written in the file: the common switches plus the few
@@ -344,6 +380,15 @@ pub struct RuleTable {
     pub max_message_size: Option<u64>,
     /// R13 only: count delivered sizes into the usage.
     pub count_deliveries: Option<bool>,
+    /// R15 only: a burst is more than `burst_factor` times the account's baseline of
+    /// messages per hour and more than `burst_floor` messages in the hour; the baseline
+    /// averages over about `baseline_hours`; `reject_share` percent of refused recipients in
+    /// an hour locks once at least `reject_min` were refused.
+    pub burst_factor: Option<u64>,
+    pub burst_floor: Option<u64>,
+    pub baseline_hours: Option<u64>,
+    pub reject_share: Option<u64>,
+    pub reject_min: Option<u64>,
 }
 
 /// R11's default exemptions: loopback (local programs submitting through `sendmail` or a
@@ -377,7 +422,7 @@ pub enum OnError {
 }
 
 /// Rules this build implements; a `[rules.X]` table for anything else is an error.
-pub const KNOWN_RULES: [RuleId; 10] = [
+pub const KNOWN_RULES: [RuleId; 11] = [
     RuleId::R1,
     RuleId::R2,
     RuleId::R6,
@@ -388,6 +433,7 @@ pub const KNOWN_RULES: [RuleId; 10] = [
     RuleId::R11,
     RuleId::R13,
     RuleId::R14,
+    RuleId::R15,
 ];
 
 impl Config {
@@ -555,6 +601,31 @@ impl Config {
                 format!("{:?} is not a valid filter: {e}", self.log.level),
             );
         }
+        let a = &self.activity;
+        if a.write_interval.is_zero() {
+            err(
+                "activity.write_interval",
+                "must be greater than zero".into(),
+            );
+        }
+        if a.check_interval.is_zero() {
+            err(
+                "activity.check_interval",
+                "must be greater than zero".into(),
+            );
+        }
+        if let Some(after) = a.auto_withdraw_after {
+            // A typo like "730s" would withdraw every account at the next check.
+            if after < Duration::from_secs(30 * 86_400) {
+                err(
+                    "activity.auto_withdraw_after",
+                    format!(
+                        "{} is too short: at least 30 days (e.g. \"730d\")",
+                        humantime::format_duration(after)
+                    ),
+                );
+            }
+        }
         self.dkim.validate(&mut err);
         self.alerts.validate(&mut err);
         self.dns.validate(&mut err);
@@ -667,6 +738,27 @@ impl Config {
                     "says which front-end counts: only [rules.R13] and [rules.R14] count".into(),
                 );
             }
+            let r15_keys = [
+                ("burst_factor", table.burst_factor),
+                ("burst_floor", table.burst_floor),
+                ("baseline_hours", table.baseline_hours),
+                ("reject_share", table.reject_share),
+                ("reject_min", table.reject_min),
+            ];
+            for (key, value) in r15_keys {
+                let Some(v) = value else { continue };
+                let key = format!("rules.{name}.{key}");
+                if name != RuleId::R15.as_str() {
+                    err(
+                        &key,
+                        "is a compromise-response threshold: it belongs in [rules.R15]".into(),
+                    );
+                } else if key.ends_with("reject_share") && !(1..=100).contains(&v) {
+                    err(&key, format!("{v} is not a percentage between 1 and 100"));
+                } else if !key.ends_with("reject_share") && v == 0 {
+                    err(&key, "must be at least 1".into());
+                }
+            }
             if !KNOWN_RULES.iter().any(|r| r.as_str() == name) {
                 err(
                     &format!("rules.{name}"),
@@ -707,6 +799,11 @@ impl Config {
                 count_on: t.count_on,
                 permanent: t.permanent,
                 count_deliveries: t.count_deliveries,
+                burst_factor: t.burst_factor,
+                burst_floor: t.burst_floor,
+                baseline_hours: t.baseline_hours,
+                reject_share: t.reject_share,
+                reject_min: t.reject_min,
             })
             .unwrap_or_default()
     }
@@ -793,6 +890,18 @@ pub mod duration {
     enum Raw {
         Secs(u64),
         Text(String),
+    }
+
+    /// The same for an optional key.
+    pub mod option {
+        use serde::{Deserialize, Deserializer};
+        use std::time::Duration;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrap(#[serde(deserialize_with = "super::deserialize")] Duration);
+            Ok(Some(Wrap::deserialize(d)?.0))
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -332,3 +332,38 @@ fn organisation_limits_belong_to_r14_and_are_off_by_default() {
     let errs = Config::from_toml("[rules.R14]\norg_messages_per_day = -1\n").unwrap_err();
     assert!(errs[0].reason.contains("org_messages_per_day"), "{errs:?}");
 }
+
+#[test]
+fn r15_thresholds_belong_to_r15_and_activity_keys_are_checked() {
+    let errs = Config::from_toml(
+        "[rules.R14]\nburst_floor = 5\n[rules.R15]\nreject_share = 150\nbaseline_hours = 0\n\
+         [activity]\nauto_withdraw_after = \"730s\"\nwrite_interval = \"0s\"\n",
+    )
+    .unwrap_err();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    for key in [
+        "rules.R14.burst_floor",
+        "rules.R15.reject_share",
+        "rules.R15.baseline_hours",
+        "activity.auto_withdraw_after",
+        "activity.write_interval",
+    ] {
+        assert!(keys.contains(&key), "{key} not named: {errs:?}");
+    }
+    let errs = Config::from_toml("[activity]\nauto_withdraw_after = \"two years\"\n").unwrap_err();
+    assert!(errs[0].reason.contains("auto_withdraw_after"), "{errs:?}");
+
+    let c = Config::from_toml(include_str!("../../config/mailwarden.toml")).unwrap();
+    let shipped = crate::engine::rules::compromise::watch(&c.rule(RuleId::R15));
+    assert_eq!(shipped, crate::store::Watch::DEFAULT);
+    assert_eq!(c.activity.auto_withdraw_after, None);
+    assert_eq!(
+        c.activity.write_interval,
+        ActivityConfig::default().write_interval
+    );
+    let on = Config::from_toml("[activity]\nauto_withdraw_after = \"730d\"\n").unwrap();
+    assert_eq!(
+        on.activity.auto_withdraw_after,
+        Some(Duration::from_secs(730 * 86_400))
+    );
+}

@@ -19,6 +19,7 @@ pub enum RuleId {
     R11,
     R13,
     R14,
+    R15,
     /// Not a policy rule: the store or another service needed by a rule failed.
     Store,
 }
@@ -36,6 +37,7 @@ impl RuleId {
             RuleId::R11 => "R11",
             RuleId::R13 => "R13",
             RuleId::R14 => "R14",
+            RuleId::R15 => "R15",
             RuleId::Store => "store",
         }
     }

@@ -705,8 +705,9 @@ async fn sending_limits_count_only_on_the_configured_front_end() {
 
 #[tokio::test]
 async fn sending_limits_tempfail_when_the_store_is_down() {
+    // R15 off too: its lock check at MAIL would tempfail first (see the R15 tests).
     let s = Server::start(
-        "[rules.R2]\nmode = \"off\"\n[rules.R1]\nmode = \"off\"\n[rules.R9]\nmode = \"off\"\n[rules.R13]\nmode = \"off\"\n[rules.R8]\nmode = \"off\"\n",
+        "[rules.R2]\nmode = \"off\"\n[rules.R1]\nmode = \"off\"\n[rules.R9]\nmode = \"off\"\n[rules.R13]\nmode = \"off\"\n[rules.R8]\nmode = \"off\"\n[rules.R15]\nmode = \"off\"\n",
     )
     .await;
     s.store.set_down(true);
@@ -943,4 +944,52 @@ async fn end_of_message_quota_is_552_when_permanent_and_counting_can_be_off() {
             .is_empty()
     );
     assert!(counted("[rules.R13]\nmode = \"off\"\n").await.is_empty());
+}
+
+/// R15 through policy: Postfix asks at every RCPT; the lock is not read separately but by
+/// the RCPT count itself (one store call per recipient, as R14 alone), so a lock set between
+/// two recipients of one message stops the second, and the next message.
+#[tokio::test]
+async fn the_rcpt_count_reads_the_lock_in_the_same_call() {
+    use crate::store::{LockCause, SendLock, Store};
+    let s = Server::start("").await;
+    let champa = "champa@mpt.gov.la";
+    let mut c = s.client().await;
+    let first = c
+        .ask(&submission(champa, champa, "a@example.org", "m1"))
+        .await
+        .unwrap();
+    assert_eq!(code(&first), "DUNNO", "{first}");
+    let lock = SendLock {
+        at: 1_796_423_281,
+        by: "security-desk".into(),
+        cause: LockCause::Manual {
+            reason: "phished".into(),
+        },
+    };
+    s.store
+        .set_send_lock(&crate::store::testing::addr(champa), Some(&lock))
+        .await
+        .unwrap();
+    for (rcpt, instance) in [("b@example.org", "m1"), ("c@example.org", "m2")] {
+        let action = c
+            .ask(&submission(champa, champa, rcpt, instance))
+            .await
+            .unwrap();
+        assert!(action.starts_with("450 4.7.1"), "{action}");
+    }
+    // Answered by the RCPT count (no MAIL-stage read); nothing more counted for R14.
+    let m = s.metrics();
+    assert!(
+        m.contains(r#"mailwarden_verdicts_total{rule="R15",stage="rcpt",outcome="tempfail",protocol="policy"} 2"#),
+        "{m}"
+    );
+    assert!(!m.contains(r#"rule="R15",stage="mail""#), "{m}");
+    let now = chrono::Utc::now().timestamp();
+    let counts = s
+        .store
+        .counters(&crate::store::testing::addr(champa), now)
+        .await
+        .unwrap();
+    assert_eq!(counts[0].count, 1, "only the first message: {counts:?}");
 }

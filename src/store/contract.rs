@@ -84,6 +84,14 @@ macro_rules! store_contract_tests {
             concurrent_add_usage_from_two_instances_loses_nothing,
             take_with_org_counts_both_all_or_nothing,
             concurrent_org_takes_from_two_instances_stop_at_exactly_the_org_limit,
+            watch_locks_on_a_burst_and_then_counts_nothing,
+            watch_baseline_follows_the_shared_arithmetic,
+            watch_refused_take_counts_nothing,
+            watch_locks_on_refused_recipients,
+            watch_in_monitor_mode_stores_no_lock,
+            send_lock_is_set_and_released,
+            racing_instances_trip_exactly_once,
+            last_use_keeps_the_latest_time,
         );
     };
     (@each $harness:path; $($check:ident),+ $(,)?) => {
@@ -1563,4 +1571,299 @@ pub async fn concurrent_org_takes_from_two_instances_stop_at_exactly_the_org_lim
         sum += counts(&*h.peer, &addr(&format!("user{i}@mpt.gov.la")), NOW).await[0];
     }
     assert_eq!(sum, LIMIT);
+}
+
+// ---------------------------------------------------------------------------------------
+// Compromise response (R15) and activity (R20)
+
+fn watch(floor: u64) -> Watch {
+    Watch {
+        burst_factor: 10,
+        burst_floor: floor,
+        baseline_hours: 10,
+        reject_share: 50,
+        reject_min: 3,
+        lock: true,
+    }
+}
+
+/// The start of `NOW`'s UTC hour.
+const HOUR: Timestamp = NOW - NOW.rem_euclid(3600);
+
+pub async fn watch_locks_on_a_burst_and_then_counts_nothing(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    let w = watch(3);
+    let t = [take(MSG_HOUR, 1, Some(100))];
+    for _ in 0..3 {
+        let o = h.store.take_watched(&a, &t, &w, true, NOW).await.unwrap();
+        assert_eq!(o, WatchOutcome::Counted(TakeOutcome::Taken));
+    }
+    // A further recipient of the same message is not a message.
+    let o = h.store.take_watched(&a, &[], &w, false, NOW).await.unwrap();
+    assert_eq!(o, WatchOutcome::Counted(TakeOutcome::Taken));
+    let o = h
+        .store
+        .take_watched(&a, &t, &w, true, NOW + 1)
+        .await
+        .unwrap();
+    let expected = SendLock {
+        at: NOW + 1,
+        by: watch::AUTOMATIC.into(),
+        cause: LockCause::Burst {
+            messages: 4,
+            baseline_milli: 0,
+            threshold: 3,
+        },
+    };
+    assert_eq!(o, WatchOutcome::Tripped(expected.clone()));
+    // Stored, seen by the other instance, and from now on nothing is counted.
+    assert_eq!(h.peer.send_lock(&a).await.unwrap(), Some(expected.clone()));
+    let o = h
+        .peer
+        .take_watched(&a, &t, &w, true, NOW + 2)
+        .await
+        .unwrap();
+    assert_eq!(o, WatchOutcome::Locked(expected.clone()));
+    let o = h.peer.count_rejected(&a, &w, NOW + 2).await.unwrap();
+    assert_eq!(o, WatchOutcome::Locked(expected));
+    assert_eq!(counts(&*h.store, &a, NOW).await, [4, 0, 0, 0]);
+    let st = h.store.watch_state(&a).await.unwrap();
+    assert_eq!(
+        (st.hour, st.messages, st.accepted, st.rejected),
+        (HOUR, 4, 5, 0)
+    );
+    // Other accounts are not affected.
+    let b = addr("kham@mpt.gov.la");
+    assert_eq!(h.store.send_lock(&b).await.unwrap(), None);
+    assert_eq!(
+        h.store.watch_state(&b).await.unwrap(),
+        WatchState::default()
+    );
+}
+
+pub async fn watch_baseline_follows_the_shared_arithmetic(h: Harness) {
+    // The same steps as `store::watch`'s unit test: both backends compute exactly that.
+    let a = addr("champa@mpt.gov.la");
+    let w = watch(1000);
+    for _ in 0..20 {
+        h.store
+            .take_watched(&a, &[], &w, true, HOUR + 5)
+            .await
+            .unwrap();
+    }
+    h.peer
+        .take_watched(&a, &[], &w, true, HOUR + 3600)
+        .await
+        .unwrap();
+    let st = h.store.watch_state(&a).await.unwrap();
+    assert_eq!(
+        (st.hour, st.messages, st.baseline_milli),
+        (HOUR + 3600, 1, 2000)
+    );
+    h.store
+        .take_watched(&a, &[], &w, true, HOUR + 3 * 3600)
+        .await
+        .unwrap();
+    let st = h.peer.watch_state(&a).await.unwrap();
+    assert_eq!((st.messages, st.baseline_milli), (1, 1710));
+    let mut expected = WatchState::default();
+    for _ in 0..20 {
+        expected.count_accepted(&w, true, HOUR + 5);
+    }
+    expected.count_accepted(&w, true, HOUR + 3600);
+    expected.count_accepted(&w, true, HOUR + 3 * 3600);
+    assert_eq!(st, expected);
+    // The threshold now is max(floor, 10 x 1.71) = 17 with a floor of 5.
+    let low = Watch {
+        burst_floor: 5,
+        ..w
+    };
+    let mut last = None;
+    for _ in 0..17 {
+        last = Some(
+            h.store
+                .take_watched(&a, &[], &low, true, HOUR + 3 * 3600)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        last,
+        Some(WatchOutcome::Tripped(SendLock {
+            at: HOUR + 3 * 3600,
+            by: watch::AUTOMATIC.into(),
+            cause: LockCause::Burst {
+                messages: 18,
+                baseline_milli: 1710,
+                threshold: 17
+            },
+        }))
+    );
+}
+
+pub async fn watch_refused_take_counts_nothing(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    let w = watch(1);
+    let t = [take(MSG_HOUR, 1, Some(1))];
+    let o = h.store.take_watched(&a, &t, &w, true, NOW).await.unwrap();
+    assert_eq!(o, WatchOutcome::Counted(TakeOutcome::Taken));
+    let o = h.store.take_watched(&a, &t, &w, true, NOW).await.unwrap();
+    assert_eq!(
+        o,
+        WatchOutcome::Counted(TakeOutcome::Refused {
+            counter: MSG_HOUR,
+            count: 1,
+            limit: 1
+        })
+    );
+    assert_eq!(h.store.watch_state(&a).await.unwrap().messages, 1);
+    assert_eq!(h.store.send_lock(&a).await.unwrap(), None);
+}
+
+pub async fn watch_locks_on_refused_recipients(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    let w = watch(1000);
+    for _ in 0..2 {
+        h.store.take_watched(&a, &[], &w, true, NOW).await.unwrap();
+    }
+    for _ in 0..2 {
+        let o = h.peer.count_rejected(&a, &w, NOW).await.unwrap();
+        assert_eq!(o, WatchOutcome::Counted(TakeOutcome::Taken));
+    }
+    let o = h.store.count_rejected(&a, &w, NOW).await.unwrap();
+    let lock = SendLock {
+        at: NOW,
+        by: watch::AUTOMATIC.into(),
+        cause: LockCause::Rejections {
+            rejected: 3,
+            total: 5,
+        },
+    };
+    assert_eq!(o, WatchOutcome::Tripped(lock.clone()));
+    assert_eq!(h.peer.send_lock(&a).await.unwrap(), Some(lock));
+    // The next hour starts over.
+    let b = addr("kham@mpt.gov.la");
+    for _ in 0..2 {
+        h.store.count_rejected(&b, &w, NOW).await.unwrap();
+    }
+    let o = h.store.count_rejected(&b, &w, NOW + 3600).await.unwrap();
+    assert_eq!(o, WatchOutcome::Counted(TakeOutcome::Taken));
+    let st = h.store.watch_state(&b).await.unwrap();
+    assert_eq!((st.rej_hour, st.rejected), (HOUR + 3600, 1));
+}
+
+pub async fn watch_in_monitor_mode_stores_no_lock(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    let w = Watch {
+        lock: false,
+        ..watch(1)
+    };
+    h.store.take_watched(&a, &[], &w, true, NOW).await.unwrap();
+    let o = h.store.take_watched(&a, &[], &w, true, NOW).await.unwrap();
+    assert!(matches!(o, WatchOutcome::Tripped(_)), "{o:?}");
+    assert_eq!(h.store.send_lock(&a).await.unwrap(), None);
+    let o = h.store.take_watched(&a, &[], &w, true, NOW).await.unwrap();
+    assert!(
+        matches!(o, WatchOutcome::Tripped(_)),
+        "still counted: {o:?}"
+    );
+    assert_eq!(h.store.watch_state(&a).await.unwrap().messages, 3);
+}
+
+pub async fn send_lock_is_set_and_released(h: Harness) {
+    let a = addr("champa@mpt.gov.la");
+    let w = watch(2);
+    h.store.take_watched(&a, &[], &w, true, NOW).await.unwrap();
+    h.store.take_watched(&a, &[], &w, true, NOW).await.unwrap();
+    let manual = SendLock {
+        at: NOW,
+        by: "security-desk".into(),
+        cause: LockCause::Manual {
+            reason: "phishing \"reply\" seen; ticket 7".into(),
+        },
+    };
+    assert_eq!(
+        h.store.set_send_lock(&a, Some(&manual)).await.unwrap(),
+        None
+    );
+    assert_eq!(h.peer.send_lock(&a).await.unwrap(), Some(manual.clone()));
+    assert_eq!(
+        h.peer.set_send_lock(&a, None).await.unwrap(),
+        Some(manual),
+        "release returns the lock it removed"
+    );
+    assert_eq!(h.store.send_lock(&a).await.unwrap(), None);
+    assert_eq!(h.store.set_send_lock(&a, None).await.unwrap(), None);
+    // The hour's counts start again, so the account may send (up to the floor) at once.
+    let st = h.store.watch_state(&a).await.unwrap();
+    assert_eq!((st.messages, st.accepted, st.rejected), (0, 0, 0));
+    let o = h.store.take_watched(&a, &[], &w, true, NOW).await.unwrap();
+    assert_eq!(o, WatchOutcome::Counted(TakeOutcome::Taken));
+}
+
+pub async fn racing_instances_trip_exactly_once(h: Harness) {
+    const SENDERS: usize = 30;
+    const FLOOR: u64 = 10;
+    let a = addr("champa@mpt.gov.la");
+    let barrier = Arc::new(Barrier::new(SENDERS));
+    let tasks: Vec<_> = (0..SENDERS)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                h.store.clone()
+            } else {
+                h.peer.clone()
+            };
+            let (barrier, a) = (barrier.clone(), a.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let t = [take(MSG_HOUR, 1, None)];
+                store
+                    .take_watched(&a, &t, &watch(FLOOR), true, NOW)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let (mut counted, mut tripped, mut locked) = (0, 0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            WatchOutcome::Counted(TakeOutcome::Taken) => counted += 1,
+            WatchOutcome::Tripped(_) => tripped += 1,
+            WatchOutcome::Locked(_) => locked += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        (counted, tripped, locked),
+        (FLOOR, 1, SENDERS as u64 - FLOOR - 1)
+    );
+    assert_eq!(counts(&*h.peer, &a, NOW).await, [FLOOR + 1, 0, 0, 0]);
+}
+
+pub async fn last_use_keeps_the_latest_time(h: Harness) {
+    let (a, b, c) = (
+        addr("champa@mpt.gov.la"),
+        addr("kham@mpt.gov.la"),
+        addr("noy@mpt.gov.la"),
+    );
+    assert_eq!(
+        h.store.last_use(std::slice::from_ref(&a)).await.unwrap(),
+        [None]
+    );
+    h.store.touch(&a, NOW).await.unwrap();
+    h.peer.touch(&b, NOW - 10).await.unwrap();
+    h.peer.touch(&a, NOW - 100).await.unwrap(); // a late write from a lagging instance
+    assert_eq!(
+        h.peer
+            .last_use(&[b.clone(), c.clone(), a.clone()])
+            .await
+            .unwrap(),
+        [Some(NOW - 10), None, Some(NOW)]
+    );
+    h.store.touch(&a, NOW + 60).await.unwrap();
+    assert_eq!(h.store.last_use(&[a]).await.unwrap(), [Some(NOW + 60)]);
+    assert_eq!(
+        h.store.last_use(&[]).await.unwrap(),
+        Vec::<Option<Timestamp>>::new()
+    );
 }

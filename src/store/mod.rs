@@ -14,9 +14,11 @@ pub mod sqlite;
 #[cfg(test)]
 pub mod testing;
 mod types;
+pub mod watch;
 
 pub use counters::*;
 pub use types::*;
+pub use watch::{LockCause, SendLock, Watch, WatchOutcome, WatchState};
 
 use crate::model::Address;
 use async_trait::async_trait;
@@ -191,6 +193,49 @@ pub trait Store: Send + Sync + 'static {
     /// Organisation `org`'s counters ([`Counter::ALL`], in that order) in the windows
     /// containing `now`; 0 for a counter never incremented in its window.
     async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>>;
+
+    /// Compromise response (R15): [`Store::take`] and, in the same atomic step, the
+    /// account's sending pattern (see [`watch`]). A locked account gets `Locked` and nothing
+    /// is counted; a refused take gets `Counted(Refused)` and nothing is counted; otherwise
+    /// the takes are added, one accepted recipient (with `message`, also one message) is
+    /// counted in the pattern, and when that makes it abnormal the lock is stored (if
+    /// `watch.lock`) and returned as `Tripped`. `takes` may be empty (bulk accounts, R14 off).
+    async fn take_watched(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        watch: &Watch,
+        message: bool,
+        now: Timestamp,
+    ) -> StoreResult<WatchOutcome>;
+    /// R15: counts one recipient of the account refused at RCPT; `Tripped` when that makes
+    /// the refused share too high (stored if `watch.lock`), `Locked` when it already was
+    /// (nothing counted), else `Counted(Taken)`.
+    async fn count_rejected(
+        &self,
+        account: &Address,
+        watch: &Watch,
+        now: Timestamp,
+    ) -> StoreResult<WatchOutcome>;
+    /// R15: the account's sending lock, if any.
+    async fn send_lock(&self, account: &Address) -> StoreResult<Option<SendLock>>;
+    /// R15: stores a lock (an administrator's, or replacing one), or with `None` releases
+    /// it and clears the current hour's counts of the pattern (the baseline stays), so the
+    /// burst that caused the lock does not lock again at once. Returns the lock before.
+    async fn set_send_lock(
+        &self,
+        account: &Address,
+        lock: Option<&SendLock>,
+    ) -> StoreResult<Option<SendLock>>;
+    /// R15: the account's sending pattern as stored (all 0 when never counted).
+    async fn watch_state(&self, account: &Address) -> StoreResult<WatchState>;
+
+    /// Activity (R20): records that the account authenticated at `at`; an earlier time than
+    /// the one stored is ignored (instances may write late).
+    async fn touch(&self, account: &Address, at: Timestamp) -> StoreResult<()>;
+    /// Activity (R20): the last recorded use of each of `accounts`, in the same order;
+    /// `None` for an account never seen.
+    async fn last_use(&self, accounts: &[Address]) -> StoreResult<Vec<Option<Timestamp>>>;
 }
 
 /// Round-trip statistics of a networked store, shared with the metrics registry (the

@@ -492,6 +492,32 @@ impl RedisStore {
         }
     }
 
+    /// The keys and arguments of [`WATCH_PRELUDE`].
+    fn watch_args(
+        &self,
+        inv: &mut ScriptInvocation<'static>,
+        address: &str,
+        w: &Watch,
+        message: bool,
+        now: Timestamp,
+    ) {
+        // The pattern lives as long as its baseline can matter (see `store::watch`).
+        let ttl = (8 * w.baseline_hours.max(1) + 48) * 3600;
+        inv.key(self.keys.lock(address))
+            .key(self.keys.watch(address))
+            .arg(now)
+            .arg(now - now.rem_euclid(3600))
+            .arg(if message { "1" } else { "0" })
+            .arg(w.burst_factor)
+            .arg(w.burst_floor)
+            .arg(w.baseline_hours)
+            .arg(w.reject_share)
+            .arg(w.reject_min)
+            .arg(if w.lock { "1" } else { "0" })
+            .arg(ttl)
+            .arg(watch::AUTOMATIC);
+    }
+
     /// Runs the status-change script on `(what, name, key)` with the statuses `known`;
     /// `announce` is the message for the change feed.
     async fn set_status<S: StatusName>(
@@ -621,6 +647,18 @@ impl Keys {
     /// seconds), in the account's slot.
     fn countries(&self, address: &str) -> String {
         format!("{}:{{acct:{address}}}:countries", self.prefix)
+    }
+    /// R15: the account's sending lock (JSON), in the account's slot.
+    fn lock(&self, address: &str) -> String {
+        format!("{}:{{acct:{address}}}:lock", self.prefix)
+    }
+    /// R15: the account's sending pattern (hash), in the account's slot.
+    fn watch(&self, address: &str) -> String {
+        format!("{}:{{acct:{address}}}:watch", self.prefix)
+    }
+    /// R20: last use of every account (hash: address → Unix seconds).
+    fn last_use(&self) -> String {
+        format!("{}last-use", self.base)
     }
     fn counter(&self, address: &str, counter: Counter, window_start: Timestamp) -> String {
         format!(
@@ -824,6 +862,144 @@ for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then redis.call('DECRBY', key, ARGV[i]) end
 end
 return 'ok'
+"#,
+    )
+});
+
+/// R15's pattern arithmetic, shared by the two scripts below (mirrors `store::watch`).
+/// ARGV[1] now, ARGV[2] start of its UTC hour, ARGV[3] '1' when a message is counted,
+/// ARGV[4..8] burst_factor, burst_floor, baseline_hours, reject_share, reject_min,
+/// ARGV[9] '1' to store a lock, ARGV[10] the pattern's lifetime, ARGV[11] who locks.
+/// KEYS[1] the lock, KEYS[2] the pattern.
+const WATCH_PRELUDE: &str = r#"
+local function int(x) return string.format('%d', x) end
+local function load(key)
+  local f = redis.call('HMGET', key, 'h', 'm', 'b', 'rh', 'ra', 'rr')
+  local s = {}
+  for i, name in ipairs({'h', 'm', 'b', 'rh', 'ra', 'rr'}) do
+    local v = tonumber(f[i] or '0')
+    if not v then return nil end
+    s[name] = v
+  end
+  return s
+end
+local function roll(s, hour, n)
+  if s.h == 0 then
+    s.h = hour; s.m = 0
+  elseif s.h < hour then
+    local b = s.b + math.floor((s.m * 1000 - s.b) / n)
+    local idle = (hour - s.h) / 3600 - 1
+    if idle > 8 * n then b = 0 else for _ = 1, idle do b = b - math.floor(b / n) end end
+    if b < 0 then b = 0 end
+    s.b = b; s.h = hour; s.m = 0
+  end
+end
+local function roll_rcpt(s, hour)
+  if s.rh < hour then s.rh = hour; s.ra = 0; s.rr = 0 end
+end
+local function finish(s, cause)
+  redis.call('HSET', KEYS[2], 'h', int(s.h), 'm', int(s.m), 'b', int(s.b),
+    'rh', int(s.rh), 'ra', int(s.ra), 'rr', int(s.rr))
+  redis.call('EXPIRE', KEYS[2], ARGV[10])
+  if not cause then return nil end
+  cause['at'] = tonumber(ARGV[1])
+  cause['by'] = ARGV[11]
+  local lock = cjson.encode(cause)
+  if ARGV[9] == '1' then redis.call('SET', KEYS[1], lock) end
+  return {'tripped', lock}
+end
+local hour, n = tonumber(ARGV[2]), math.max(tonumber(ARGV[6]), 1)
+local lock = redis.call('GET', KEYS[1])
+if lock then return {'locked', lock} end
+"#;
+
+/// R15 + R14 (see [`Store::take_watched`]). KEYS: lock, pattern, then one counter per take.
+/// ARGV: as [`WATCH_PRELUDE`], then per take its amount, limit (empty: none) and lifetime.
+/// Returns {'locked', lock}, {'refused', i, count}, {'corrupt', key}, {'tripped', lock} or
+/// {'ok'}.
+static TAKE_WATCHED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "#!lua\n{WATCH_PRELUDE}{}",
+        r#"
+local base = 11
+for i = 3, #KEYS do
+  local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if not count then return {'corrupt', KEYS[i]} end
+  local j = i - 2
+  local limit = tonumber(ARGV[base + 3 * j - 1])
+  if limit and count + tonumber(ARGV[base + 3 * j - 2]) > limit then
+    return {'refused', j, count}
+  end
+end
+local s = load(KEYS[2])
+if not s then return {'corrupt', KEYS[2]} end
+for i = 3, #KEYS do
+  local j = i - 2
+  redis.call('INCRBY', KEYS[i], ARGV[base + 3 * j - 2])
+  redis.call('EXPIRE', KEYS[i], ARGV[base + 3 * j])
+end
+roll(s, hour, n)
+roll_rcpt(s, hour)
+s.ra = s.ra + 1
+local cause = nil
+if ARGV[3] == '1' then
+  s.m = s.m + 1
+  local threshold = math.max(tonumber(ARGV[5]), math.floor(tonumber(ARGV[4]) * s.b / 1000))
+  if s.m > threshold then
+    cause = {cause = 'burst', messages = s.m, baseline_milli = s.b, threshold = threshold}
+  end
+end
+return finish(s, cause) or {'ok'}
+"#
+    ))
+});
+
+/// R15: one refused recipient. KEYS, ARGV: as [`WATCH_PRELUDE`]. Returns {'locked', lock},
+/// {'corrupt', key}, {'tripped', lock} or {'ok'}.
+static COUNT_REJECTED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "#!lua\n{WATCH_PRELUDE}{}",
+        r#"
+local s = load(KEYS[2])
+if not s then return {'corrupt', KEYS[2]} end
+roll_rcpt(s, hour)
+s.rr = s.rr + 1
+local total = s.ra + s.rr
+local cause = nil
+if s.rr >= math.max(tonumber(ARGV[8]), 1) and s.rr * 100 >= tonumber(ARGV[7]) * total then
+  cause = {cause = 'rejections', rejected = s.rr, total = total}
+end
+return finish(s, cause) or {'ok'}
+"#
+    ))
+});
+
+/// R15: KEYS: lock, pattern. ARGV: '1' and the lock to store, or '0' to release it (and
+/// clear the current hour's counts). Returns the lock before (nil if none).
+static SET_LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+local before = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  redis.call('SET', KEYS[1], ARGV[2])
+else
+  redis.call('DEL', KEYS[1])
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('HSET', KEYS[2], 'm', '0', 'ra', '0', 'rr', '0')
+  end
+end
+return before
+"#,
+    )
+});
+
+/// R20: KEYS: the last-use hash. ARGV: address, time. Keeps the later time.
+static TOUCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"#!lua
+local t = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if not t or t < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
 "#,
     )
 });
@@ -1070,6 +1246,60 @@ fn outcome_of(refused: Option<(usize, u64)>, keyed: &[(String, Take)]) -> TakeOu
             }
         }
     }
+}
+
+/// The reply of the take scripts: {'ok'}, {'refused', index, count} or {'corrupt', key}.
+fn take_outcome(v: Value, takes: &[Take], what: &str) -> StoreResult<TakeOutcome> {
+    let Value::Array(mut parts) = v else {
+        return Err(unexpected(what, &v));
+    };
+    let tag: String = match parts.first() {
+        Some(t) => decode(t.clone(), what)?,
+        None => return Err(StoreError::Corrupt(format!("{what}: empty script reply"))),
+    };
+    match (tag.as_str(), parts.len()) {
+        ("ok", 1) => Ok(TakeOutcome::Taken),
+        ("refused", 3) => {
+            let count: u64 = decode(parts.pop().unwrap_or_default(), what)?;
+            let index: usize = decode(parts.pop().unwrap_or_default(), what)?;
+            let t = index
+                .checked_sub(1)
+                .and_then(|i| takes.get(i))
+                .ok_or_else(|| StoreError::Corrupt(format!("{what}: refused take {index}")))?;
+            Ok(TakeOutcome::Refused {
+                counter: t.counter,
+                count,
+                limit: t.limit.unwrap_or(u64::MAX),
+            })
+        }
+        ("corrupt", 2) => {
+            let key: String = decode(parts.pop().unwrap_or_default(), what)?;
+            Err(StoreError::Corrupt(format!("{key} does not hold a count")))
+        }
+        _ => Err(StoreError::Corrupt(format!(
+            "{what}: unexpected script reply {tag:?}"
+        ))),
+    }
+}
+
+/// The reply of the R15 scripts: {'locked', lock}, {'tripped', lock}, or a take's reply.
+fn watch_outcome(v: Value, takes: &[Take], what: &str) -> StoreResult<WatchOutcome> {
+    if let Value::Array(parts) = &v {
+        if let [tag, lock] = parts.as_slice() {
+            let tag: String = decode(tag.clone(), what)?;
+            if tag == "locked" || tag == "tripped" {
+                let text: String = decode(lock.clone(), what)?;
+                let lock: SendLock = serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Corrupt(format!("{what}: lock {text:?}: {e}")))?;
+                return Ok(if tag == "locked" {
+                    WatchOutcome::Locked(lock)
+                } else {
+                    WatchOutcome::Tripped(lock)
+                });
+            }
+        }
+    }
+    take_outcome(v, takes, what).map(WatchOutcome::Counted)
 }
 
 fn decode<T: ::redis::FromRedisValue>(v: Value, key: &str) -> StoreResult<T> {
@@ -1529,6 +1759,157 @@ impl Store for RedisStore {
     async fn delegated_to(&self, delegate: &Address) -> StoreResult<Vec<Address>> {
         self.address_set(&self.keys.delegated(&delegate.to_string()))
             .await
+    }
+
+    async fn take_watched(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        watch: &Watch,
+        message: bool,
+        now: Timestamp,
+    ) -> StoreResult<WatchOutcome> {
+        let address = account.to_string();
+        let mut inv = TAKE_WATCHED.prepare_invoke();
+        self.watch_args(&mut inv, &address, watch, message, now);
+        for t in takes {
+            let w = t.counter.window;
+            let ttl = w.end(now) - now + w.seconds();
+            inv.key(self.keys.counter(&address, t.counter, w.start(now)))
+                .arg(t.n)
+                .arg(t.limit.map(|l| l.to_string()).unwrap_or_default())
+                .arg(ttl);
+        }
+        // Not retried, like `take`.
+        let v = self.call(Call::Script(&inv), false).await?;
+        watch_outcome(v, takes, &format!("sending pattern of {address}"))
+    }
+
+    async fn count_rejected(
+        &self,
+        account: &Address,
+        watch: &Watch,
+        now: Timestamp,
+    ) -> StoreResult<WatchOutcome> {
+        let address = account.to_string();
+        let mut inv = COUNT_REJECTED.prepare_invoke();
+        self.watch_args(&mut inv, &address, watch, false, now);
+        let v = self.call(Call::Script(&inv), false).await?;
+        watch_outcome(v, &[], &format!("sending pattern of {address}"))
+    }
+
+    async fn send_lock(&self, account: &Address) -> StoreResult<Option<SendLock>> {
+        let key = self.keys.lock(&account.to_string());
+        let v = self
+            .call(Call::Cmd(::redis::cmd("GET").arg(&key)), true)
+            .await?;
+        let text: Option<String> = decode(v, &key)?;
+        text.map(|t| {
+            serde_json::from_str(&t)
+                .map_err(|e| StoreError::Corrupt(format!("{key} holds {t:?}: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn set_send_lock(
+        &self,
+        account: &Address,
+        lock: Option<&SendLock>,
+    ) -> StoreResult<Option<SendLock>> {
+        let address = account.to_string();
+        let key = self.keys.lock(&address);
+        let mut inv = SET_LOCK.prepare_invoke();
+        inv.key(&key).key(self.keys.watch(&address));
+        match lock {
+            Some(l) => {
+                let text = serde_json::to_string(l)
+                    .map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
+                inv.arg("1").arg(text);
+            }
+            None => {
+                inv.arg("0").arg("");
+            }
+        }
+        let v = self.call(Call::Script(&inv), false).await?;
+        let before: Option<String> = decode(v, &key)?;
+        before
+            .map(|t| {
+                serde_json::from_str(&t)
+                    .map_err(|e| StoreError::Corrupt(format!("{key} held {t:?}: {e}")))
+            })
+            .transpose()
+    }
+
+    async fn watch_state(&self, account: &Address) -> StoreResult<WatchState> {
+        let key = self.keys.watch(&account.to_string());
+        let v = self
+            .call(
+                Call::Cmd(
+                    ::redis::cmd("HMGET")
+                        .arg(&key)
+                        .arg(&["h", "m", "b", "rh", "ra", "rr"]),
+                ),
+                true,
+            )
+            .await?;
+        let f: Vec<Option<String>> = decode(v, &key)?;
+        let mut n = [0i64; 6];
+        for (slot, value) in n.iter_mut().zip(&f) {
+            if let Some(text) = value {
+                *slot = text
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("{key} holds {text:?}")))?;
+            }
+        }
+        let u = |v: i64| u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{key}: {v}")));
+        Ok(WatchState {
+            hour: n[0],
+            messages: u(n[1])?,
+            baseline_milli: u(n[2])?,
+            rej_hour: n[3],
+            accepted: u(n[4])?,
+            rejected: u(n[5])?,
+        })
+    }
+
+    async fn touch(&self, account: &Address, at: Timestamp) -> StoreResult<()> {
+        let mut inv = TOUCH.prepare_invoke();
+        inv.key(self.keys.last_use())
+            .arg(account.to_string())
+            .arg(at);
+        self.call(Call::Script(&inv), false).await?;
+        Ok(())
+    }
+
+    async fn last_use(&self, accounts: &[Address]) -> StoreResult<Vec<Option<Timestamp>>> {
+        let key = self.keys.last_use();
+        let mut out = Vec::with_capacity(accounts.len());
+        for batch in accounts.chunks(LIST_BATCH) {
+            let mut cmd = ::redis::cmd("HMGET");
+            cmd.arg(&key);
+            for a in batch {
+                cmd.arg(a.to_string());
+            }
+            let v = self.call(Call::Cmd(&cmd), true).await?;
+            let times: Vec<Option<String>> = decode(v, &key)?;
+            if times.len() != batch.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "{key}: asked for {} accounts, got {}",
+                    batch.len(),
+                    times.len()
+                )));
+            }
+            for t in times {
+                out.push(
+                    t.map(|t| {
+                        t.parse::<Timestamp>()
+                            .map_err(|_| StoreError::Corrupt(format!("{key} holds {t:?}")))
+                    })
+                    .transpose()?,
+                );
+            }
+        }
+        Ok(out)
     }
 
     fn changes(&self) -> Option<broadcast::Receiver<DirectoryChange>> {

@@ -124,7 +124,29 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX delegations_by_delegate ON delegations(delegate, mailbox);
     "#,
-    // 7 (numbered for the merge of the issue-4 branches; 5 and 6 are other rules'): owner
+    // 6: compromise response (R15) and activity (R20). `send_watch`: each account's sending
+    // pattern (see `store::watch`); `send_locks`: the lock as JSON (a `SendLock`);
+    // `last_use`: the last authenticated use.
+    r#"
+    CREATE TABLE send_watch (
+        account        TEXT    NOT NULL PRIMARY KEY,
+        hour           INTEGER NOT NULL,
+        messages       INTEGER NOT NULL CHECK (messages >= 0),
+        baseline_milli INTEGER NOT NULL CHECK (baseline_milli >= 0),
+        rej_hour       INTEGER NOT NULL,
+        accepted       INTEGER NOT NULL CHECK (accepted >= 0),
+        rejected       INTEGER NOT NULL CHECK (rejected >= 0)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE send_locks (
+        account TEXT NOT NULL PRIMARY KEY,
+        lock    TEXT NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE last_use (
+        account TEXT    NOT NULL PRIMARY KEY,
+        at      INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    "#,
+    // 7: owner
     // alerts (R16), the countries each account has logged in from, with the first time.
     r#"
     CREATE TABLE login_countries (
@@ -134,7 +156,7 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (account, country)
     ) STRICT, WITHOUT ROWID;
     "#,
-    // 9 (numbered for the merge; the integrator renumbers): R13's organisation default quota,
+    // 8: R13's organisation default quota,
     // the quota of the organisation's accounts that have none of their own (NULL: none).
     r#"
     ALTER TABLE orgs ADD COLUMN default_quota_bytes INTEGER
@@ -577,6 +599,151 @@ fn current_count(
     }
 }
 
+fn select_lock(c: &Connection, account: &str) -> StoreResult<Option<SendLock>> {
+    let text: Option<String> = c
+        .prepare_cached("SELECT lock FROM send_locks WHERE account = ?1")?
+        .query_row([account], |r| r.get(0))
+        .optional()?;
+    text.map(|t| {
+        serde_json::from_str(&t)
+            .map_err(|e| StoreError::Corrupt(format!("send lock of {account}: {e}")))
+    })
+    .transpose()
+}
+
+fn store_lock(c: &Connection, account: &str, lock: &SendLock) -> StoreResult<()> {
+    let text = serde_json::to_string(lock)
+        .map_err(|e| StoreError::Corrupt(format!("send lock of {account}: {e}")))?;
+    c.prepare_cached(
+        "INSERT INTO send_locks (account, lock) VALUES (?1, ?2) \
+         ON CONFLICT (account) DO UPDATE SET lock = excluded.lock",
+    )?
+    .execute(params![account, text])?;
+    Ok(())
+}
+
+fn select_watch(c: &Connection, account: &str) -> StoreResult<WatchState> {
+    let row: Option<[i64; 6]> = c
+        .prepare_cached(
+            "SELECT hour, messages, baseline_milli, rej_hour, accepted, rejected \
+             FROM send_watch WHERE account = ?1",
+        )?
+        .query_row([account], |r| {
+            Ok([
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ])
+        })
+        .optional()?;
+    let Some([hour, m, b, rh, a, rj]) = row else {
+        return Ok(WatchState::default());
+    };
+    let n = |v: i64| {
+        u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("send pattern of {account}")))
+    };
+    Ok(WatchState {
+        hour,
+        messages: n(m)?,
+        baseline_milli: n(b)?,
+        rej_hour: rh,
+        accepted: n(a)?,
+        rejected: n(rj)?,
+    })
+}
+
+fn store_watch(c: &Connection, account: &str, s: &WatchState) -> StoreResult<()> {
+    let i = |v: u64| {
+        i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("send pattern of {account}")))
+    };
+    c.prepare_cached(
+        "INSERT INTO send_watch (account, hour, messages, baseline_milli, rej_hour, accepted, \
+         rejected) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (account) DO UPDATE SET \
+         hour = excluded.hour, messages = excluded.messages, \
+         baseline_milli = excluded.baseline_milli, rej_hour = excluded.rej_hour, \
+         accepted = excluded.accepted, rejected = excluded.rejected",
+    )?
+    .execute(params![
+        account,
+        s.hour,
+        i(s.messages)?,
+        i(s.baseline_milli)?,
+        s.rej_hour,
+        i(s.accepted)?,
+        i(s.rejected)?
+    ])?;
+    Ok(())
+}
+
+/// Applies `takes` (R14) in the open transaction: `Refused` changes nothing.
+fn apply_takes(
+    tx: &Connection,
+    account: &str,
+    takes: &[Take],
+    now: Timestamp,
+) -> StoreResult<TakeOutcome> {
+    let mut counts = Vec::with_capacity(takes.len());
+    for t in takes {
+        let count = current_count(tx, account, t.counter, now)?;
+        if let Some(limit) = t.limit {
+            if count.saturating_add(t.n) > limit {
+                return Ok(TakeOutcome::Refused {
+                    counter: t.counter,
+                    count,
+                    limit,
+                });
+            }
+        }
+        counts.push(count);
+    }
+    for (t, count) in takes.iter().zip(counts) {
+        let new = i64::try_from(count.saturating_add(t.n)).map_err(|_| {
+            StoreError::Corrupt(format!("counter {} of {account} overflows", t.counter))
+        })?;
+        tx.prepare_cached(
+            "INSERT INTO rate_counters (account, counter, window_start, count) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account, counter) \
+             DO UPDATE SET window_start = excluded.window_start, count = excluded.count",
+        )?
+        .execute(params![
+            account,
+            t.counter.name(),
+            t.counter.window.start(now),
+            new
+        ])?;
+    }
+    Ok(TakeOutcome::Taken)
+}
+
+/// The end of a pattern count: stores the new state and, for a trip, the lock.
+fn finish_watch(
+    tx: &Connection,
+    account: &str,
+    state: &WatchState,
+    trip: Option<LockCause>,
+    watch: &Watch,
+    now: Timestamp,
+) -> StoreResult<WatchOutcome> {
+    store_watch(tx, account, state)?;
+    Ok(match trip {
+        None => WatchOutcome::Counted(TakeOutcome::Taken),
+        Some(cause) => {
+            let lock = SendLock {
+                at: now,
+                by: watch::AUTOMATIC.into(),
+                cause,
+            };
+            if watch.lock {
+                store_lock(tx, account, &lock)?;
+            }
+            WatchOutcome::Tripped(lock)
+        }
+    })
+}
+
 fn select_org(c: &Connection, column: &str, key: &str) -> StoreResult<Option<Org>> {
     let sql = format!("SELECT {ORG_COLUMNS} FROM orgs WHERE {column} = ?1");
     Ok(c.prepare_cached(&sql)?
@@ -920,13 +1087,9 @@ impl Store for SqliteStore {
             // IMMEDIATE: the write lock is taken before reading, so another process sharing
             // the file cannot read the same counts in between (no lost update).
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let new = match checked_takes(&tx, &account, &takes, now)? {
-                Ok(new) => new,
-                Err(refused) => return Ok(refused),
-            };
-            write_takes(&tx, &account, &takes, &new, now)?;
+            let outcome = apply_takes(&tx, &account, &takes, now)?;
             tx.commit()?;
-            Ok(TakeOutcome::Taken)
+            Ok(outcome)
         })
         .await
     }
@@ -1178,9 +1341,125 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn take_watched(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        watch: &Watch,
+        message: bool,
+        now: Timestamp,
+    ) -> StoreResult<WatchOutcome> {
+        let account = account.to_string();
+        let (takes, watch) = (takes.to_vec(), *watch);
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(lock) = select_lock(&tx, &account)? {
+                return Ok(WatchOutcome::Locked(lock));
+            }
+            let taken = apply_takes(&tx, &account, &takes, now)?;
+            if taken != TakeOutcome::Taken {
+                return Ok(WatchOutcome::Counted(taken));
+            }
+            let mut state = select_watch(&tx, &account)?;
+            let trip = state.count_accepted(&watch, message, now);
+            let outcome = finish_watch(&tx, &account, &state, trip, &watch, now)?;
+            tx.commit()?;
+            Ok(outcome)
+        })
+        .await
+    }
+
     async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
         let org = org_counter_key(org);
         self.read(move |c| all_counters(c, &org, now)).await
+    }
+
+    async fn count_rejected(
+        &self,
+        account: &Address,
+        watch: &Watch,
+        now: Timestamp,
+    ) -> StoreResult<WatchOutcome> {
+        let account = account.to_string();
+        let watch = *watch;
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(lock) = select_lock(&tx, &account)? {
+                return Ok(WatchOutcome::Locked(lock));
+            }
+            let mut state = select_watch(&tx, &account)?;
+            let trip = state.count_rejected(&watch, now);
+            let outcome = finish_watch(&tx, &account, &state, trip, &watch, now)?;
+            tx.commit()?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn send_lock(&self, account: &Address) -> StoreResult<Option<SendLock>> {
+        let account = account.to_string();
+        self.read(move |c| select_lock(c, &account)).await
+    }
+
+    async fn set_send_lock(
+        &self,
+        account: &Address,
+        lock: Option<&SendLock>,
+    ) -> StoreResult<Option<SendLock>> {
+        let account = account.to_string();
+        let lock = lock.cloned();
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let before = select_lock(&tx, &account)?;
+            match &lock {
+                Some(l) => store_lock(&tx, &account, l)?,
+                None => {
+                    tx.execute("DELETE FROM send_locks WHERE account = ?1", [&account])?;
+                    tx.execute(
+                        "UPDATE send_watch SET messages = 0, accepted = 0, rejected = 0 \
+                         WHERE account = ?1",
+                        [&account],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(before)
+        })
+        .await
+    }
+
+    async fn watch_state(&self, account: &Address) -> StoreResult<WatchState> {
+        let account = account.to_string();
+        self.read(move |c| select_watch(c, &account)).await
+    }
+
+    async fn touch(&self, account: &Address, at: Timestamp) -> StoreResult<()> {
+        let account = account.to_string();
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO last_use (account, at) VALUES (?1, ?2) ON CONFLICT (account) \
+                 DO UPDATE SET at = max(at, excluded.at)",
+            )?
+            .execute(params![account, at])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn last_use(&self, accounts: &[Address]) -> StoreResult<Vec<Option<Timestamp>>> {
+        let accounts: Vec<String> = accounts.iter().map(|a| a.to_string()).collect();
+        self.read(move |c| {
+            let tx = c.unchecked_transaction()?; // one snapshot for all
+            let mut stmt = tx.prepare_cached("SELECT at FROM last_use WHERE account = ?1")?;
+            let mut out = Vec::with_capacity(accounts.len());
+            for a in &accounts {
+                out.push(stmt.query_row([a], |r| r.get(0)).optional()?);
+            }
+            drop(stmt);
+            tx.finish()?;
+            Ok(out)
+        })
+        .await
     }
 }
 

@@ -312,6 +312,52 @@ impl Store for TestStore {
         self.up()?;
         self.inner.org_counters(org, now).await
     }
+    async fn take_watched(
+        &self,
+        account: &Address,
+        takes: &[Take],
+        watch: &Watch,
+        message: bool,
+        now: Timestamp,
+    ) -> StoreResult<WatchOutcome> {
+        self.up()?;
+        self.inner
+            .take_watched(account, takes, watch, message, now)
+            .await
+    }
+    async fn count_rejected(
+        &self,
+        account: &Address,
+        watch: &Watch,
+        now: Timestamp,
+    ) -> StoreResult<WatchOutcome> {
+        self.up()?;
+        self.inner.count_rejected(account, watch, now).await
+    }
+    async fn send_lock(&self, account: &Address) -> StoreResult<Option<SendLock>> {
+        self.up()?;
+        self.inner.send_lock(account).await
+    }
+    async fn set_send_lock(
+        &self,
+        account: &Address,
+        lock: Option<&SendLock>,
+    ) -> StoreResult<Option<SendLock>> {
+        self.up()?;
+        self.inner.set_send_lock(account, lock).await
+    }
+    async fn watch_state(&self, account: &Address) -> StoreResult<WatchState> {
+        self.up()?;
+        self.inner.watch_state(account).await
+    }
+    async fn touch(&self, account: &Address, at: Timestamp) -> StoreResult<()> {
+        self.up()?;
+        self.inner.touch(account, at).await
+    }
+    async fn last_use(&self, accounts: &[Address]) -> StoreResult<Vec<Option<Timestamp>>> {
+        self.up()?;
+        self.inner.last_use(accounts).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;
         self.inner.ping().await

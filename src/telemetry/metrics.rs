@@ -52,6 +52,11 @@ struct DkimSignedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DomainLabels {
     domain: String,
 }
@@ -86,6 +91,9 @@ pub struct Metrics {
     /// Owner alerts (R16): alerts by kind and outcome, GeoIP lookups, queue depths.
     pub alerts: crate::alerts::AlertMetrics,
     auth_results: Family<AuthResultLabels, Counter>,
+    account_locks: Family<CauseLabels, Counter>,
+    account_unlocks: Counter,
+    accounts_withdrawn_inactive: Counter,
 }
 
 impl Default for Metrics {
@@ -172,10 +180,31 @@ impl Metrics {
             "Inbound verification results (R7) by method (spf, dkim, dmarc, arc) and result (pass, fail, softfail, neutral, temperror, permerror, none)",
             auth_results.clone(),
         );
+        let account_locks = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "account_locks",
+            "Accounts locked for sending (R15), by cause: burst, rejections (automatic), manual (admin API)",
+            account_locks.clone(),
+        );
+        let account_unlocks = Counter::default();
+        registry.register(
+            "account_unlocks",
+            "Sending locks released through the admin API (R15)",
+            account_unlocks.clone(),
+        );
+        let accounts_withdrawn_inactive = Counter::default();
+        registry.register(
+            "accounts_withdrawn_inactive",
+            "Accounts withdrawn automatically for inactivity (R20, [activity] auto_withdraw_after)",
+            accounts_withdrawn_inactive.clone(),
+        );
         Metrics {
             alerts,
             registry,
             auth_results,
+            account_locks,
+            account_unlocks,
+            accounts_withdrawn_inactive,
             dkim_signed,
             dkim_unsigned_tempfail,
             verdicts,
@@ -317,6 +346,21 @@ impl Metrics {
         self.auth_results
             .get_or_create(&AuthResultLabels { method, result })
             .inc();
+    }
+
+    /// An account was locked for sending (R15); `cause` is a [`crate::store::LockCause`] kind.
+    pub fn count_account_lock(&self, cause: &'static str) {
+        self.account_locks
+            .get_or_create(&CauseLabels { cause })
+            .inc();
+    }
+
+    pub fn count_account_unlock(&self) {
+        self.account_unlocks.inc();
+    }
+
+    pub fn count_withdrawn_inactive(&self, n: u64) {
+        self.accounts_withdrawn_inactive.inc_by(n);
     }
 
     /// OpenMetrics text for `/metrics`.

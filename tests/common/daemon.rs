@@ -194,6 +194,11 @@ impl Mailwarden {
     pub fn log(&self) -> String {
         tail(&self.log, 64 * 1024)
     }
+
+    /// The audit log (`admin.audit_log`) so far; empty if not yet written.
+    pub fn audit_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("audit.jsonl")).unwrap_or_default()
+    }
 }
 
 impl Drop for Mailwarden {

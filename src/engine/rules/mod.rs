@@ -1,5 +1,6 @@
 //! Rule families, one file each.
 
+pub mod compromise;
 pub mod directory;
 pub mod dkim;
 pub mod limits;
