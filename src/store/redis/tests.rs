@@ -1162,7 +1162,8 @@ async fn sending_limits_hold_through_a_sentinel_failover_under_load() {
     );
     let config = Config::from_toml(&format!(
         "[rules.R14]\nmessages_per_hour = 0\nmessages_per_day = {LIMIT}\n\
-         recipients_per_hour = 0\nrecipients_per_day = 0\n"
+         recipients_per_hour = 0\nrecipients_per_day = 0\n\
+         [rules.R15]\nmode = \"off\"\n"
     ))
     .unwrap();
     let mut checkers = Vec::new();
@@ -1298,7 +1299,8 @@ async fn round_trips_per_check(url: &str, expected: u64) {
     let config = Config::from_toml(
         "[rules.R14]\nmessages_per_hour = 1000\nmessages_per_day = 1000\n\
          recipients_per_hour = 1000\nrecipients_per_day = 1000\n\
-         org_messages_per_hour = 1000\norg_recipients_per_day = 1000\n",
+         org_messages_per_hour = 1000\norg_recipients_per_day = 1000\n\
+         [rules.R15]\nmode = \"off\"\n",
     )
     .unwrap();
     let store = Arc::new(RedisStore::open(url).await.unwrap());
