@@ -7,7 +7,8 @@
 //! the fourth trips the burst detector: its recipient gets `450 4.7.1` and the account is
 //! locked (audited, counted). The next message is refused `450 4.7.1` at MAIL through the
 //! milter (at RCPT through policy, where Postfix asks). `mailwarden user show` gives the
-//! lock and its figures; `mailwarden user unlock` releases it and mail flows again.
+//! lock and its figures; the owner alert (R16) `account_locked` reaches a signed webhook;
+//! `mailwarden user unlock` releases it and mail flows again.
 //!
 //! Needs root and the Debian packages `postfix` and `swaks` (`.ci/run` installs them).
 
@@ -17,10 +18,12 @@ use common::daemon::Mailwarden;
 use common::postfix::{Postfix, Wiring};
 use common::process::wait_for;
 use common::smtp::{Sent, swaks_with};
+use common::webhook::Receiver;
 use std::time::Duration;
 
 const CHAMPA: &str = "champa@mpt.gov.la";
 const OUTSIDE: &str = "friend@example.org";
+const SECRET: &str = "e2e-lock-alert-secret-0123";
 const EXTRA: &str = "smtpd_authorized_xclient_hosts = 127.0.0.1\nrelay_domains = example.org\n";
 
 /// One message from champa, logged in as champa.
@@ -39,9 +42,14 @@ fn burst_locks_and_the_cli_releases(milter: bool) {
     } else {
         ("policy", "policy")
     };
+    // The owner alert (R16) of the lock goes to this webhook receiver.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut receiver = rt.block_on(Receiver::start(0));
     let mw = Mailwarden::start(&format!(
         "[rules.R14]\ncount_on = \"{count_on}\"\n[rules.R15]\nburst_floor = 3\n\
-         [activity]\nwrite_interval = \"1s\"\n"
+         [activity]\nwrite_interval = \"1s\"\n\
+         [alerts]\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"\n",
+        receiver.url
     ));
     mw.cli_ok(
         "org",
@@ -87,6 +95,19 @@ fn burst_locks_and_the_cli_releases(milter: bool) {
         sent.transcript
     );
     assert!(!sent.queued(), "{}", sent.transcript);
+
+    // R16: the owner is told, through the signed webhook.
+    let got = rt.block_on(receiver.next());
+    got.assert_signed_with(SECRET.as_bytes());
+    let alert = got.json();
+    assert_eq!(alert["kind"], "account_locked", "{alert}");
+    assert_eq!(alert["account"], CHAMPA);
+    assert!(
+        alert["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("sending burst")),
+        "{alert}"
+    );
 
     let show = mw.cli_ok("user", &["show", CHAMPA]);
     assert!(
