@@ -152,14 +152,18 @@ fn counts_here(snap: &Snapshot, id: RuleId, protocol: Protocol) -> bool {
     on == protocol
 }
 
-/// Whose counters a recipient counts against (R14): the SASL login when the client
-/// authenticated with an address as login, else the envelope sender. The caller checks
-/// that it is local.
-fn counted_sender(tx: &Transaction) -> Option<Address> {
-    tx.sasl_username
-        .as_deref()
-        .and_then(|login| Address::parse(login).ok())
-        .or_else(|| tx.sender.as_ref().and_then(|s| s.address()).cloned())
+/// Whose counters a recipient counts against (R14, R15): the account the SASL login names
+/// (as R8 maps it: an address, or a bare name with `[rules.R8] login_domain`), else the
+/// envelope sender. The caller checks that it is local.
+fn counted_sender(snap: &Snapshot, tx: &Transaction) -> Option<Address> {
+    login_account(snap, tx).or_else(|| tx.sender.as_ref().and_then(|s| s.address()).cloned())
+}
+
+/// The account the SASL login names, as R8 maps it; `None` when not authenticated or the
+/// login names no address.
+fn login_account(snap: &Snapshot, tx: &Transaction) -> Option<Address> {
+    let login = tx.sasl_username.as_deref()?;
+    engine::rules::sendas::login_address(login, snap.policy.login_domain.as_deref())
 }
 
 impl Checker {
@@ -231,11 +235,7 @@ impl Checker {
     /// R20: notes an authenticated use of the SASL login, written to the store in the
     /// background at most once per `[activity] write_interval`.
     fn note_use(&self, snap: &Snapshot, tx: &Transaction, now: Timestamp) {
-        let Some(login) = tx
-            .sasl_username
-            .as_deref()
-            .and_then(|l| Address::parse(l).ok())
-        else {
+        let Some(login) = login_account(snap, tx) else {
             return;
         };
         if !self
@@ -327,7 +327,7 @@ impl Checker {
             && snap.policy.rule(RuleId::R15).mode != Mode::Off
         {
             // The account that would send: the SASL login, else a local envelope sender.
-            let account = match counted_sender(tx) {
+            let account = match counted_sender(&snap, tx) {
                 Some(a) if tx.sasl_username.is_some() => Some(a),
                 Some(a) if matches!(&lookup, Some(Ok(f)) if f.is_local()) => Some(a),
                 _ => None,
@@ -590,7 +590,7 @@ impl Checker {
     /// counters and counts it in R15's sending pattern, which may lock the account.
     async fn check_limits(&self, snap: &Snapshot, tx: &Transaction) -> Decision {
         let policy = &snap.policy;
-        let Some(sender) = counted_sender(tx) else {
+        let Some(sender) = counted_sender(snap, tx) else {
             return Decision::pass();
         };
         let now = chrono::Utc::now().timestamp();
@@ -679,7 +679,7 @@ impl Checker {
     /// A recipient was refused permanently: R15 counts it for the counted (local) sender.
     /// The recipient's reply is already decided; only a lock may follow.
     async fn count_refused(&self, snap: &Snapshot, tx: &Transaction) {
-        let Some(sender) = counted_sender(tx) else {
+        let Some(sender) = counted_sender(snap, tx) else {
             return;
         };
         match self.lookup(&sender, "lookup_limited_sender").await {

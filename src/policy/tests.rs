@@ -993,3 +993,48 @@ async fn the_rcpt_count_reads_the_lock_in_the_same_call() {
         .unwrap();
     assert_eq!(counts[0].count, 1, "only the first message: {counts:?}");
 }
+
+/// R14 counts against the account the login names, mapped as R8 maps it: a bare login with
+/// `[rules.R8] login_domain` is that domain's account, also when it sends as a mailbox
+/// delegated to it (the mailbox's own counters stay untouched).
+#[tokio::test]
+async fn limits_count_against_the_login_account_as_r8_maps_it() {
+    use crate::store::Store;
+    use crate::store::testing::{account, addr};
+    let s = Server::start(
+        "[rules.R8]\nlogin_domain = \"mpt.gov.la\"\n\
+         [rules.R14]\nmessages_per_hour = 1\n[rules.R15]\nmode = \"off\"\n",
+    )
+    .await;
+    let (cabinet, champa) = (addr("cabinet@mpt.gov.la"), addr("champa@mpt.gov.la"));
+    s.store
+        .create_account(&account("cabinet@mpt.gov.la", "mpt"))
+        .await
+        .unwrap();
+    s.store.add_delegate(&cabinet, &champa).await.unwrap();
+    let mut c = s.client().await;
+    let first = c
+        .ask(&submission(
+            "champa",
+            "cabinet@mpt.gov.la",
+            "a@example.org",
+            "m1",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(first, "DUNNO");
+    let second = c
+        .ask(&submission(
+            "champa",
+            "cabinet@mpt.gov.la",
+            "b@example.org",
+            "m2",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(code(&second), "450 4.7.1", "{second}");
+    let now = chrono::Utc::now().timestamp();
+    let count = |v: Vec<crate::store::CounterValue>| v[0].count;
+    assert_eq!(count(s.store.counters(&champa, now).await.unwrap()), 1);
+    assert_eq!(count(s.store.counters(&cabinet, now).await.unwrap()), 0);
+}
