@@ -23,14 +23,17 @@ pub struct Bound {
 
 pub struct Mailwarden {
     pub bound: Bound,
+    /// The store URL when not the private SQLite file.
+    store: Option<String>,
     child: Option<Child>,
     config: PathBuf,
     log: PathBuf,
     dir: TestDir,
 }
 
-fn config_text(dir: &std::path::Path, rules: &str) -> String {
+fn config_text(dir: &std::path::Path, store: Option<&str>, rules: &str) -> String {
     let d = dir.display();
+    let store = store.map_or_else(|| format!("sqlite:{d}/mw.db"), str::to_owned);
     format!(
         r#"[server]
 milter_listen = "inet:127.0.0.1:0"
@@ -38,7 +41,7 @@ policy_listen = "inet:127.0.0.1:0"
 shutdown_grace = "5s"
 
 [store]
-url = "sqlite:{d}/mw.db"
+url = "{store}"
 
 [admin]
 listen = "inet:127.0.0.1:0"
@@ -67,9 +70,19 @@ impl Mailwarden {
     /// [`start`](Self::start) with extra environment variables for the daemon (e.g.
     /// `TOKIO_WORKER_THREADS`, which sizes the runtime when `server.worker_threads` is 0).
     pub fn start_env(rules: &str, env: &[(&str, &str)]) -> Mailwarden {
+        Mailwarden::start_full(None, rules, env)
+    }
+
+    /// [`start`](Self::start) on the store at `url` (e.g. a Redis Cluster shared by several
+    /// daemons) instead of a private SQLite file.
+    pub fn start_on_store(url: &str, rules: &str) -> Mailwarden {
+        Mailwarden::start_full(Some(url), rules, &[])
+    }
+
+    fn start_full(store: Option<&str>, rules: &str, env: &[(&str, &str)]) -> Mailwarden {
         let dir = TestDir::new("mw-e2e-daemon-");
         let config = dir.join("mailwarden.toml");
-        std::fs::write(&config, config_text(dir.path(), rules)).expect("write config");
+        std::fs::write(&config, config_text(dir.path(), store, rules)).expect("write config");
         let ready = dir.join("ready.json");
         let log = dir.join("mailwarden.log");
         let log_file = std::fs::File::create(&log).expect("create log");
@@ -98,6 +111,7 @@ impl Mailwarden {
         });
         Mailwarden {
             bound,
+            store: store.map(str::to_owned),
             child: Some(child),
             config,
             log,
@@ -157,7 +171,11 @@ impl Mailwarden {
     pub fn reload(&self, rules: &str) {
         let ok = [("result", "ok")];
         let before = self.sample("mailwarden_config_reloads_total", &ok);
-        std::fs::write(&self.config, config_text(self.dir.path(), rules)).expect("write config");
+        std::fs::write(
+            &self.config,
+            config_text(self.dir.path(), self.store.as_deref(), rules),
+        )
+        .expect("write config");
         assert!(process::signal(self.pid(), Sig::HUP), "mailwarden is gone");
         wait_for("the reload to be applied", Duration::from_secs(10), || {
             (self.sample("mailwarden_config_reloads_total", &ok) > before).then_some(())
@@ -169,7 +187,11 @@ impl Mailwarden {
     pub fn reload_refused(&self, rules: &str) {
         let err = [("result", "error")];
         let before = self.sample("mailwarden_config_reloads_total", &err);
-        std::fs::write(&self.config, config_text(self.dir.path(), rules)).expect("write config");
+        std::fs::write(
+            &self.config,
+            config_text(self.dir.path(), self.store.as_deref(), rules),
+        )
+        .expect("write config");
         assert!(process::signal(self.pid(), Sig::HUP), "mailwarden is gone");
         wait_for("the reload to be refused", Duration::from_secs(10), || {
             (self.sample("mailwarden_config_reloads_total", &err) > before).then_some(())
