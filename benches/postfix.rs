@@ -9,7 +9,7 @@
 //! ```
 //!
 //! `policy` (default): bare Postfix, postfwd, mailwarden on the policy path, the milter path
-//! and both (default runtime, and one worker thread). `dkim`: bare Postfix, OpenDKIM signing
+//! and both (default runtime, one worker thread, and Unix-domain sockets instead of TCP). `dkim`: bare Postfix, OpenDKIM signing
 //! RSA-2048, mailwarden signing RSA-2048, Ed25519 and both (milter path, all its rules on).
 //! Defaults 3 rounds, `smtp-source -s 20 -m 2000 -l 4096`. For every run it reports messages
 //! per second to the point where the sink has received them all, and the CPU time per message
@@ -253,8 +253,11 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     // (`server.worker_threads = 1`), to show what the setting does on a small shared box.
     let mw = Mailwarden::start(RULES);
     let mw1 = Mailwarden::start_env(RULES, &[("TOKIO_WORKER_THREADS", "1")]);
+    // The same on Unix-domain sockets (no TCP handshake per milter connection).
+    let mwu = Mailwarden::start_unix(RULES);
     let suspended = seed(&mw);
     seed(&mw1);
+    seed(&mwu);
     let postfwd = Postfwd::start(&suspended);
     let both = |d: &Mailwarden| Wiring::Both(d.bound.policy.clone(), d.bound.milter.clone());
     let setups = vec![
@@ -273,6 +276,8 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         Setup::milter("mailwarden milter", &mw),
         Setup::new("mailwarden both", both(&mw), Some(mw.pid())),
         Setup::new("mailwarden both 1thr", both(&mw1), Some(mw1.pid())),
+        Setup::milter("mailwarden milter unix", &mwu),
+        Setup::new("mailwarden both unix", both(&mwu), Some(mwu.pid())),
     ];
     run_suite(&setups, rounds, messages, sessions, size);
     drop(setups);

@@ -39,14 +39,14 @@ pub struct Daemon {
     bound: Bound,
 }
 
-async fn bind(key: &str, addr: &str) -> anyhow::Result<Option<Listener>> {
+async fn bind(key: &str, addr: &str, mode: u32) -> anyhow::Result<Option<Listener>> {
     if addr.is_empty() {
         return Ok(None);
     }
     let a: ListenAddr = addr
         .parse()
         .map_err(|e: String| anyhow::anyhow!("{key}: {e}"))?;
-    let l = Listener::bind(&a)
+    let l = Listener::bind_with_mode(&a, Some(mode))
         .await
         .with_context(|| format!("{key}: cannot listen on {a}"))?;
     Ok(Some(l))
@@ -75,9 +75,11 @@ impl Daemon {
             config.store.cache_size,
             config.store.timeout,
         );
-        let milter = bind("server.milter_listen", &config.server.milter_listen).await?;
-        let policy = bind("server.policy_listen", &config.server.policy_listen).await?;
-        let admin = bind("admin.listen", &config.admin.listen).await?;
+        // Validated by Config::validate; 0o660 only if called with an unvalidated config.
+        let mode = config.server.socket_mode().unwrap_or(0o660);
+        let milter = bind("server.milter_listen", &config.server.milter_listen, mode).await?;
+        let policy = bind("server.policy_listen", &config.server.policy_listen, mode).await?;
+        let admin = bind("admin.listen", &config.admin.listen, mode).await?;
         let bound = Bound {
             milter: describe(&milter),
             policy: describe(&policy),

@@ -21,6 +21,12 @@ pub enum Listener {
 impl Listener {
     /// Binds `addr`. A stale Unix socket file left by a previous run is replaced.
     pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+        Listener::bind_with_mode(addr, None).await
+    }
+
+    /// [`bind`](Self::bind), and for a Unix-domain socket set its permissions to `mode`
+    /// (`server.socket_mode`), so the MTA's user can connect whatever the process umask.
+    pub async fn bind_with_mode(addr: &ListenAddr, mode: Option<u32>) -> io::Result<Listener> {
         match addr {
             ListenAddr::Inet(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
             ListenAddr::Unix(p) => {
@@ -34,7 +40,12 @@ impl Listener {
                         std::fs::remove_file(p)?;
                     }
                 }
-                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+                let listener = UnixListener::bind(p)?;
+                if let Some(mode) = mode {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+                }
+                Ok(Listener::Unix(listener, p.clone()))
             }
         }
     }
@@ -109,4 +120,22 @@ pub async fn serve_connections<H, F>(
         }
     }
     tracing::debug!(protocol, "listener closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn unix_sockets_get_the_configured_mode_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o660, 0o666, 0o600] {
+            let path = dir.path().join(format!("s{mode:o}.sock"));
+            let addr = ListenAddr::Unix(path.clone());
+            let _l = Listener::bind_with_mode(&addr, Some(mode)).await.unwrap();
+            let got = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(got, mode, "{}", path.display());
+        }
+    }
 }

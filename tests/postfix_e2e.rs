@@ -618,3 +618,28 @@ fn policy_r14_organisation_limit() {
         sent.transcript
     );
 }
+
+/// Unix-domain sockets (`unix:` on both sides, `server.socket_mode`): Postfix's smtpd, running
+/// as user postfix, reaches mailwarden's root-owned sockets through the configured mode, and
+/// the verdicts are the same as over TCP — through the policy service and through the milter.
+#[test]
+fn unix_sockets_carry_both_protocols() {
+    let mw = Mailwarden::start_unix("");
+    populate(&mw);
+    assert!(mw.bound.milter.starts_with("unix:"), "{}", mw.bound.milter);
+    for wiring in [
+        Wiring::Policy(mw.bound.policy.clone()),
+        Wiring::Milter(mw.bound.milter.clone()),
+    ] {
+        let pf = Postfix::start(wiring);
+        let sent = swaks(&pf.server, CHAMPA, &[CABINET, OUTSIDE]);
+        let reply = sent.expect_reply(&format!("RCPT TO:<{CABINET}>"));
+        assert!(
+            reply.starts_with("550 5.2.1"),
+            "{reply:?}\n{}",
+            sent.transcript
+        );
+        assert!(sent.queued(), "{}", sent.transcript);
+        assert_eq!(pf.wait_delivered(&sent.tag).rcpts, [OUTSIDE]);
+    }
+}

@@ -144,6 +144,24 @@ pub struct ServerConfig {
     pub milter_timeout: Duration,
     /// Threads of the async runtime; 0 means one per CPU. Read at start only.
     pub worker_threads: usize,
+    /// Permissions of the Unix-domain sockets this daemon creates (`unix:` listen addresses),
+    /// octal like chmod: Postfix's `smtpd` (user `postfix`) must be able to connect, so the
+    /// socket needs group write for a shared group (`"0660"`, the default) or world write.
+    pub socket_mode: String,
+}
+
+impl ServerConfig {
+    /// `socket_mode` as permission bits.
+    pub fn socket_mode(&self) -> Result<u32, String> {
+        let text = self.socket_mode.trim();
+        let digits = text.strip_prefix("0o").unwrap_or(text);
+        match u32::from_str_radix(digits, 8) {
+            Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
+            _ => Err(format!(
+                "{text:?} is not an octal permission mode like \"0660\" (at most 0777)"
+            )),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -158,6 +176,7 @@ impl Default for ServerConfig {
             policy_max_attributes: 64,
             milter_timeout: Duration::from_secs(300),
             worker_threads: 0,
+            socket_mode: "0660".into(),
         }
     }
 }
@@ -492,6 +511,9 @@ impl Config {
                 "server",
                 "both milter_listen and policy_listen are empty: nothing would be served".into(),
             );
+        }
+        if let Err(e) = self.server.socket_mode() {
+            err("server.socket_mode", e);
         }
         if self.server.max_connections == 0 {
             err("server.max_connections", "must be at least 1".into());

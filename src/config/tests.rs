@@ -367,3 +367,14 @@ fn r15_thresholds_belong_to_r15_and_activity_keys_are_checked() {
         Some(Duration::from_secs(730 * 86_400))
     );
 }
+
+#[test]
+fn socket_mode_is_octal_and_named_when_bad() {
+    let c = Config::from_toml("[server]\nsocket_mode = \"0666\"\n").unwrap();
+    assert_eq!(c.server.socket_mode(), Ok(0o666));
+    assert_eq!(Config::default().server.socket_mode(), Ok(0o660));
+    for bad in ["0999", "rw-rw----", "1777", ""] {
+        let errs = Config::from_toml(&format!("[server]\nsocket_mode = \"{bad}\"\n")).unwrap_err();
+        assert_eq!(errs[0].key, "server.socket_mode", "{bad}: {errs:?}");
+    }
+}

@@ -32,12 +32,24 @@ pub struct Mailwarden {
 }
 
 fn config_text(dir: &std::path::Path, store: Option<&str>, rules: &str) -> String {
+    config_text_on(dir, store, false, rules)
+}
+
+/// The test config; `unix`: the milter and policy listeners on Unix-domain sockets in `dir`
+/// (mode 0666, for Postfix's smtpd running as user postfix) instead of loopback TCP.
+fn config_text_on(dir: &std::path::Path, store: Option<&str>, unix: bool, rules: &str) -> String {
     let d = dir.display();
     let store = store.map_or_else(|| format!("sqlite:{d}/mw.db"), str::to_owned);
+    let listen = if unix {
+        format!(
+            "milter_listen = \"unix:{d}/milter.sock\"\npolicy_listen = \"unix:{d}/policy.sock\"\nsocket_mode = \"0666\""
+        )
+    } else {
+        "milter_listen = \"inet:127.0.0.1:0\"\npolicy_listen = \"inet:127.0.0.1:0\"".to_owned()
+    };
     format!(
         r#"[server]
-milter_listen = "inet:127.0.0.1:0"
-policy_listen = "inet:127.0.0.1:0"
+{listen}
 shutdown_grace = "5s"
 
 [store]
@@ -70,19 +82,37 @@ impl Mailwarden {
     /// [`start`](Self::start) with extra environment variables for the daemon (e.g.
     /// `TOKIO_WORKER_THREADS`, which sizes the runtime when `server.worker_threads` is 0).
     pub fn start_env(rules: &str, env: &[(&str, &str)]) -> Mailwarden {
-        Mailwarden::start_full(None, rules, env)
+        Mailwarden::start_full(None, false, rules, env)
     }
 
     /// [`start`](Self::start) on the store at `url` (e.g. a Redis Cluster shared by several
     /// daemons) instead of a private SQLite file.
     pub fn start_on_store(url: &str, rules: &str) -> Mailwarden {
-        Mailwarden::start_full(Some(url), rules, &[])
+        Mailwarden::start_full(Some(url), false, rules, &[])
     }
 
-    fn start_full(store: Option<&str>, rules: &str, env: &[(&str, &str)]) -> Mailwarden {
+    /// [`start`](Self::start) with the milter and policy listeners on Unix-domain sockets
+    /// (`unix:` in Postfix notation) in the daemon's directory, made reachable for Postfix.
+    pub fn start_unix(rules: &str) -> Mailwarden {
+        Mailwarden::start_full(None, true, rules, &[])
+    }
+
+    fn start_full(
+        store: Option<&str>,
+        unix: bool,
+        rules: &str,
+        env: &[(&str, &str)],
+    ) -> Mailwarden {
         let dir = TestDir::new("mw-e2e-daemon-");
+        if unix {
+            // Postfix's smtpd (user postfix) must reach the sockets inside.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod the daemon's directory");
+        }
         let config = dir.join("mailwarden.toml");
-        std::fs::write(&config, config_text(dir.path(), store, rules)).expect("write config");
+        std::fs::write(&config, config_text_on(dir.path(), store, unix, rules))
+            .expect("write config");
         let ready = dir.join("ready.json");
         let log = dir.join("mailwarden.log");
         let log_file = std::fs::File::create(&log).expect("create log");
