@@ -330,12 +330,18 @@ fn dkim_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         seed(d);
     }
     let od = OpenDkim::start(&dir, &rsa);
+    let odu = OpenDkim::start_on(&dir, &rsa, true);
     let setups = vec![
         Setup::new("bare Postfix", Wiring::Bare, None),
         Setup::new(
             "OpenDKIM RSA-2048",
             Wiring::Milter(od.addr.clone()),
             Some(od.pid()),
+        ),
+        Setup::new(
+            "OpenDKIM RSA-2048 unix",
+            Wiring::Milter(odu.addr.clone()),
+            Some(odu.pid()),
         ),
         Setup::milter("mailwarden RSA-2048", &mw_rsa),
         Setup::milter("mailwarden Ed25519", &mw_ed),
@@ -344,6 +350,7 @@ fn dkim_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     run_suite(&setups, rounds, messages, sessions, size);
     drop(setups);
     drop(od);
+    drop(odu);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -356,13 +363,31 @@ impl OpenDkim {
     /// OpenDKIM (Debian's `opendkim`) as a signing milter with the same RSA key,
     /// relaxed/relaxed, signing mail from 127.0.0.0/8 like mailwarden's internal_networks.
     fn start(dir: &std::path::Path, key: &std::path::Path) -> OpenDkim {
+        Self::start_on(dir, key, false)
+    }
+
+    /// `unix`: on a Unix-domain socket in `dir` (mode 0666 through `UMask 000`) instead of
+    /// loopback TCP.
+    fn start_on(dir: &std::path::Path, key: &std::path::Path, unix: bool) -> OpenDkim {
         let bin = find_program("opendkim", &["/usr/sbin"]);
         let port = free_port();
-        let conf = dir.join("opendkim.conf");
+        let sock = dir.join(format!("opendkim-{port}.sock"));
+        let (socket, addr) = if unix {
+            (
+                format!("local:{}", sock.display()),
+                format!("unix:{}", sock.display()),
+            )
+        } else {
+            (
+                format!("inet:{port}@127.0.0.1"),
+                format!("inet:127.0.0.1:{port}"),
+            )
+        };
+        let conf = dir.join(format!("opendkim-{port}.conf"));
         std::fs::write(
             &conf,
             format!(
-                "Mode s\nSocket inet:{port}@127.0.0.1\nDomain mpt.gov.la\nSelector rsa\nKeyFile {}\n\
+                "Mode s\nSocket {socket}\nUMask 000\nDomain mpt.gov.la\nSelector rsa\nKeyFile {}\n\
                  Canonicalization relaxed/relaxed\nInternalHosts 127.0.0.0/8\nSyslog no\nBackground no\n",
                 key.display()
             ),
@@ -375,12 +400,13 @@ impl OpenDkim {
             .spawn()
             .expect("spawn opendkim");
         wait_for("opendkim to listen", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            if unix {
+                std::os::unix::net::UnixStream::connect(&sock).ok().map(drop)
+            } else {
+                std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
+            }
         });
-        OpenDkim {
-            child,
-            addr: format!("inet:127.0.0.1:{port}"),
-        }
+        OpenDkim { child, addr }
     }
 
     fn pid(&self) -> u32 {
