@@ -401,9 +401,13 @@ impl OpenDkim {
             .expect("spawn opendkim");
         wait_for("opendkim to listen", Duration::from_secs(20), || {
             if unix {
-                std::os::unix::net::UnixStream::connect(&sock).ok().map(drop)
+                std::os::unix::net::UnixStream::connect(&sock)
+                    .ok()
+                    .map(drop)
             } else {
-                std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(drop)
             }
         });
         OpenDkim { child, addr }
