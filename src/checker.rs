@@ -455,26 +455,16 @@ impl Checker {
         }
     }
 
-    /// The current mailbox usage of `rcpt`, bounded by the store timeout.
+    /// The current mailbox usage of `rcpt`, bounded by the store timeout (a failure is
+    /// counted and logged as `read_usage`).
     async fn read_usage(
         &self,
         snap: &Snapshot,
         rcpt: &Address,
     ) -> Result<Option<u64>, StoreFailure> {
         let store = self.directory.store();
-        let usage = match tokio::time::timeout(snap.config.store.timeout, store.usage(rcpt)).await {
-            Ok(Ok(u)) => Ok(u),
-            Ok(Err(e)) => Err(StoreFailure(e.to_string())),
-            Err(_) => Err(StoreFailure(format!(
-                "no answer within {:?}",
-                snap.config.store.timeout
-            ))),
-        };
-        if let Err(e) = &usage {
-            self.metrics.count_store_error("read_usage");
-            tracing::warn!(address = %rcpt, "mailbox usage unavailable: {}", e.0);
-        }
-        usage
+        self.bounded(snap, "read_usage", rcpt, store.usage(rcpt))
+            .await
     }
 
     /// End of message (R13): the message's actual `size` against the quota of each accepted
