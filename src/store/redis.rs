@@ -468,28 +468,7 @@ impl RedisStore {
             .arg(if value.is_some() { "1" } else { "0" })
             .arg(value.unwrap_or_default());
         let v = self.call(Call::Script(&inv), false).await?;
-        let Value::Array(mut parts) = v else {
-            return Err(unexpected(&key, &v));
-        };
-        let tag: String = match parts.first() {
-            Some(t) => decode(t.clone(), &key)?,
-            None => return Err(StoreError::Corrupt(format!("{key}: empty script reply"))),
-        };
-        match (tag.as_str(), parts.len()) {
-            ("ok", 3) => {
-                let after: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
-                let before: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
-                Ok((Record::new(key.clone(), before), Record::new(key, after)))
-            }
-            ("notfound", _) => Err(StoreError::NotFound { what, name }),
-            ("corrupt", 2) => {
-                let detail: String = decode(parts.pop().unwrap_or_default(), &key)?;
-                Err(StoreError::Corrupt(format!("{what} {name}: {detail}")))
-            }
-            _ => Err(StoreError::Corrupt(format!(
-                "{key}: unexpected script reply {tag:?}"
-            ))),
-        }
+        record_change(v, (what, name, key))
     }
 
     /// The keys and arguments of [`WATCH_PRELUDE`].
@@ -541,28 +520,7 @@ impl RedisStore {
             inv.arg(*k);
         }
         let v = self.call(Call::Script(&inv), false).await?;
-        let Value::Array(mut parts) = v else {
-            return Err(unexpected(&key, &v));
-        };
-        let tag: String = match parts.first() {
-            Some(t) => decode(t.clone(), &key)?,
-            None => return Err(StoreError::Corrupt(format!("{key}: empty script reply"))),
-        };
-        match (tag.as_str(), parts.len()) {
-            ("ok", 3) => {
-                let after: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
-                let before: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
-                Ok((Record::new(key.clone(), before), Record::new(key, after)))
-            }
-            ("notfound", _) => Err(StoreError::NotFound { what, name }),
-            ("corrupt", 2) => {
-                let detail: String = decode(parts.pop().unwrap_or_default(), &key)?;
-                Err(StoreError::Corrupt(format!("{what} {name}: {detail}")))
-            }
-            _ => Err(StoreError::Corrupt(format!(
-                "{key}: unexpected script reply {tag:?}"
-            ))),
-        }
+        record_change(v, (what, name, key))
     }
 }
 
@@ -1300,6 +1258,36 @@ fn watch_outcome(v: Value, takes: &[Take], what: &str) -> StoreResult<WatchOutco
         }
     }
     take_outcome(v, takes, what).map(WatchOutcome::Counted)
+}
+
+/// The reply of the record-changing scripts (`set_status`, `set_field`): {'ok', before,
+/// after}, {'notfound'} or {'corrupt', detail}, for the record `(what, name, key)`.
+fn record_change(
+    v: Value,
+    (what, name, key): (&'static str, String, String),
+) -> StoreResult<(Record, Record)> {
+    let Value::Array(mut parts) = v else {
+        return Err(unexpected(&key, &v));
+    };
+    let tag: String = match parts.first() {
+        Some(t) => decode(t.clone(), &key)?,
+        None => return Err(StoreError::Corrupt(format!("{key}: empty script reply"))),
+    };
+    match (tag.as_str(), parts.len()) {
+        ("ok", 3) => {
+            let after: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
+            let before: Fields = decode(parts.pop().unwrap_or_default(), &key)?;
+            Ok((Record::new(key.clone(), before), Record::new(key, after)))
+        }
+        ("notfound", _) => Err(StoreError::NotFound { what, name }),
+        ("corrupt", 2) => {
+            let detail: String = decode(parts.pop().unwrap_or_default(), &key)?;
+            Err(StoreError::Corrupt(format!("{what} {name}: {detail}")))
+        }
+        _ => Err(StoreError::Corrupt(format!(
+            "{key}: unexpected script reply {tag:?}"
+        ))),
+    }
 }
 
 fn decode<T: ::redis::FromRedisValue>(v: Value, key: &str) -> StoreResult<T> {
