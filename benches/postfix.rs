@@ -37,6 +37,12 @@ const RULES: &str = "[rules.R14]\nrecipients_per_message = 0\nmessages_per_hour 
                      [rules.R15]\nburst_floor = 1000000000\nreject_min = 1000000000\n";
 const RECIPIENT: &str = "user1@mpt.gov.la";
 
+/// The rules the daemons run: [`RULES`], or `MAILWARDEN_BENCH_RULES` (a `[rules]` TOML
+/// fragment replacing it) to measure what one rule costs, e.g. with `[rules.R8] mode = "off"`.
+fn rules() -> String {
+    std::env::var("MAILWARDEN_BENCH_RULES").unwrap_or_else(|_| RULES.to_owned())
+}
+
 /// CPU seconds used so far by the processes whose command line contains `needle`
 /// (or by `pid` alone when given).
 fn cpu_seconds(pid: Option<u32>, needle: &str) -> f64 {
@@ -251,10 +257,11 @@ fn seed(d: &Mailwarden) -> Vec<String> {
 fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     // Two daemons: the default runtime (one worker thread per CPU) and one worker thread
     // (`server.worker_threads = 1`), to show what the setting does on a small shared box.
-    let mw = Mailwarden::start(RULES);
-    let mw1 = Mailwarden::start_env(RULES, &[("TOKIO_WORKER_THREADS", "1")]);
+    let rules = rules();
+    let mw = Mailwarden::start(&rules);
+    let mw1 = Mailwarden::start_env(&rules, &[("TOKIO_WORKER_THREADS", "1")]);
     // The same on Unix-domain sockets (no TCP handshake per milter connection).
-    let mwu = Mailwarden::start_unix(RULES);
+    let mwu = Mailwarden::start_unix(&rules);
     let suspended = seed(&mw);
     seed(&mw1);
     seed(&mwu);
@@ -279,6 +286,7 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         Setup::milter("mailwarden milter unix", &mwu),
         Setup::new("mailwarden both unix", both(&mwu), Some(mwu.pid())),
     ];
+    let setups = only(setups);
     run_suite(&setups, rounds, messages, sessions, size);
     drop(setups);
     drop(postfwd);
@@ -323,9 +331,10 @@ fn dkim_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     let internal = "[dkim]\ninternal_networks = [\"127.0.0.0/8\"]\n";
     let rsa_key = key("rsa", "rsa-sha256", &rsa);
     let ed_key = key("ed", "ed25519-sha256", &ed);
-    let mw_rsa = Mailwarden::start(&format!("{RULES}{internal}{rsa_key}"));
-    let mw_ed = Mailwarden::start(&format!("{RULES}{internal}{ed_key}"));
-    let mw_both = Mailwarden::start(&format!("{RULES}{internal}{rsa_key}{ed_key}"));
+    let rules = rules();
+    let mw_rsa = Mailwarden::start(&format!("{rules}{internal}{rsa_key}"));
+    let mw_ed = Mailwarden::start(&format!("{rules}{internal}{ed_key}"));
+    let mw_both = Mailwarden::start(&format!("{rules}{internal}{rsa_key}{ed_key}"));
     for d in [&mw_rsa, &mw_ed, &mw_both] {
         seed(d);
     }
@@ -347,6 +356,7 @@ fn dkim_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         Setup::milter("mailwarden Ed25519", &mw_ed),
         Setup::milter("mailwarden RSA+Ed25519", &mw_both),
     ];
+    let setups = only(setups);
     run_suite(&setups, rounds, messages, sessions, size);
     drop(setups);
     drop(od);
@@ -423,6 +433,21 @@ impl Drop for OpenDkim {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `MAILWARDEN_BENCH_ONLY=word,word`: keep the two baselines (the first two setups) and the
+/// setups whose name contains one of the words; for profiling one configuration at a time.
+fn only(setups: Vec<Setup>) -> Vec<Setup> {
+    let Ok(words) = std::env::var("MAILWARDEN_BENCH_ONLY") else {
+        return setups;
+    };
+    let words: Vec<&str> = words.split(',').filter(|w| !w.is_empty()).collect();
+    setups
+        .into_iter()
+        .enumerate()
+        .filter(|(i, s)| *i < 2 || words.iter().any(|w| s.name.contains(w)))
+        .map(|(_, s)| s)
+        .collect()
 }
 
 fn run_suite(setups: &[Setup], rounds: usize, messages: u64, sessions: u32, size: u32) {

@@ -265,6 +265,11 @@ async fn drain(sessions: &TaskTracker, checker: &Checker) {
             "grace period of {grace:?} over; closing remaining sessions (the MTA will retry them)"
         );
     }
+    // What the store counts in memory (the embedded store's sending counters) is written
+    // before the process exits: a stop or restart loses no count.
+    if let Err(e) = checker.directory.store().flush().await {
+        tracing::error!("sending counters not written to the store at shutdown: {e}");
+    }
 }
 
 /// Pings the store every few seconds for the `store_up` gauge.

@@ -11,6 +11,7 @@ pub mod contract;
 pub mod counters;
 pub mod redis;
 pub mod sqlite;
+pub mod tally;
 #[cfg(test)]
 pub mod testing;
 mod types;
@@ -236,6 +237,13 @@ pub trait Store: Send + Sync + 'static {
     /// Activity (R20): the last recorded use of each of `accounts`, in the same order;
     /// `None` for an account never seen.
     async fn last_use(&self, accounts: &[Address]) -> StoreResult<Vec<Option<Timestamp>>>;
+
+    /// Writes out whatever the store keeps in memory before writing it (the embedded store's
+    /// sending counters, see [`tally`]); called at shutdown. Stores that write through have
+    /// nothing to do.
+    async fn flush(&self) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// Round-trip statistics of a networked store, shared with the metrics registry (the

@@ -12,6 +12,9 @@
 //!   `synchronous=FULL` would close that window at the price of one fsync (~1 ms here) per
 //!   commit; directory changes are rare admin actions that are audited and can be replayed, so
 //!   the default keeps commits cheap.
+//! - **Sending counters and patterns** (R14, R15) are the exception: they are counted in
+//!   memory and written every second (see [`super::tally`]), so a process crash loses at most
+//!   the last second's counts; a stop writes them all.
 //!
 //! # Threads and connections
 //!
@@ -50,6 +53,8 @@ use rusqlite::{
 };
 use std::{fmt::Display, str::FromStr, sync::Mutex, time::Duration};
 use tokio::sync::{Mutex as AsyncMutex, Semaphore};
+
+use super::tally::{self, Tally};
 
 /// How long a write waits for another process holding the database's write lock.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -168,6 +173,11 @@ pub struct SqliteStore {
     writer: Arc<AsyncMutex<Connection>>,
     /// `None` for `:memory:`: reads go through the writer connection.
     readers: Option<Arc<ReaderPool>>,
+    /// Sending counters and patterns (R14, R15), counted in memory and written every
+    /// [`tally::FLUSH_INTERVAL`]; shared by every store open on the same file.
+    tally: Arc<Tally>,
+    /// The file, for the last flush when the store is dropped (`None` for `:memory:`).
+    path: Option<String>,
 }
 
 struct ReaderPool {
@@ -200,6 +210,11 @@ impl SqliteStore {
         let memory = path == ":memory:";
         let owned = path.to_owned();
         let writer = blocking(move || open_writer(&owned, memory)).await?;
+        let tally = if memory {
+            Arc::new(Tally::default())
+        } else {
+            tally::for_path(std::path::Path::new(path))
+        };
         let readers = (!memory).then(|| {
             Arc::new(ReaderPool {
                 path: path.to_owned(),
@@ -207,10 +222,51 @@ impl SqliteStore {
                 permits: Arc::new(Semaphore::new(MAX_READERS)),
             })
         });
+        let writer = Arc::new(AsyncMutex::new(writer));
+        spawn_flusher(Arc::downgrade(&tally), Arc::downgrade(&writer));
         Ok(SqliteStore {
-            writer: Arc::new(AsyncMutex::new(writer)),
+            writer,
             readers,
+            tally,
+            path: (!memory).then(|| path.to_owned()),
         })
+    }
+
+    /// Loads `key`'s counters, pattern and lock into the tally, unless they are there.
+    async fn load(&self, key: &str) -> StoreResult<()> {
+        if self.tally.is_loaded(key) {
+            return Ok(());
+        }
+        // Not while a flush or an administrator's change is under way (it could be stale).
+        let _gate = self.tally.gate.read().await;
+        if self.tally.is_loaded(key) {
+            return Ok(());
+        }
+        let k = key.to_owned();
+        let entry = self.read(move |c| load_entry(c, &k)).await?;
+        self.tally.insert_loaded(key, entry);
+        Ok(())
+    }
+
+    /// Runs `f` on the tally once `keys` are loaded. A key forgotten in between (idle keys
+    /// are evicted at a flush) is loaded again.
+    async fn counted<T>(&self, keys: &[&str], f: impl Fn(&Tally) -> Option<T>) -> StoreResult<T> {
+        loop {
+            for k in keys {
+                self.load(k).await?;
+            }
+            if let Some(v) = f(&self.tally) {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// A count that made a lock: the lock is written to the file before it is announced.
+    async fn written(&self, outcome: WatchOutcome, watch: &Watch) -> StoreResult<WatchOutcome> {
+        if watch.lock && matches!(outcome, WatchOutcome::Tripped(_)) {
+            flush(&self.tally, &self.writer).await?;
+        }
+        Ok(outcome)
     }
 
     /// Runs `f` on the writer connection, on the blocking pool.
@@ -275,6 +331,142 @@ impl SqliteStore {
             result
         })
         .await
+    }
+}
+
+/// Writes the tally every [`tally::FLUSH_INTERVAL`] while the store (and its tally) lives.
+fn spawn_flusher(tally: std::sync::Weak<Tally>, writer: std::sync::Weak<AsyncMutex<Connection>>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(tally::FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let (Some(tally), Some(writer)) = (tally.upgrade(), writer.upgrade()) else {
+                return;
+            };
+            if let Err(e) = flush(&tally, &writer).await {
+                tracing::warn!("sending counters not written to the store, retrying: {e}");
+            }
+            tally.evict_idle(chrono::Utc::now().timestamp());
+        }
+    });
+}
+
+/// Writes what the tally holds unwritten, in one transaction; on failure it stays unwritten.
+async fn flush(tally: &Tally, writer: &Arc<AsyncMutex<Connection>>) -> StoreResult<()> {
+    let _gate = tally.gate.write().await;
+    let pending = tally.begin_flush();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut conn = writer.clone().lock_owned().await;
+    let (pending, written) = blocking(move || {
+        let written = write_pending(&mut conn, &pending);
+        Ok((pending, written))
+    })
+    .await?;
+    match written {
+        Ok(totals) => {
+            tally.end_flush(pending, Some(totals));
+            Ok(())
+        }
+        Err(e) => {
+            tally.end_flush(pending, None);
+            Err(e)
+        }
+    }
+}
+
+/// One transaction: each counter increment added to the file's count (of the same window;
+/// an older window's count is replaced), patterns and locks as they are now. Returns the
+/// file's totals, per pending key and increment.
+fn write_pending(c: &mut Connection, pending: &[tally::Pending]) -> StoreResult<Vec<Vec<u64>>> {
+    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut totals = Vec::with_capacity(pending.len());
+    for p in pending {
+        let mut mine = Vec::with_capacity(p.increments.len());
+        for &(counter, window, n) in &p.increments {
+            let n = i64::try_from(n).map_err(|_| {
+                StoreError::Corrupt(format!("counter {counter} of {} overflows", p.key))
+            })?;
+            let total: i64 = tx
+                .prepare_cached(
+                    "INSERT INTO rate_counters (account, counter, window_start, count) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account, counter) DO UPDATE SET \
+                     count = CASE WHEN window_start = excluded.window_start \
+                     THEN count + excluded.count ELSE excluded.count END, \
+                     window_start = excluded.window_start RETURNING count",
+                )?
+                .query_row(params![p.key, counter.name(), window, n], |r| r.get(0))?;
+            mine.push(u64::try_from(total).map_err(|_| {
+                StoreError::Corrupt(format!("counter {counter} of {} is {total}", p.key))
+            })?);
+        }
+        if let Some(w) = &p.watch {
+            store_watch(&tx, &p.key, w)?;
+        }
+        match &p.lock {
+            Some(Some(lock)) => store_lock(&tx, &p.key, lock)?,
+            Some(None) => {
+                tx.execute("DELETE FROM send_locks WHERE account = ?1", [&p.key])?;
+            }
+            None => {}
+        }
+        totals.push(mine);
+    }
+    tx.commit()?;
+    Ok(totals)
+}
+
+/// `key`'s counters, pattern and lock as the file has them, in one snapshot.
+fn load_entry(c: &Connection, key: &str) -> StoreResult<tally::Entry> {
+    let tx = c.unchecked_transaction()?;
+    let mut entry = tally::Entry::default();
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT counter, window_start, count FROM rate_counters WHERE account = ?1",
+        )?;
+        let mut rows = stmt.query([key])?;
+        while let Some(row) = rows.next()? {
+            let name: String = row.get(0)?;
+            let (window, count): (i64, i64) = (row.get(1)?, row.get(2)?);
+            let Some(i) = Counter::ALL.iter().position(|c| c.name() == name) else {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown counter {name:?} of {key}"
+                )));
+            };
+            let base = u64::try_from(count)
+                .map_err(|_| StoreError::Corrupt(format!("counter {name} of {key} is {count}")))?;
+            entry.counters[i] = tally::Slot {
+                window,
+                base,
+                unflushed: 0,
+            };
+        }
+    }
+    entry.watch = select_watch(&tx, key)?;
+    entry.lock = select_lock(&tx, key)?;
+    tx.finish()?;
+    Ok(entry)
+}
+
+impl Drop for SqliteStore {
+    /// The last store on a file writes the tally's last counts (a stop loses none).
+    fn drop(&mut self) {
+        let Some(path) = &self.path else { return };
+        // Only the last handle: another store on the file (or its flusher) still writes.
+        if Arc::strong_count(&self.tally) > 1 {
+            return;
+        }
+        let pending = self.tally.begin_flush();
+        if pending.is_empty() {
+            return;
+        }
+        let written = open_writer(path, false).and_then(|mut c| write_pending(&mut c, &pending));
+        if let Err(e) = written {
+            tracing::error!("sending counters of the last second not written at close: {e}");
+        }
     }
 }
 
@@ -510,56 +702,6 @@ fn org_counter_key(code: &str) -> String {
     format!("org:{}", norm(code))
 }
 
-/// The new counts after `takes` on the counters of `key`, or the first refusal.
-fn checked_takes(
-    c: &Connection,
-    key: &str,
-    takes: &[Take],
-    now: Timestamp,
-) -> StoreResult<Result<Vec<i64>, TakeOutcome>> {
-    let mut new = Vec::with_capacity(takes.len());
-    for t in takes {
-        let count = current_count(c, key, t.counter, now)?;
-        if let Some(limit) = t.limit {
-            if count.saturating_add(t.n) > limit {
-                return Ok(Err(TakeOutcome::Refused {
-                    counter: t.counter,
-                    count,
-                    limit,
-                }));
-            }
-        }
-        new.push(i64::try_from(count.saturating_add(t.n)).map_err(|_| {
-            StoreError::Corrupt(format!("counter {} of {key} overflows", t.counter))
-        })?);
-    }
-    Ok(Ok(new))
-}
-
-/// Writes the counts [`checked_takes`] computed.
-fn write_takes(
-    c: &Connection,
-    key: &str,
-    takes: &[Take],
-    new: &[i64],
-    now: Timestamp,
-) -> StoreResult<()> {
-    for (t, count) in takes.iter().zip(new) {
-        c.prepare_cached(
-            "INSERT INTO rate_counters (account, counter, window_start, count) \
-             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account, counter) \
-             DO UPDATE SET window_start = excluded.window_start, count = excluded.count",
-        )?
-        .execute(params![
-            key,
-            t.counter.name(),
-            t.counter.window.start(now),
-            count
-        ])?;
-    }
-    Ok(())
-}
-
 /// Every counter of `key` in the windows containing `now`, in one snapshot.
 fn all_counters(c: &Connection, key: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
     let tx = c.unchecked_transaction()?; // one snapshot for all counters
@@ -676,72 +818,6 @@ fn store_watch(c: &Connection, account: &str, s: &WatchState) -> StoreResult<()>
         i(s.rejected)?
     ])?;
     Ok(())
-}
-
-/// Applies `takes` (R14) in the open transaction: `Refused` changes nothing.
-fn apply_takes(
-    tx: &Connection,
-    account: &str,
-    takes: &[Take],
-    now: Timestamp,
-) -> StoreResult<TakeOutcome> {
-    let mut counts = Vec::with_capacity(takes.len());
-    for t in takes {
-        let count = current_count(tx, account, t.counter, now)?;
-        if let Some(limit) = t.limit {
-            if count.saturating_add(t.n) > limit {
-                return Ok(TakeOutcome::Refused {
-                    counter: t.counter,
-                    count,
-                    limit,
-                });
-            }
-        }
-        counts.push(count);
-    }
-    for (t, count) in takes.iter().zip(counts) {
-        let new = i64::try_from(count.saturating_add(t.n)).map_err(|_| {
-            StoreError::Corrupt(format!("counter {} of {account} overflows", t.counter))
-        })?;
-        tx.prepare_cached(
-            "INSERT INTO rate_counters (account, counter, window_start, count) \
-             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account, counter) \
-             DO UPDATE SET window_start = excluded.window_start, count = excluded.count",
-        )?
-        .execute(params![
-            account,
-            t.counter.name(),
-            t.counter.window.start(now),
-            new
-        ])?;
-    }
-    Ok(TakeOutcome::Taken)
-}
-
-/// The end of a pattern count: stores the new state and, for a trip, the lock.
-fn finish_watch(
-    tx: &Connection,
-    account: &str,
-    state: &WatchState,
-    trip: Option<LockCause>,
-    watch: &Watch,
-    now: Timestamp,
-) -> StoreResult<WatchOutcome> {
-    store_watch(tx, account, state)?;
-    Ok(match trip {
-        None => WatchOutcome::Counted(TakeOutcome::Taken),
-        Some(cause) => {
-            let lock = SendLock {
-                at: now,
-                by: watch::AUTOMATIC.into(),
-                cause,
-            };
-            if watch.lock {
-                store_lock(tx, account, &lock)?;
-            }
-            WatchOutcome::Tripped(lock)
-        }
-    })
 }
 
 fn select_org(c: &Connection, column: &str, key: &str) -> StoreResult<Option<Org>> {
@@ -1081,26 +1157,29 @@ impl Store for SqliteStore {
         takes: &[Take],
         now: Timestamp,
     ) -> StoreResult<TakeOutcome> {
-        let account = account.to_string();
-        let takes = takes.to_vec();
-        self.write(move |c| {
-            // IMMEDIATE: the write lock is taken before reading, so another process sharing
-            // the file cannot read the same counts in between (no lost update).
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let outcome = apply_takes(&tx, &account, &takes, now)?;
-            tx.commit()?;
-            Ok(outcome)
-        })
-        .await
+        // Counted in memory under one mutex: no lost update between racing checks.
+        let key = account.to_string();
+        self.counted(&[&key], |t| t.take(&key, takes, now)).await
     }
 
     async fn counters(&self, account: &Address, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
         let account = account.to_string();
+        if let Some(v) = self.tally.with(&account, |e| e.values(now)) {
+            return Ok(v);
+        }
         self.read(move |c| all_counters(c, &account, now)).await
     }
 
     async fn reset_counters(&self, account: &Address, _now: Timestamp) -> StoreResult<()> {
         let account = account.to_string();
+        // No flush in between: it would write back counts of before the reset.
+        let _gate = self.tally.gate.write().await;
+        self.tally.with(&account, |e| {
+            for slot in &mut e.counters {
+                slot.base = 0;
+                slot.unflushed = 0;
+            }
+        });
         self.write(move |c| {
             c.execute("DELETE FROM rate_counters WHERE account = ?1", [account])?;
             Ok(())
@@ -1306,37 +1385,11 @@ impl Store for SqliteStore {
         org_takes: &[Take],
         now: Timestamp,
     ) -> StoreResult<JointTakeOutcome> {
-        let account = account.to_string();
+        // Both checked and taken under the tally's one mutex: all or nothing.
+        let key = account.to_string();
         let org = org_counter_key(org);
-        let (takes, org_takes) = (takes.to_vec(), org_takes.to_vec());
-        self.write(move |c| {
-            // One IMMEDIATE transaction over both: all or nothing, no lost update.
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let new = match checked_takes(&tx, &account, &takes, now)? {
-                Ok(new) => new,
-                Err(outcome) => {
-                    return Ok(JointTakeOutcome {
-                        outcome,
-                        by_org: false,
-                    });
-                }
-            };
-            let org_new = match checked_takes(&tx, &org, &org_takes, now)? {
-                Ok(new) => new,
-                Err(outcome) => {
-                    return Ok(JointTakeOutcome {
-                        outcome,
-                        by_org: true,
-                    });
-                }
-            };
-            write_takes(&tx, &account, &takes, &new, now)?;
-            write_takes(&tx, &org, &org_takes, &org_new, now)?;
-            tx.commit()?;
-            Ok(JointTakeOutcome {
-                outcome: TakeOutcome::Taken,
-                by_org: false,
-            })
+        self.counted(&[&key, &org], |t| {
+            t.take_with_org(&key, takes, &org, org_takes, now)
         })
         .await
     }
@@ -1349,28 +1402,20 @@ impl Store for SqliteStore {
         message: bool,
         now: Timestamp,
     ) -> StoreResult<WatchOutcome> {
-        let account = account.to_string();
-        let (takes, watch) = (takes.to_vec(), *watch);
-        self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if let Some(lock) = select_lock(&tx, &account)? {
-                return Ok(WatchOutcome::Locked(lock));
-            }
-            let taken = apply_takes(&tx, &account, &takes, now)?;
-            if taken != TakeOutcome::Taken {
-                return Ok(WatchOutcome::Counted(taken));
-            }
-            let mut state = select_watch(&tx, &account)?;
-            let trip = state.count_accepted(&watch, message, now);
-            let outcome = finish_watch(&tx, &account, &state, trip, &watch, now)?;
-            tx.commit()?;
-            Ok(outcome)
-        })
-        .await
+        let key = account.to_string();
+        let outcome = self
+            .counted(&[&key], |t| {
+                t.take_watched(&key, takes, watch, message, now)
+            })
+            .await?;
+        self.written(outcome, watch).await
     }
 
     async fn org_counters(&self, org: &str, now: Timestamp) -> StoreResult<Vec<CounterValue>> {
         let org = org_counter_key(org);
+        if let Some(v) = self.tally.with(&org, |e| e.values(now)) {
+            return Ok(v);
+        }
         self.read(move |c| all_counters(c, &org, now)).await
     }
 
@@ -1380,24 +1425,18 @@ impl Store for SqliteStore {
         watch: &Watch,
         now: Timestamp,
     ) -> StoreResult<WatchOutcome> {
-        let account = account.to_string();
-        let watch = *watch;
-        self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if let Some(lock) = select_lock(&tx, &account)? {
-                return Ok(WatchOutcome::Locked(lock));
-            }
-            let mut state = select_watch(&tx, &account)?;
-            let trip = state.count_rejected(&watch, now);
-            let outcome = finish_watch(&tx, &account, &state, trip, &watch, now)?;
-            tx.commit()?;
-            Ok(outcome)
-        })
-        .await
+        let key = account.to_string();
+        let outcome = self
+            .counted(&[&key], |t| t.count_rejected(&key, watch, now))
+            .await?;
+        self.written(outcome, watch).await
     }
 
     async fn send_lock(&self, account: &Address) -> StoreResult<Option<SendLock>> {
         let account = account.to_string();
+        if let Some(lock) = self.tally.with(&account, |e| e.lock.clone()) {
+            return Ok(lock);
+        }
         self.read(move |c| select_lock(c, &account)).await
     }
 
@@ -1408,29 +1447,53 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<SendLock>> {
         let account = account.to_string();
         let lock = lock.cloned();
-        self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let before = select_lock(&tx, &account)?;
-            match &lock {
-                Some(l) => store_lock(&tx, &account, l)?,
-                None => {
-                    tx.execute("DELETE FROM send_locks WHERE account = ?1", [&account])?;
-                    tx.execute(
-                        "UPDATE send_watch SET messages = 0, accepted = 0, rejected = 0 \
+        // The file first, then memory, with no flush in between.
+        let _gate = self.tally.gate.write().await;
+        let (key, new) = (account.clone(), lock.clone());
+        let stored = self
+            .write(move |c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let before = select_lock(&tx, &account)?;
+                match &lock {
+                    Some(l) => store_lock(&tx, &account, l)?,
+                    None => {
+                        tx.execute("DELETE FROM send_locks WHERE account = ?1", [&account])?;
+                        tx.execute(
+                            "UPDATE send_watch SET messages = 0, accepted = 0, rejected = 0 \
                          WHERE account = ?1",
-                        [&account],
-                    )?;
+                            [&account],
+                        )?;
+                    }
                 }
+                tx.commit()?;
+                Ok(before)
+            })
+            .await?;
+        // The same change in memory; a lock made there and not yet written is the one
+        // replaced.
+        let before = self.tally.with(&key, |e| {
+            let before = std::mem::replace(&mut e.lock, new.clone());
+            e.lock_dirty = false;
+            if new.is_none() {
+                e.watch.messages = 0;
+                e.watch.accepted = 0;
+                e.watch.rejected = 0;
             }
-            tx.commit()?;
-            Ok(before)
-        })
-        .await
+            before
+        });
+        Ok(before.unwrap_or(stored))
     }
 
     async fn watch_state(&self, account: &Address) -> StoreResult<WatchState> {
         let account = account.to_string();
+        if let Some(w) = self.tally.with(&account, |e| e.watch) {
+            return Ok(w);
+        }
         self.read(move |c| select_watch(c, &account)).await
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        flush(&self.tally, &self.writer).await
     }
 
     async fn touch(&self, account: &Address, at: Timestamp) -> StoreResult<()> {
@@ -1543,6 +1606,142 @@ mod tests {
                 .await,
             Err(StoreError::Conflict { .. })
         ));
+    }
+
+    /// The file's count of `counter` for `account` (any window), as another reader sees it.
+    fn counted_in_file(path: &str, account: &str, counter: Counter) -> Option<i64> {
+        raw(path)
+            .query_row(
+                "SELECT count FROM rate_counters WHERE account = ?1 AND counter = ?2",
+                params![account, counter.name()],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap()
+    }
+
+    const MSG_HOUR: Counter = Counter::new(Measure::Messages, Window::Hour);
+
+    fn one_message() -> [Take; 1] {
+        [Take {
+            counter: MSG_HOUR,
+            n: 1,
+            limit: Some(100),
+        }]
+    }
+
+    #[tokio::test]
+    async fn counts_reach_the_file_within_the_flush_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        let store = SqliteStore::open(&path).await.unwrap();
+        let a = addr("champa@mpt.gov.la");
+        let now = chrono::Utc::now().timestamp();
+        for _ in 0..3 {
+            assert_eq!(
+                store.take(&a, &one_message(), now).await.unwrap(),
+                TakeOutcome::Taken
+            );
+        }
+        let deadline = std::time::Instant::now() + 5 * tally::FLUSH_INTERVAL;
+        while counted_in_file(&path, "champa@mpt.gov.la", MSG_HOUR) != Some(3) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not written within five flush intervals: {:?}",
+                counted_in_file(&path, "champa@mpt.gov.la", MSG_HOUR)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_survive_a_flush_or_closing_and_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        let a = addr("champa@mpt.gov.la");
+        let now = 1_796_423_281;
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.take(&a, &one_message(), now).await.unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(
+            counted_in_file(&path, "champa@mpt.gov.la", MSG_HOUR),
+            Some(1)
+        );
+        // Counted, not yet written, then the store is dropped (a stop): written at close.
+        store.take(&a, &one_message(), now).await.unwrap();
+        drop(store);
+        assert_eq!(
+            counted_in_file(&path, "champa@mpt.gov.la", MSG_HOUR),
+            Some(2)
+        );
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.counters(&a, now).await.unwrap()[0].count, 2);
+        store.take(&a, &one_message(), now).await.unwrap();
+        assert_eq!(store.counters(&a, now).await.unwrap()[0].count, 3);
+    }
+
+    #[tokio::test]
+    async fn another_process_counts_add_up_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        let a = addr("champa@mpt.gov.la");
+        let now = 1_796_423_281;
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.take(&a, &one_message(), now).await.unwrap();
+        // Another process (not sharing this one's memory) counted 5 in the same window.
+        raw(&path)
+            .execute(
+                "INSERT INTO rate_counters (account, counter, window_start, count) \
+                 VALUES (?1, ?2, ?3, 5)",
+                params![
+                    "champa@mpt.gov.la",
+                    MSG_HOUR.name(),
+                    MSG_HOUR.window.start(now)
+                ],
+            )
+            .unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(
+            counted_in_file(&path, "champa@mpt.gov.la", MSG_HOUR),
+            Some(6)
+        );
+        assert_eq!(store.counters(&a, now).await.unwrap()[0].count, 6);
+    }
+
+    #[tokio::test]
+    async fn a_lock_is_in_the_file_before_it_is_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        let store = SqliteStore::open(&path).await.unwrap();
+        let a = addr("champa@mpt.gov.la");
+        let w = Watch {
+            burst_floor: 1,
+            ..Watch::DEFAULT
+        };
+        let now = 1_796_423_281;
+        store.take_watched(&a, &[], &w, true, now).await.unwrap();
+        let WatchOutcome::Tripped(lock) = store.take_watched(&a, &[], &w, true, now).await.unwrap()
+        else {
+            panic!("two messages pass a floor of one");
+        };
+        let stored: String = raw(&path)
+            .query_row(
+                "SELECT lock FROM send_locks WHERE account = 'champa@mpt.gov.la'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(serde_json::from_str::<SendLock>(&stored).unwrap(), lock);
+        // Released by an administrator: gone from the file and from memory at once.
+        assert_eq!(store.set_send_lock(&a, None).await.unwrap(), Some(lock));
+        let left: i64 = raw(&path)
+            .query_row("SELECT count(*) FROM send_locks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+        assert_eq!(
+            store.take_watched(&a, &[], &w, true, now).await.unwrap(),
+            WatchOutcome::Counted(TakeOutcome::Taken)
+        );
     }
 
     #[tokio::test]

@@ -226,6 +226,10 @@ impl Store for TestStore {
         self.up()?;
         self.inner.last_use(accounts).await
     }
+    async fn flush(&self) -> StoreResult<()> {
+        self.up()?;
+        self.inner.flush().await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.up()?;
         self.inner.ping().await
