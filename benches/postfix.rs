@@ -262,9 +262,14 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     let mw1 = Mailwarden::start_env(&rules, &[("TOKIO_WORKER_THREADS", "1")]);
     // The same on Unix-domain sockets (no TCP handshake per milter connection).
     let mwu = Mailwarden::start_unix(&rules);
+    // Both wired as README recommends: the envelope left to the policy service.
+    let by_policy = "milter_envelope = \"policy\"";
+    let mwp = Mailwarden::start_server(by_policy, &rules, &[]);
+    let mwp1 = Mailwarden::start_server(by_policy, &rules, &[("TOKIO_WORKER_THREADS", "1")]);
     let suspended = seed(&mw);
-    seed(&mw1);
-    seed(&mwu);
+    for d in [&mw1, &mwu, &mwp, &mwp1] {
+        seed(d);
+    }
     let postfwd = Postfwd::start(&suspended);
     let both = |d: &Mailwarden| Wiring::Both(d.bound.policy.clone(), d.bound.milter.clone());
     let setups = vec![
@@ -285,7 +290,25 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         Setup::new("mailwarden both 1thr", both(&mw1), Some(mw1.pid())),
         Setup::milter("mailwarden milter unix", &mwu),
         Setup::new("mailwarden both unix", both(&mwu), Some(mwu.pid())),
+        Setup::new("mailwarden both envpol", both(&mwp), Some(mwp.pid())),
+        Setup::new("mailwarden both envpol 1thr", both(&mwp1), Some(mwp1.pid())),
     ];
+    // MAILWARDEN_BENCH_BASELINE=PATH: another build of mailwarden (e.g. an earlier commit's
+    // target/release/mailwarden) on the same paths, in the same rounds.
+    let base = std::env::var("MAILWARDEN_BENCH_BASELINE")
+        .ok()
+        .map(|bin| Mailwarden::start_binary(&bin, &rules));
+    let mut setups = setups;
+    if let Some(b) = &base {
+        seed(b);
+        setups.push(Setup::new(
+            "baseline policy",
+            Wiring::Policy(b.bound.policy.clone()),
+            Some(b.pid()),
+        ));
+        setups.push(Setup::milter("baseline milter", b));
+        setups.push(Setup::new("baseline both", both(b), Some(b.pid())));
+    }
     let setups = only(setups);
     run_suite(&setups, rounds, messages, sessions, size);
     drop(setups);

@@ -710,3 +710,119 @@ async fn send_as_judges_from_and_sender_headers_at_end_of_headers() {
     c.close().await.unwrap();
     m.stop().await;
 }
+
+/// The end-of-headers verdict (R8 here) costs no round trip when the MTA agrees to wait for
+/// no reply there (`NOREPLY_EOH`, Postfix 2.6 and later): it comes at end of message, which
+/// is when Postfix gives it to the client anyway. An MTA that does not offer the option gets
+/// it at end of headers.
+#[tokio::test]
+async fn the_end_of_headers_verdict_comes_at_end_of_message_without_a_reply_there() {
+    let m = Milter::spawn("", seeded_store().await).await;
+    let headers = [("From", "Boss <bounmy@mpt.gov.la>")];
+    let login = [("{auth_authen}", "champa@mpt.gov.la")];
+    let want = "553 5.7.1 From: address <bounmy@mpt.gov.la> is not yours";
+    for offered in [ProtoOpts::all(), ProtoOpts::all() - ProtoOpts::NOREPLY_EOH] {
+        let mut c = MtaConnection::open_offering(&m.addr, TIMEOUT, offered)
+            .await
+            .unwrap();
+        let ip: IpAddr = CLIENT_IP.parse().unwrap();
+        c.connect("mx.example.org", ip, &[]).await.unwrap();
+        c.helo("mx.example.org", &[("{tls_version}", "TLSv1.3")])
+            .await
+            .unwrap();
+        let noreply = c.negotiated_opts().contains(ProtoOpts::NOREPLY_EOH);
+        assert_eq!(noreply, offered.contains(ProtoOpts::NOREPLY_EOH));
+        assert_eq!(
+            c.mail(&["<champa@mpt.gov.la>"], &login).await.unwrap(),
+            Status::Continue
+        );
+        assert_eq!(
+            c.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap(),
+            Status::Continue
+        );
+        let content = c.content(&headers, b"hi\r\n", &[]).await.unwrap();
+        let verdict = if noreply {
+            assert_eq!(
+                content,
+                Status::Continue,
+                "nothing answered at end of headers"
+            );
+            c.eom(&[]).await.unwrap()
+        } else {
+            content
+        };
+        assert!(is_reject(&verdict), "{offered:?}: {verdict:?}");
+        assert!(text(&verdict).starts_with(want), "{}", text(&verdict));
+        c.abort().await.unwrap();
+        // The next message on the connection starts clean: no verdict left over.
+        let out = c
+            .transaction(&Message {
+                sender: "<champa@mpt.gov.la>",
+                recipients: vec!["<bounmy@mpt.gov.la>"],
+                headers: vec![("From", "champa@mpt.gov.la")],
+                body: b"hi\r\n",
+                mail_macros: login.to_vec(),
+                ..Message::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(out.eom, Some(Status::Continue));
+        c.close().await.unwrap();
+    }
+    m.stop().await;
+}
+
+/// `server.milter_envelope = "policy"`: MAIL and RCPT are read (Postfix was asked for no
+/// reply there) and not judged, since the policy service answers them; the headers are
+/// still judged here, with the verdict at end of message.
+#[tokio::test]
+async fn with_the_envelope_left_to_policy_mail_and_rcpt_are_read_not_answered() {
+    let m = Milter::spawn(
+        "[server]\nmilter_envelope = \"policy\"\n",
+        seeded_store().await,
+    )
+    .await;
+    let mut c = open(&m).await;
+    assert!(
+        c.negotiated_opts()
+            .contains(ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT)
+    );
+    // A suspended recipient is the policy service's to refuse (Postfix asks it first and
+    // never hands a refused recipient to the milter): nothing is answered here. A stray
+    // reply would be read as the next stage's answer and fail the checks below.
+    let out = c
+        .transaction(&msg(
+            "<champa@mpt.gov.la>",
+            &["<somsak@mpt.gov.la>", "<bounmy@mpt.gov.la>"],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out.mail, Status::Continue);
+    assert_eq!(out.rcpts, [Status::Continue, Status::Continue]);
+    assert_eq!(out.eom, Some(Status::Continue));
+    let forged = c
+        .transaction(&Message {
+            sender: "<champa@mpt.gov.la>",
+            recipients: vec!["<bounmy@mpt.gov.la>"],
+            headers: vec![("From", "Boss <bounmy@mpt.gov.la>")],
+            body: b"hi\r\n",
+            mail_macros: vec![("{auth_authen}", "champa@mpt.gov.la")],
+            ..Message::default()
+        })
+        .await
+        .unwrap();
+    let eom = forged.eom.expect("DATA was sent");
+    assert!(
+        text(&eom).starts_with("553 5.7.1 From: address <bounmy@mpt.gov.la> is not yours"),
+        "{eom:?}"
+    );
+    let metrics = m.checker.metrics.encode();
+    for stage in ["mail", "rcpt"] {
+        assert!(
+            !metrics.contains(&format!("stage=\"{stage}\",action=")),
+            "{stage} judged by the milter: {metrics}"
+        );
+    }
+    c.close().await.unwrap();
+    m.stop().await;
+}

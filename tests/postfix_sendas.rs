@@ -21,7 +21,12 @@ const OUTSIDE: &str = "friend@example.org";
 const EXTRA: &str = "smtpd_authorized_xclient_hosts = 127.0.0.1\nrelay_domains = example.org\n";
 
 fn setup(wiring: impl Fn(&Mailwarden) -> Wiring) -> (Mailwarden, Postfix) {
-    let mw = Mailwarden::start("");
+    setup_server("", wiring)
+}
+
+/// [`setup`] with extra `[server]` keys.
+fn setup_server(server: &str, wiring: impl Fn(&Mailwarden) -> Wiring) -> (Mailwarden, Postfix) {
+    let mw = Mailwarden::start_server(server, "", &[]);
     mw.cli_ok(
         "org",
         &[
@@ -160,4 +165,79 @@ fn send_as_through_policy() {
     let after = send_as(&pf, CHAMPA, CABINET, &[]);
     refused_553(&after, "RCPT TO", "<cabinet@mpt.gov.la> is not yours");
     assert_eq!(r8(&mw, "mail", "policy"), 2.0);
+}
+
+/// Both wired, the envelope left to the policy service (`server.milter_envelope =
+/// "policy"`, deploy/postfix/main.cf.both): MAIL and RCPT verdicts come from the policy
+/// service at RCPT, the milter answers nothing there (it asked Postfix for no reply) and
+/// still judges the headers at the end of DATA. Nothing is judged twice.
+#[test]
+fn send_as_with_both_wired_and_the_envelope_left_to_the_policy_service() {
+    let (mw, pf) = setup_server("milter_envelope = \"policy\"", |mw| {
+        Wiring::Both(mw.bound.policy.clone(), mw.bound.milter.clone())
+    });
+    mw.cli_ok(
+        "user",
+        &[
+            "add",
+            "khamla@mpt.gov.la",
+            "--kind",
+            "person",
+            "--status",
+            "active",
+        ],
+    );
+    mw.cli_ok(
+        "user",
+        &["suspend", "khamla@mpt.gov.la", "--reason", "leave"],
+    );
+
+    let own = send_as(&pf, CHAMPA, CHAMPA, &[]);
+    assert!(own.queued(), "{}", own.transcript);
+    let other = send_as(&pf, CHAMPA, BOUNMY, &[]);
+    refused_553(&other, "RCPT TO", "<bounmy@mpt.gov.la> is not yours");
+    let to_suspended = swaks_with(
+        &pf.server,
+        CHAMPA,
+        &["khamla@mpt.gov.la", OUTSIDE],
+        &["--xclient-login", CHAMPA],
+    );
+    let reply = to_suspended.expect_reply("RCPT TO:<khamla@mpt.gov.la>");
+    assert!(
+        reply.starts_with("550 5.2.1"),
+        "{reply}\n{}",
+        to_suspended.transcript
+    );
+    assert!(to_suspended.queued(), "{}", to_suspended.transcript);
+    let forged_from = send_as(
+        &pf,
+        CHAMPA,
+        CHAMPA,
+        &["--header", "From: The Boss <bounmy@mpt.gov.la>"],
+    );
+    refused_553(
+        &forged_from,
+        ".",
+        "From: address <bounmy@mpt.gov.la> is not yours",
+    );
+
+    pf.wait_delivered(&own.tag);
+    assert_eq!(pf.wait_delivered(&to_suspended.tag).rcpts, [OUTSIDE]);
+    assert_eq!(r8(&mw, "mail", "policy"), 1.0);
+    assert_eq!(r8(&mw, "mail", "milter"), 0.0);
+    assert_eq!(r8(&mw, "eom", "milter"), 1.0);
+    // The milter judged no MAIL and no RCPT: every envelope verdict is the policy service's.
+    let metrics = mw.metrics();
+    for stage in ["mail", "rcpt"] {
+        assert!(
+            !metrics.contains(&format!(
+                "stage=\"{stage}\",action=\"continue\",protocol=\"milter\""
+            )),
+            "{stage}: {metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(r#"stage="rcpt",action="continue",protocol="policy""#),
+        "{metrics}"
+    );
 }

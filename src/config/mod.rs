@@ -148,6 +148,24 @@ pub struct ServerConfig {
     /// octal like chmod: Postfix's `smtpd` (user `postfix`) must be able to connect, so the
     /// socket needs group write for a shared group (`"0660"`, the default) or world write.
     pub socket_mode: String,
+    /// Who answers MAIL and RCPT when Postfix is wired to both front-ends; see
+    /// [`MilterEnvelope`].
+    pub milter_envelope: MilterEnvelope,
+}
+
+/// Who answers MAIL and RCPT on the milter connection (`server.milter_envelope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MilterEnvelope {
+    /// The milter judges the envelope rules at MAIL and RCPT and answers them (needed when
+    /// Postfix uses the milter alone).
+    #[default]
+    Check,
+    /// The policy service judges them (Postfix is wired to both, `check_policy_service`
+    /// naming this daemon): the milter still reads the envelope (for signing, send-as and
+    /// sizes) but asks Postfix for no reply at MAIL and RCPT, two round trips less per
+    /// message.
+    Policy,
 }
 
 impl ServerConfig {
@@ -177,6 +195,7 @@ impl Default for ServerConfig {
             milter_timeout: Duration::from_secs(300),
             worker_threads: 0,
             socket_mode: "0660".into(),
+            milter_envelope: MilterEnvelope::Check,
         }
     }
 }
@@ -514,6 +533,16 @@ impl Config {
         }
         if let Err(e) = self.server.socket_mode() {
             err("server.socket_mode", e);
+        }
+        if self.server.milter_envelope == MilterEnvelope::Policy
+            && self.server.policy_listen.is_empty()
+        {
+            err(
+                "server.milter_envelope",
+                "\"policy\" leaves MAIL and RCPT to the policy service, but server.policy_listen \
+                 is empty: nothing would judge them"
+                    .into(),
+            );
         }
         if self.server.max_connections == 0 {
             err("server.max_connections", "must be at least 1".into());

@@ -378,3 +378,26 @@ fn socket_mode_is_octal_and_named_when_bad() {
         assert_eq!(errs[0].key, "server.socket_mode", "{bad}: {errs:?}");
     }
 }
+
+#[test]
+fn milter_envelope_left_to_policy_needs_the_policy_listener() {
+    assert_eq!(
+        Config::default().server.milter_envelope,
+        crate::config::MilterEnvelope::Check
+    );
+    let c = Config::from_toml("[server]\nmilter_envelope = \"policy\"\n").unwrap();
+    assert_eq!(
+        c.server.milter_envelope,
+        crate::config::MilterEnvelope::Policy
+    );
+    let errs = Config::from_toml("[server]\nmilter_envelope = \"policy\"\npolicy_listen = \"\"\n")
+        .unwrap_err();
+    assert_eq!(errs[0].key, "server.milter_envelope", "{errs:?}");
+    assert!(errs[0].reason.contains("policy_listen"), "{errs:?}");
+    let errs = Config::from_toml("[server]\nmilter_envelope = \"maybe\"\n").unwrap_err();
+    // A value serde refuses is reported with its line, naming the key and the choices.
+    assert!(
+        errs[0].reason.contains("milter_envelope") && errs[0].reason.contains("`policy`"),
+        "{errs:?}"
+    );
+}

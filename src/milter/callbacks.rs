@@ -101,6 +101,10 @@ async fn negotiate(
     if authserv_id.is_some() {
         features = features.with_verify();
     }
+    let by_policy = snap.config.server.milter_envelope == crate::config::MilterEnvelope::Policy;
+    if by_policy {
+        features = features.with_envelope_by_policy();
+    }
     match features.negotiate(mta_actions, mta_opts) {
         Ok(n) => {
             let content = features.headers && features.body;
@@ -110,6 +114,9 @@ async fn negotiate(
             let sess = session(&s, &mut cx.data);
             sess.negotiated(features.headers, content, n.opts);
             sess.verify_with(authserv_id);
+            if by_policy {
+                sess.envelope_by_policy(n.opts);
+            }
             Status::Continue
         }
         Err(e) => {
@@ -141,6 +148,9 @@ async fn helo(s: Arc<Shared>, cx: &mut Context<Session>, name: CString) -> Statu
 
 async fn mail(s: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let sess = session(&s, &mut cx.data);
+    if let Some(status) = sess.mail_status() {
+        return mail_judged_by_policy(&s, sess, &cx.macros, args, status);
+    }
     if s.shutdown.is_cancelled() {
         // Draining: no new message starts; the client retries (another instance, or us
         // after the restart). RFC 3463 X.3.2: system not accepting network messages.
@@ -167,8 +177,68 @@ async fn mail(s: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> 
     }
 }
 
+/// MAIL when the policy service judges it (`server.milter_envelope = "policy"`): the
+/// envelope is read (signing, send-as and sizes need it) and nothing is answered; what must
+/// refuse the message (shutting down, an internal error) is answered at end of message.
+fn mail_judged_by_policy(
+    s: &Shared,
+    sess: &mut Session,
+    macros: &indymilter::Macros,
+    args: Vec<CString>,
+    status: Status,
+) -> Status {
+    if let Err(e) = sess.mail(&strings(args), macros) {
+        failure(sess, "mail", &CallbackError::Internal(e.to_string()));
+        return status;
+    }
+    if s.shutdown.is_cancelled() {
+        // Draining: as at MAIL when judged here, RFC 3463 X.3.2, at end of message.
+        sess.defer(Action::Tempfail(Reply::new(
+            421,
+            "4.3.2",
+            "Service shutting down, please try again later",
+        )));
+    } else {
+        sess.message_started(s.messages.token());
+    }
+    status
+}
+
+/// RCPT when the policy service judges it: the recipient is kept for the message (R13's
+/// sizes) and nothing is answered.
+fn rcpt_judged_by_policy(
+    sess: &mut Session,
+    macros: &indymilter::Macros,
+    args: Vec<CString>,
+    status: Status,
+) -> Status {
+    if sess.message_failed() || sess.has_deferred() {
+        return status;
+    }
+    match sess.rcpt(&strings(args), macros) {
+        Ok(Some(rcpt)) if sess.has_room_for_rcpt() => sess.accept_rcpt(rcpt),
+        Ok(Some(_)) => {
+            // The memory bound, far above any MTA's recipient limit: the message is
+            // tempfailed at its end rather than kept without all its recipients.
+            sess.defer(Action::Tempfail(Reply::new(
+                452,
+                "4.5.3",
+                "Too many recipients",
+            )));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            failure(sess, "rcpt", &CallbackError::Internal(e.to_string()));
+        }
+    }
+    status
+}
+
 async fn rcpt(s: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let sess = session(&s, &mut cx.data);
+    if let Some(status) = sess.rcpt_status() {
+        return rcpt_judged_by_policy(sess, &cx.macros, args, status);
+    }
     if sess.message_failed() {
         return failed_message(sess, &mut cx.reply);
     }
@@ -217,32 +287,46 @@ async fn header(
 }
 
 /// End of headers: R8 judges the `From:` and `Sender:` fields; then R6 decides whether the
-/// message is signed (the From domain is known now). A refusal is answered here, and
-/// Postfix gives it after the end of DATA.
+/// message is signed (the From domain is known now). Postfix gives a refusal found here
+/// after the end of DATA; so when it agreed to wait for no reply here (`NOREPLY_EOH`, one
+/// round trip less per message), the verdict is kept and answered at end of message.
 async fn eoh(s: Arc<Shared>, cx: &mut Context<Session>) -> Status {
     let sess = session(&s, &mut cx.data);
     sess.refresh(&cx.macros);
+    let action = eoh_verdict(&s, sess).await;
+    if sess.noreply_eoh() {
+        if action != Action::Continue {
+            sess.defer(action);
+        }
+        return Status::Noreply;
+    }
+    answer(&mut cx.reply, &action, &sess.tx)
+}
+
+async fn eoh_verdict(s: &Shared, sess: &mut Session) -> Action {
     if sess.message_failed() {
-        return failed_message(sess, &mut cx.reply);
+        return Action::Tempfail(Reply::store_unavailable());
+    }
+    if sess.has_deferred() {
+        // Already refused (at MAIL or RCPT, answered at end of message).
+        return Action::Continue;
     }
     if !sess.sees_headers() {
-        return Status::Continue;
+        return Action::Continue;
     }
     let sendas = match guarded(s.checker.check_headers(&sess.tx)).await {
         Ok(d) => d,
-        Err(e) => return internal_error(sess, &mut cx.reply, "eoh", &e),
+        Err(e) => return failure(sess, "eoh", &e),
     };
-    let status = answer(&mut cx.reply, &sendas.action, &sess.tx);
-    if status != Status::Continue || !sess.sees_content() {
-        return status;
+    if sendas.action != Action::Continue || !sess.sees_content() {
+        return sendas.action;
     }
     let signing = match guarded(s.checker.check_signing(&sess.tx)).await {
         Ok(signing) => signing,
-        Err(e) => return internal_error(sess, &mut cx.reply, "eoh", &e),
+        Err(e) => return failure(sess, "eoh", &e),
     };
-    let status = answer(&mut cx.reply, &signing.decision.action, &sess.tx);
-    if status != Status::Continue {
-        return status;
+    if signing.decision.action != Action::Continue {
+        return signing.decision.action;
     }
     if signing.keys.is_empty() {
         // Not signed (not outbound, or not ours): inbound mail is verified (R7).
@@ -258,18 +342,15 @@ async fn eoh(s: Arc<Shared>, cx: &mut Context<Session>) -> Status {
                         .map_or(0, |v| v.max_message_size);
                     sess.start_verifying(source, max);
                 }
-                Err(e) => return internal_error(sess, &mut cx.reply, "eoh", &e),
+                Err(e) => return failure(sess, "eoh", &e),
             }
         }
-        return Status::Continue;
+        return Action::Continue;
     }
     let domain = signing.domain.unwrap_or_default();
     match sess.start_signing(&domain, &signing.keys) {
-        Ok(()) => Status::Continue,
-        Err(e) => {
-            let d = s.checker.signing_failed(&sess.tx, &domain, &e);
-            answer(&mut cx.reply, &d.action, &sess.tx)
-        }
+        Ok(()) => Action::Continue,
+        Err(e) => s.checker.signing_failed(&sess.tx, &domain, &e).action,
     }
 }
 
@@ -287,8 +368,12 @@ async fn eom(s: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {
     let sess = session(&s, &mut cx.data);
     let measured = sess.sees_content() || s.features.body;
     sess.end_of_message(&cx.macros, measured);
+    let deferred = sess.take_deferred();
     let status = if sess.message_failed() {
         failed_message(sess, &mut cx.reply)
+    } else if let Some(action) = deferred {
+        // The end-of-headers verdict (see `eoh`).
+        answer(&mut cx.reply, &action, &sess.tx)
     } else {
         let quota = match (measured, sess.tx.size) {
             (true, Some(size)) => {
@@ -537,6 +622,13 @@ fn internal_error(
     stage: &'static str,
     err: &CallbackError,
 ) -> Status {
+    let action = failure(sess, stage, err);
+    answer(reply, &action, &sess.tx)
+}
+
+/// An internal error: the message is marked failed (every later stage answers `451 4.3.0`)
+/// and logged; returns that answer.
+fn failure(sess: &mut Session, stage: &'static str, err: &CallbackError) -> Action {
     sess.fail_message();
     tracing::error!(
         queue_id = sess.tx.queue_id.as_deref().unwrap_or("-"),
@@ -544,7 +636,7 @@ fn internal_error(
         stage,
         "milter callback failed: {err}; message tempfailed"
     );
-    failed_message(sess, reply)
+    Action::Tempfail(Reply::store_unavailable())
 }
 
 /// Every stage of a message that hit an internal error answers `451 4.3.0`.

@@ -147,6 +147,15 @@ pub struct MtaConnection {
 impl MtaConnection {
     /// Connects to `addr` and negotiates, offering everything (as Postfix 3 does).
     pub async fn open(addr: &ListenAddr, timeout: Duration) -> Result<MtaConnection, ClientError> {
+        Self::open_offering(addr, timeout, ProtoOpts::all()).await
+    }
+
+    /// [`open`](Self::open) offering only the protocol options `offered` (an older MTA).
+    pub async fn open_offering(
+        addr: &ListenAddr,
+        timeout: Duration,
+        offered: ProtoOpts,
+    ) -> Result<MtaConnection, ClientError> {
         let connect = async {
             Ok::<_, io::Error>(match addr {
                 ListenAddr::Inet(a) => {
@@ -173,7 +182,7 @@ impl MtaConnection {
         c.send(Command::OptNeg(OptNegPayload {
             version: PROTOCOL_VERSION,
             actions: Actions::all(),
-            opts: ProtoOpts::all(),
+            opts: offered,
         }))
         .await?;
         match c.read().await? {

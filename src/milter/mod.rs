@@ -131,23 +131,90 @@ impl Accepting {
     }
 }
 
-/// A milter connection over TCP that answers every MTA packet with an immediate ACK.
+/// A milter connection over TCP that ACKs at once every MTA packet we give no reply to.
 ///
 /// Postfix writes a stage's macros and the stage's command as two small packets, and waits
 /// for no reply to the first. With the receiver's delayed ACK (up to 40 ms on Linux) and
 /// the sender's Nagle algorithm, the second packet then waits for that ACK: about 40 ms per
 /// message, which caps Postfix at ~20 sessions / 50 ms = ~400 messages/s through any TCP
-/// milter. Re-arming `TCP_QUICKACK` after each read (Linux clears it on its own) removes
-/// the wait; Unix-domain sockets never had it.
-pub struct QuickAck(TcpStream);
+/// milter. Setting `TCP_QUICKACK` sends the pending ACK at once; Linux clears the flag on
+/// its own, so it is set again after each read that needs it: one that ends in a packet
+/// without reply (macros, headers and body chunks under `NOREPLY_*`, abort) or inside a
+/// packet. A read ending in a command we answer needs none: the answer carries the ACK, and
+/// skipping the `setsockopt` there saves a system call per stage. Unix-domain sockets never
+/// had the stall.
+pub struct QuickAck {
+    stream: TcpStream,
+    packets: Packets,
+}
 
 impl QuickAck {
+    fn new(stream: TcpStream) -> QuickAck {
+        let q = QuickAck {
+            stream,
+            packets: Packets::default(),
+        };
+        q.arm();
+        q
+    }
+
     fn arm(&self) {
         #[cfg(target_os = "linux")]
         {
-            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
+            let _ = socket2::SockRef::from(&self.stream).set_tcp_quickack(true);
         }
     }
+}
+
+/// Where the MTA's byte stream stands in milter packets (4-byte length, command byte, data).
+#[derive(Debug, Default)]
+struct Packets {
+    /// Bytes of the current packet's length and command seen so far (0 to 4).
+    head: [u8; 5],
+    have: usize,
+    /// Bytes of the current packet's data still to come.
+    rest: usize,
+    /// The command byte of the last packet started.
+    command: u8,
+}
+
+impl Packets {
+    /// Follows `bytes` just read; whether the MTA now waits for an ACK rather than for a
+    /// reply of ours.
+    fn needs_ack(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() {
+            if self.rest > 0 {
+                let n = self.rest.min(bytes.len());
+                self.rest -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 5 {
+                let len =
+                    u32::from_be_bytes([self.head[0], self.head[1], self.head[2], self.head[3]]);
+                self.command = self.head[4];
+                self.rest = (len as usize).saturating_sub(1);
+                self.have = 0;
+            }
+        }
+        // Inside a packet, more is on its way; else it depends on the last command.
+        self.have > 0 || self.rest > 0 || !answered(self.command)
+    }
+}
+
+/// Milter commands that get a reply from us (without a `NOREPLY_*` option for them):
+/// option negotiation, connect, HELO, MAIL, RCPT, DATA, end of headers, end of message,
+/// unknown command. Macros, headers and body chunks (negotiated without reply), abort and
+/// quit get none.
+fn answered(command: u8) -> bool {
+    matches!(
+        command,
+        b'O' | b'C' | b'H' | b'M' | b'R' | b'T' | b'N' | b'E' | b'U'
+    )
 }
 
 impl tokio::io::AsyncRead for QuickAck {
@@ -157,9 +224,12 @@ impl tokio::io::AsyncRead for QuickAck {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.0).poll_read(cx, buf);
-        if r.is_ready() {
-            this.arm();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            if this.packets.needs_ack(&buf.filled()[before..]) {
+                this.arm();
+            }
         }
         r
     }
@@ -171,15 +241,15 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -187,11 +257,11 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.stream.is_write_vectored()
     }
 }
 
@@ -227,9 +297,7 @@ impl indymilter::Listener for Accepting {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!("milter: cannot set TCP_NODELAY: {e}");
                     }
-                    let stream = QuickAck(stream);
-                    stream.arm();
-                    return Poll::Ready(Ok(EitherStream::Tcp(stream)));
+                    return Poll::Ready(Ok(EitherStream::Tcp(QuickAck::new(stream))));
                 }
                 Poll::Ready(Ok(EitherStream::Unix(s))) => {
                     return Poll::Ready(Ok(EitherStream::Unix(s)));
@@ -258,4 +326,60 @@ fn is_resource_error(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(command: u8, data: &[u8]) -> Vec<u8> {
+        let mut p = ((data.len() + 1) as u32).to_be_bytes().to_vec();
+        p.push(command);
+        p.extend_from_slice(data);
+        p
+    }
+
+    /// Postfix's MAIL stage: macros (no reply), then the command (answered).
+    #[test]
+    fn an_ack_is_sent_after_macros_and_inside_packets_not_after_a_command() {
+        let macros = packet(b'D', b"Mi\0ABC123\0{auth_authen}\0\0");
+        let mail = packet(b'M', b"<a@mpt.gov.la>\0");
+        let stream = [macros, mail].concat();
+        // Both packets in one read: the reply to MAIL carries the ACK.
+        assert!(!Packets::default().needs_ack(&stream));
+        // Each split point of the two packets, as two reads.
+        for cut in 1..stream.len() {
+            let mut p = Packets::default();
+            // Ends inside the macros, after them (no reply) or inside MAIL: ACK at once.
+            assert!(p.needs_ack(&stream[..cut]), "cut at {cut}");
+            assert!(
+                !p.needs_ack(&stream[cut..]),
+                "cut at {cut}: MAIL is answered"
+            );
+        }
+        // Headers and body chunks are negotiated without reply; abort and quit get none.
+        for command in [b'L', b'B', b'A', b'Q', b'D'] {
+            assert!(Packets::default().needs_ack(&packet(command, b"x\0")));
+        }
+        for command in [b'O', b'C', b'H', b'M', b'R', b'T', b'N', b'E', b'U'] {
+            assert!(!Packets::default().needs_ack(&packet(command, b"")));
+        }
+    }
+
+    #[test]
+    fn large_packets_are_followed_across_many_reads() {
+        let body = packet(b'B', &vec![b'x'; 70_000]);
+        let eom = packet(b'E', b"");
+        let stream = [body, eom].concat();
+        let mut p = Packets::default();
+        let mut acks = 0;
+        let mut last = false;
+        for chunk in stream.chunks(8192) {
+            last = p.needs_ack(chunk);
+            acks += usize::from(last);
+        }
+        assert!(!last, "ends with the end of message, which is answered");
+        // Every read but the last ends inside the body chunk.
+        assert_eq!(acks, stream.len().div_ceil(8192) - 1);
+    }
 }

@@ -23,6 +23,9 @@ pub struct Features {
     /// name (SPF HELO, R7); the client address and TLS state also arrive as macros at MAIL.
     /// Every stage skipped saves a round trip (and a wake-up of this daemon) per SMTP session.
     pub connect_helo: bool,
+    /// MAIL and RCPT are judged by the policy service (`server.milter_envelope =
+    /// "policy"`): the milter reads them but asks for no reply, two round trips less.
+    pub envelope_noreply: bool,
 }
 
 impl Default for Features {
@@ -33,6 +36,7 @@ impl Default for Features {
             headers: false,
             body: false,
             connect_helo: false,
+            envelope_noreply: false,
         }
     }
 }
@@ -84,6 +88,15 @@ impl Features {
             headers: true,
             body: true,
             connect_helo: true,
+            ..self
+        }
+    }
+
+    /// MAIL and RCPT without reply: the policy service answers them.
+    pub fn with_envelope_by_policy(self) -> Features {
+        Features {
+            envelope_noreply: true,
+            ..self
         }
     }
 
@@ -126,11 +139,17 @@ impl Features {
             // inserted headers are taken as given: the signer adds that space itself).
             // No reply per header: a verdict on the headers is given at end of headers, so
             // the MTA need not wait for one answer per header line.
-            opts |= (ProtoOpts::LEADING_SPACE | ProtoOpts::NOREPLY_HEADER) & mta_opts;
+            // Nor at end of headers: its verdict is given at end of message (Postfix gives
+            // an end-of-headers refusal after the end of DATA anyway).
+            opts |= (ProtoOpts::LEADING_SPACE | ProtoOpts::NOREPLY_HEADER | ProtoOpts::NOREPLY_EOH)
+                & mta_opts;
         }
         if self.body {
             // Likewise per body chunk: body verdicts (signing failures) come at end of message.
             opts |= ProtoOpts::NOREPLY_BODY & mta_opts;
+        }
+        if self.envelope_noreply {
+            opts |= (ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT) & mta_opts;
         }
         Ok(Negotiated {
             actions,
@@ -254,6 +273,7 @@ mod tests {
             headers: true,
             body: true,
             connect_helo: false,
+            envelope_noreply: false,
         };
         let n = dkim.negotiate(postfix_actions(), ProtoOpts::all()).unwrap();
         assert_eq!(n.actions, Actions::ADD_HEADER | Actions::REQUEST_MACROS);
@@ -265,6 +285,7 @@ mod tests {
                 | ProtoOpts::NO_HELO
                 | ProtoOpts::LEADING_SPACE
                 | ProtoOpts::NOREPLY_HEADER
+                | ProtoOpts::NOREPLY_EOH
                 | ProtoOpts::NOREPLY_BODY
         );
         assert_eq!(Features::default().with_dkim(), dkim);
@@ -291,6 +312,7 @@ mod tests {
                 | ProtoOpts::NO_BODY
                 | ProtoOpts::LEADING_SPACE
                 | ProtoOpts::NOREPLY_HEADER
+                | ProtoOpts::NOREPLY_EOH
         );
         assert!(n.macros.contains_key(&MacroStage::Eoh));
         // Signing needs more than that; both together are the signer's set.
@@ -329,6 +351,35 @@ mod tests {
             .negotiate(Actions::ADD_HEADER, ProtoOpts::all())
             .unwrap_err();
         assert_eq!(err.missing, Actions::CHANGE_HEADER);
+    }
+
+    #[test]
+    fn envelope_by_policy_asks_for_no_reply_at_mail_and_rcpt_when_offered() {
+        let f = Features::default().with_headers().with_envelope_by_policy();
+        let n = f.negotiate(postfix_actions(), ProtoOpts::all()).unwrap();
+        assert!(
+            n.opts
+                .contains(ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT)
+        );
+        assert!(!n.opts.contains(ProtoOpts::NO_MAIL) && !n.opts.contains(ProtoOpts::NO_RCPT));
+        let old = f
+            .negotiate(
+                postfix_actions(),
+                ProtoOpts::all() - ProtoOpts::NOREPLY_MAIL - ProtoOpts::NOREPLY_RCPT,
+            )
+            .unwrap();
+        assert!(
+            !old.opts
+                .intersects(ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT)
+        );
+        let checked = Features::default()
+            .negotiate(postfix_actions(), ProtoOpts::all())
+            .unwrap();
+        assert!(
+            !checked
+                .opts
+                .intersects(ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT)
+        );
     }
 
     #[test]

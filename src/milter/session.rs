@@ -76,6 +76,13 @@ pub struct Session {
     /// The MTA expects no reply to each header / body chunk (negotiated `NOREPLY_*`).
     noreply_header: bool,
     noreply_body: bool,
+    noreply_eoh: bool,
+    /// `server.milter_envelope = "policy"`: the status MAIL and RCPT answer without being
+    /// judged (`Noreply` when the MTA agreed to that, else `Continue`); `None`: judged here.
+    envelope: Option<(indymilter::Status, indymilter::Status)>,
+    /// The end-of-headers verdict, given at end of message when the MTA waits for no reply
+    /// at end of headers (`NOREPLY_EOH`).
+    deferred: Option<crate::model::Action>,
     /// The header section in wire form, kept until the end of headers (only with `content`).
     header_block: Vec<u8>,
     /// The header section outgrew [`MAX_HEADER_BLOCK`].
@@ -126,6 +133,9 @@ impl Session {
             leading_space: false,
             noreply_header: false,
             noreply_body: false,
+            noreply_eoh: false,
+            envelope: None,
+            deferred: None,
             header_block: Vec::new(),
             header_overflow: false,
             signing: None,
@@ -147,6 +157,52 @@ impl Session {
         self.leading_space = opts.contains(indymilter::ProtoOpts::LEADING_SPACE);
         self.noreply_header = opts.contains(indymilter::ProtoOpts::NOREPLY_HEADER);
         self.noreply_body = opts.contains(indymilter::ProtoOpts::NOREPLY_BODY);
+        self.noreply_eoh = opts.contains(indymilter::ProtoOpts::NOREPLY_EOH);
+    }
+
+    /// The policy service judges MAIL and RCPT (`server.milter_envelope = "policy"`).
+    pub fn envelope_by_policy(&mut self, opts: indymilter::ProtoOpts) {
+        use indymilter::{ProtoOpts, Status};
+        let status = |noreply| match opts.contains(noreply) {
+            true => Status::Noreply,
+            false => Status::Continue,
+        };
+        self.envelope = Some((
+            status(ProtoOpts::NOREPLY_MAIL),
+            status(ProtoOpts::NOREPLY_RCPT),
+        ));
+    }
+
+    /// `Some(status)` when MAIL is not judged here: what it answers.
+    pub fn mail_status(&self) -> Option<indymilter::Status> {
+        self.envelope.map(|e| e.0)
+    }
+
+    /// `Some(status)` when RCPT is not judged here: what it answers.
+    pub fn rcpt_status(&self) -> Option<indymilter::Status> {
+        self.envelope.map(|e| e.1)
+    }
+
+    /// Whether a verdict is already kept for end of message.
+    pub fn has_deferred(&self) -> bool {
+        self.deferred.is_some()
+    }
+
+    /// Whether the MTA waits for no reply at end of headers: the verdict found there is
+    /// [`deferred`](Self::defer) to end of message. Postfix gives an end-of-headers refusal
+    /// after the end of DATA anyway, so the client sees the same reply at the same moment.
+    pub fn noreply_eoh(&self) -> bool {
+        self.noreply_eoh
+    }
+
+    /// Keeps the end-of-headers verdict for end of message.
+    pub fn defer(&mut self, action: crate::model::Action) {
+        self.deferred = Some(action);
+    }
+
+    /// The end-of-headers verdict kept for end of message, if any.
+    pub fn take_deferred(&mut self) -> Option<crate::model::Action> {
+        self.deferred.take()
     }
 
     /// R7 is on for this connection, with `authserv_id` (forged copies are recognised by it).
@@ -450,6 +506,7 @@ impl Session {
         self.tx.reset_message();
         self.in_flight = None;
         self.failed = false;
+        self.deferred = None;
         self.measured = 0;
         self.header_block = Vec::new();
         self.header_overflow = false;

@@ -1433,11 +1433,10 @@ impl Store for SqliteStore {
     }
 
     async fn send_lock(&self, account: &Address) -> StoreResult<Option<SendLock>> {
-        let account = account.to_string();
-        if let Some(lock) = self.tally.with(&account, |e| e.lock.clone()) {
-            return Ok(lock);
-        }
-        self.read(move |c| select_lock(c, &account)).await
+        // Asked at every MAIL of a local sender: from memory once the account is loaded.
+        let key = account.to_string();
+        self.counted(&[&key], |t| t.with(&key, |e| e.lock.clone()))
+            .await
     }
 
     async fn set_send_lock(

@@ -32,12 +32,18 @@ pub struct Mailwarden {
 }
 
 fn config_text(dir: &std::path::Path, store: Option<&str>, rules: &str) -> String {
-    config_text_on(dir, store, false, rules)
+    config_text_on(dir, store, false, "", rules)
 }
 
 /// The test config; `unix`: the milter and policy listeners on Unix-domain sockets in `dir`
 /// (mode 0666, for Postfix's smtpd running as user postfix) instead of loopback TCP.
-fn config_text_on(dir: &std::path::Path, store: Option<&str>, unix: bool, rules: &str) -> String {
+fn config_text_on(
+    dir: &std::path::Path,
+    store: Option<&str>,
+    unix: bool,
+    server: &str,
+    rules: &str,
+) -> String {
     let d = dir.display();
     let store = store.map_or_else(|| format!("sqlite:{d}/mw.db"), str::to_owned);
     let listen = if unix {
@@ -51,6 +57,7 @@ fn config_text_on(dir: &std::path::Path, store: Option<&str>, unix: bool, rules:
         r#"[server]
 {listen}
 shutdown_grace = "5s"
+{server}
 
 [store]
 url = "{store}"
@@ -82,24 +89,39 @@ impl Mailwarden {
     /// [`start`](Self::start) with extra environment variables for the daemon (e.g.
     /// `TOKIO_WORKER_THREADS`, which sizes the runtime when `server.worker_threads` is 0).
     pub fn start_env(rules: &str, env: &[(&str, &str)]) -> Mailwarden {
-        Mailwarden::start_full(None, false, rules, env)
+        Mailwarden::start_full(None, false, "", rules, env)
+    }
+
+    /// [`start_env`](Self::start_env) with extra `[server]` keys (e.g.
+    /// `milter_envelope = "policy"`).
+    #[allow(dead_code)]
+    pub fn start_server(server: &str, rules: &str, env: &[(&str, &str)]) -> Mailwarden {
+        Mailwarden::start_full(None, false, server, rules, env)
+    }
+
+    /// [`start`](Self::start) running another build of mailwarden (`bin`), e.g. an earlier
+    /// commit's, to measure it beside this one in the same benchmark run.
+    #[allow(dead_code)]
+    pub fn start_binary(bin: &str, rules: &str) -> Mailwarden {
+        Mailwarden::start_full(None, false, "", rules, &[("MAILWARDEN_TEST_BINARY", bin)])
     }
 
     /// [`start`](Self::start) on the store at `url` (e.g. a Redis Cluster shared by several
     /// daemons) instead of a private SQLite file.
     pub fn start_on_store(url: &str, rules: &str) -> Mailwarden {
-        Mailwarden::start_full(Some(url), false, rules, &[])
+        Mailwarden::start_full(Some(url), false, "", rules, &[])
     }
 
     /// [`start`](Self::start) with the milter and policy listeners on Unix-domain sockets
     /// (`unix:` in Postfix notation) in the daemon's directory, made reachable for Postfix.
     pub fn start_unix(rules: &str) -> Mailwarden {
-        Mailwarden::start_full(None, true, rules, &[])
+        Mailwarden::start_full(None, true, "", rules, &[])
     }
 
     fn start_full(
         store: Option<&str>,
         unix: bool,
+        server: &str,
         rules: &str,
         env: &[(&str, &str)],
     ) -> Mailwarden {
@@ -111,12 +133,19 @@ impl Mailwarden {
                 .expect("chmod the daemon's directory");
         }
         let config = dir.join("mailwarden.toml");
-        std::fs::write(&config, config_text_on(dir.path(), store, unix, rules))
-            .expect("write config");
+        std::fs::write(
+            &config,
+            config_text_on(dir.path(), store, unix, server, rules),
+        )
+        .expect("write config");
         let ready = dir.join("ready.json");
         let log = dir.join("mailwarden.log");
         let log_file = std::fs::File::create(&log).expect("create log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mailwarden"))
+        let bin = env
+            .iter()
+            .find(|(k, _)| *k == "MAILWARDEN_TEST_BINARY")
+            .map_or(env!("CARGO_BIN_EXE_mailwarden"), |(_, v)| *v);
+        let mut child = Command::new(bin)
             .arg("run")
             .arg("--config")
             .arg(&config)
