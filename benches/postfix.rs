@@ -9,7 +9,7 @@
 //! ```
 //!
 //! `policy` (default): bare Postfix, postfwd, mailwarden on the policy path, the milter path
-//! and both (default runtime, one worker thread, and Unix-domain sockets instead of TCP). `dkim`: bare Postfix, OpenDKIM signing
+//! and both (default runtime, two worker threads, and Unix-domain sockets instead of TCP). `dkim`: bare Postfix, OpenDKIM signing
 //! RSA-2048, mailwarden signing RSA-2048, Ed25519 and both (milter path, all its rules on).
 //! Defaults 3 rounds, `smtp-source -s 20 -m 2000 -l 4096`. For every run it reports messages
 //! per second to the point where the sink has received them all, and the CPU time per message
@@ -252,20 +252,21 @@ fn seed(d: &Mailwarden) -> Vec<String> {
     suspended
 }
 
-/// mailwarden (policy, milter, both; default runtime and one worker thread) against bare
+/// mailwarden (policy, milter, both; default runtime and two worker threads) against bare
 /// Postfix and postfwd.
 fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
-    // Two daemons: the default runtime (one worker thread per CPU) and one worker thread
-    // (`server.worker_threads = 1`), to show what the setting does on a small shared box.
+    // Two daemons: the default runtime (`server.worker_threads = 0`: half the CPUs, one on a
+    // 2-CPU box) and two worker threads (one per CPU there, the default before), to show what
+    // the setting does on a small shared box.
     let rules = rules();
     let mw = Mailwarden::start(&rules);
-    let mw1 = Mailwarden::start_env(&rules, &[("TOKIO_WORKER_THREADS", "1")]);
+    let mw1 = Mailwarden::start_env(&rules, &[("TOKIO_WORKER_THREADS", "2")]);
     // The same on Unix-domain sockets (no TCP handshake per milter connection).
     let mwu = Mailwarden::start_unix(&rules);
     // Both wired as README recommends: the envelope left to the policy service.
     let by_policy = "milter_envelope = \"policy\"";
     let mwp = Mailwarden::start_server(by_policy, &rules, &[]);
-    let mwp1 = Mailwarden::start_server(by_policy, &rules, &[("TOKIO_WORKER_THREADS", "1")]);
+    let mwp1 = Mailwarden::start_server(by_policy, &rules, &[("TOKIO_WORKER_THREADS", "2")]);
     let suspended = seed(&mw);
     for d in [&mw1, &mwu, &mwp, &mwp1] {
         seed(d);
@@ -287,11 +288,11 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         ),
         Setup::milter("mailwarden milter", &mw),
         Setup::new("mailwarden both", both(&mw), Some(mw.pid())),
-        Setup::new("mailwarden both 1thr", both(&mw1), Some(mw1.pid())),
+        Setup::new("mailwarden both 2thr", both(&mw1), Some(mw1.pid())),
         Setup::milter("mailwarden milter unix", &mwu),
         Setup::new("mailwarden both unix", both(&mwu), Some(mwu.pid())),
         Setup::new("mailwarden both envpol", both(&mwp), Some(mwp.pid())),
-        Setup::new("mailwarden both envpol 1thr", both(&mwp1), Some(mwp1.pid())),
+        Setup::new("mailwarden both envpol 2thr", both(&mwp1), Some(mwp1.pid())),
     ];
     // MAILWARDEN_BENCH_BASELINE=PATH: another build of mailwarden (e.g. an earlier commit's
     // target/release/mailwarden) on the same paths, in the same rounds.

@@ -188,12 +188,12 @@ fn main() -> ExitCode {
         }
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = loaded
-        .as_ref()
-        .map(|c| c.server.worker_threads)
-        .filter(|&n| n > 0)
-    {
-        builder.worker_threads(n);
+    if let Some(server) = loaded.as_ref().map(|c| &c.server) {
+        // TOKIO_WORKER_THREADS, when set, still sizes an automatic (0) runtime.
+        if server.worker_threads > 0 || std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            builder.worker_threads(server.runtime_workers(cpus));
+        }
     }
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,

@@ -142,7 +142,8 @@ pub struct ServerConfig {
     /// Milter protocol timeout for reads and writes to the MTA.
     #[serde(with = "duration")]
     pub milter_timeout: Duration,
-    /// Threads of the async runtime; 0 means one per CPU. Read at start only.
+    /// Threads of the async runtime; 0 means half the CPUs, at least one (see
+    /// [`ServerConfig::runtime_workers`]). Read at start only.
     pub worker_threads: usize,
     /// Permissions of the Unix-domain sockets this daemon creates (`unix:` listen addresses),
     /// octal like chmod: Postfix's `smtpd` (user `postfix`) must be able to connect, so the
@@ -169,6 +170,18 @@ pub enum MilterEnvelope {
 }
 
 impl ServerConfig {
+    /// Worker threads of the runtime on a machine with `cpus` CPUs: `worker_threads`, or for
+    /// 0 half the CPUs, at least one. mailwarden runs beside the MTA, which needs the other
+    /// half; and an idle extra worker costs CPU on every message (a worker that finds work
+    /// wakes a parked one to share it: a futex call or two per stage, ~25% of the daemon's
+    /// CPU per message on a 2-CPU box, docs/benchmarks.md).
+    pub fn runtime_workers(&self, cpus: usize) -> usize {
+        match self.worker_threads {
+            0 => (cpus / 2).max(1),
+            n => n,
+        }
+    }
+
     /// `socket_mode` as permission bits.
     pub fn socket_mode(&self) -> Result<u32, String> {
         let text = self.socket_mode.trim();

@@ -401,3 +401,18 @@ fn milter_envelope_left_to_policy_needs_the_policy_listener() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn an_automatic_runtime_leaves_half_the_cpus_to_the_mta() {
+    let auto = Config::default().server;
+    assert_eq!(auto.worker_threads, 0);
+    assert_eq!(
+        [1, 2, 3, 4, 16].map(|cpus| auto.runtime_workers(cpus)),
+        [1, 1, 1, 2, 8]
+    );
+    let fixed = Config::from_toml("[server]\nworker_threads = 3\n")
+        .unwrap()
+        .server;
+    assert_eq!(fixed.runtime_workers(16), 3);
+    assert_eq!(fixed.runtime_workers(1), 3);
+}

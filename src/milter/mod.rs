@@ -34,7 +34,7 @@ pub use session::MAX_RECIPIENTS;
 use crate::checker::Checker;
 use crate::net::Listener;
 use callbacks::Shared;
-use indymilter::{EitherListener, EitherStream};
+use indymilter::{EitherListener, EitherStream, ProtoOpts};
 use std::{
     future::Future,
     io,
@@ -139,7 +139,8 @@ impl Accepting {
 /// message, which caps Postfix at ~20 sessions / 50 ms = ~400 messages/s through any TCP
 /// milter. Setting `TCP_QUICKACK` sends the pending ACK at once; Linux clears the flag on
 /// its own, so it is set again after each read that needs it: one that ends in a packet
-/// without reply (macros, headers and body chunks under `NOREPLY_*`, abort) or inside a
+/// without reply (macros, abort, and every stage negotiated with its `NOREPLY_*` option,
+/// which this wrapper reads from the option-negotiation reply it carries) or inside a
 /// packet. A read ending in a command we answer needs none: the answer carries the ACK, and
 /// skipping the `setsockopt` there saves a system call per stage. Unix-domain sockets never
 /// had the stall.
@@ -150,12 +151,11 @@ pub struct QuickAck {
 
 impl QuickAck {
     fn new(stream: TcpStream) -> QuickAck {
-        let q = QuickAck {
+        // The MTA's first packet, option negotiation, is answered: no ACK to hurry yet.
+        QuickAck {
             stream,
             packets: Packets::default(),
-        };
-        q.arm();
-        q
+        }
     }
 
     fn arm(&self) {
@@ -176,6 +176,8 @@ struct Packets {
     rest: usize,
     /// The command byte of the last packet started.
     command: u8,
+    /// The `NOREPLY_*` options agreed on (read from our option-negotiation reply).
+    noreply: ProtoOpts,
 }
 
 impl Packets {
@@ -202,19 +204,37 @@ impl Packets {
             }
         }
         // Inside a packet, more is on its way; else it depends on the last command.
-        self.have > 0 || self.rest > 0 || !answered(self.command)
+        self.have > 0 || self.rest > 0 || !answered(self.command, self.noreply)
+    }
+
+    /// Follows what we write: our option-negotiation reply (length, `O`, version, actions,
+    /// protocol options) says which stages the MTA sends without waiting for a reply.
+    fn wrote(&mut self, bytes: &[u8]) {
+        if bytes.len() >= 17 && bytes[4] == b'O' {
+            let opts = u32::from_be_bytes([bytes[13], bytes[14], bytes[15], bytes[16]]);
+            self.noreply = ProtoOpts::from_bits_truncate(opts);
+        }
     }
 }
 
-/// Milter commands that get a reply from us (without a `NOREPLY_*` option for them):
-/// option negotiation, connect, HELO, MAIL, RCPT, DATA, end of headers, end of message,
-/// unknown command. Macros, headers and body chunks (negotiated without reply), abort and
-/// quit get none.
-fn answered(command: u8) -> bool {
-    matches!(
-        command,
-        b'O' | b'C' | b'H' | b'M' | b'R' | b'T' | b'N' | b'E' | b'U'
-    )
+/// Whether we reply to `command`: always to option negotiation and end of message; to the
+/// other stages unless negotiated with their `NOREPLY_*` option. Macros, abort, quit and
+/// anything unknown get none.
+fn answered(command: u8, noreply: ProtoOpts) -> bool {
+    let option = match command {
+        b'O' | b'E' => return true,
+        b'C' => ProtoOpts::NOREPLY_CONNECT,
+        b'H' => ProtoOpts::NOREPLY_HELO,
+        b'M' => ProtoOpts::NOREPLY_MAIL,
+        b'R' => ProtoOpts::NOREPLY_RCPT,
+        b'T' => ProtoOpts::NOREPLY_DATA,
+        b'L' => ProtoOpts::NOREPLY_HEADER,
+        b'N' => ProtoOpts::NOREPLY_EOH,
+        b'B' => ProtoOpts::NOREPLY_BODY,
+        b'U' => ProtoOpts::NOREPLY_UNKNOWN,
+        _ => return false,
+    };
+    !noreply.contains(option)
 }
 
 impl tokio::io::AsyncRead for QuickAck {
@@ -241,7 +261,9 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.packets.wrote(buf);
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -257,7 +279,11 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            this.packets.wrote(first);
+        }
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -339,6 +365,17 @@ mod tests {
         p
     }
 
+    /// Our option-negotiation reply agreeing on `noreply`.
+    fn negotiated(noreply: ProtoOpts) -> Packets {
+        let mut data = 6u32.to_be_bytes().to_vec();
+        data.extend_from_slice(&0u32.to_be_bytes());
+        data.extend_from_slice(&noreply.bits().to_be_bytes());
+        let mut p = Packets::default();
+        p.wrote(&packet(b'O', &data));
+        assert_eq!(p.noreply, noreply);
+        p
+    }
+
     /// Postfix's MAIL stage: macros (no reply), then the command (answered).
     #[test]
     fn an_ack_is_sent_after_macros_and_inside_packets_not_after_a_command() {
@@ -357,13 +394,38 @@ mod tests {
                 "cut at {cut}: MAIL is answered"
             );
         }
-        // Headers and body chunks are negotiated without reply; abort and quit get none.
-        for command in [b'L', b'B', b'A', b'Q', b'D'] {
+        for command in [b'A', b'Q', b'D'] {
             assert!(Packets::default().needs_ack(&packet(command, b"x\0")));
         }
-        for command in [b'O', b'C', b'H', b'M', b'R', b'T', b'N', b'E', b'U'] {
+        for command in [
+            b'O', b'C', b'H', b'M', b'R', b'T', b'N', b'L', b'B', b'E', b'U',
+        ] {
             assert!(!Packets::default().needs_ack(&packet(command, b"")));
         }
+    }
+
+    /// Stages negotiated without reply (headers, end of headers, and MAIL and RCPT when the
+    /// policy service answers them) are ACKed at once: the MTA goes on without waiting.
+    #[test]
+    fn stages_negotiated_without_reply_are_acked_at_once() {
+        let noreply = ProtoOpts::NOREPLY_HEADER
+            | ProtoOpts::NOREPLY_EOH
+            | ProtoOpts::NOREPLY_MAIL
+            | ProtoOpts::NOREPLY_RCPT;
+        let mut p = negotiated(noreply);
+        for command in [b'L', b'N', b'M', b'R'] {
+            assert!(p.needs_ack(&packet(command, b"x\0")), "{}", command as char);
+        }
+        for command in [b'B', b'C', b'H', b'E'] {
+            assert!(
+                !p.needs_ack(&packet(command, b"x\0")),
+                "{}",
+                command as char
+            );
+        }
+        // Other replies do not change what was agreed.
+        p.wrote(&packet(b'c', b""));
+        assert_eq!(p.noreply, noreply);
     }
 
     #[test]
