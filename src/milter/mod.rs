@@ -178,6 +178,8 @@ struct Packets {
     command: u8,
     /// The `NOREPLY_*` options agreed on (read from our option-negotiation reply).
     noreply: ProtoOpts,
+    /// Our first write (the option-negotiation reply) has been seen.
+    negotiated: bool,
 }
 
 impl Packets {
@@ -208,8 +210,12 @@ impl Packets {
     }
 
     /// Follows what we write: our option-negotiation reply (length, `O`, version, actions,
-    /// protocol options) says which stages the MTA sends without waiting for a reply.
+    /// protocol options), the first thing we write, says which stages the MTA sends without
+    /// waiting for a reply. Later writes are not looked at.
     fn wrote(&mut self, bytes: &[u8]) {
+        if std::mem::replace(&mut self.negotiated, true) {
+            return;
+        }
         if bytes.len() >= 17 && bytes[4] == b'O' {
             let opts = u32::from_be_bytes([bytes[13], bytes[14], bytes[15], bytes[16]]);
             self.noreply = ProtoOpts::from_bits_truncate(opts);
@@ -423,8 +429,10 @@ mod tests {
                 command as char
             );
         }
-        // Other replies do not change what was agreed.
+        // Later writes do not change what was agreed, even one that looks like a reply to
+        // option negotiation.
         p.wrote(&packet(b'c', b""));
+        p.wrote(&packet(b'O', &[0; 12]));
         assert_eq!(p.noreply, noreply);
     }
 
