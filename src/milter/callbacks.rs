@@ -152,15 +152,9 @@ async fn mail(s: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> 
         return mail_judged_by_policy(&s, sess, &cx.macros, args, status);
     }
     if s.shutdown.is_cancelled() {
-        // Draining: no new message starts; the client retries (another instance, or us
-        // after the restart). RFC 3463 X.3.2: system not accepting network messages.
+        // Draining: no new message starts.
         sess.end_message();
-        let reply = Reply::new(
-            421,
-            "4.3.2",
-            "Service shutting down, please try again later",
-        );
-        return answer(&mut cx.reply, &Action::Tempfail(reply), &sess.tx);
+        return answer(&mut cx.reply, &shutting_down(), &sess.tx);
     }
     if let Err(e) = sess.mail(&strings(args), &cx.macros) {
         return internal_error(sess, &mut cx.reply, "mail", &e);
@@ -175,6 +169,22 @@ async fn mail(s: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> 
         }
         Err(e) => internal_error(sess, &mut cx.reply, "mail", &e),
     }
+}
+
+/// No new message while draining: the client retries (another instance, or us after the
+/// restart). RFC 3463 X.3.2: system not accepting network messages.
+fn shutting_down() -> Action {
+    Action::Tempfail(Reply::new(
+        421,
+        "4.3.2",
+        "Service shutting down, please try again later",
+    ))
+}
+
+/// A memory bound on a message's recipients, far above any MTA's recipient limit.
+/// RFC 5321 §4.5.3.1.10.
+fn too_many_recipients() -> Action {
+    Action::Tempfail(Reply::new(452, "4.5.3", "Too many recipients"))
 }
 
 /// MAIL when the policy service judges it (`server.milter_envelope = "policy"`): the
@@ -192,12 +202,8 @@ fn mail_judged_by_policy(
         return status;
     }
     if s.shutdown.is_cancelled() {
-        // Draining: as at MAIL when judged here, RFC 3463 X.3.2, at end of message.
-        sess.defer(Action::Tempfail(Reply::new(
-            421,
-            "4.3.2",
-            "Service shutting down, please try again later",
-        )));
+        // Draining: as at MAIL when judged here, at end of message.
+        sess.defer(shutting_down());
     } else {
         sess.message_started(s.messages.token());
     }
@@ -220,11 +226,7 @@ fn rcpt_judged_by_policy(
         Ok(Some(_)) => {
             // The memory bound, far above any MTA's recipient limit: the message is
             // tempfailed at its end rather than kept without all its recipients.
-            sess.defer(Action::Tempfail(Reply::new(
-                452,
-                "4.5.3",
-                "Too many recipients",
-            )));
+            sess.defer(too_many_recipients());
         }
         Ok(None) => {}
         Err(e) => {
@@ -249,9 +251,7 @@ async fn rcpt(s: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> 
         Err(e) => return internal_error(sess, &mut cx.reply, "rcpt", &e),
     };
     if !sess.has_room_for_rcpt() {
-        // A memory bound, far above any MTA's recipient limit. RFC 5321 §4.5.3.1.10.
-        let reply = Reply::new(452, "4.5.3", "Too many recipients");
-        return answer(&mut cx.reply, &Action::Tempfail(reply), &sess.tx);
+        return answer(&mut cx.reply, &too_many_recipients(), &sess.tx);
     }
     match guarded(s.checker.check_rcpt(&sess.tx, &rcpt)).await {
         Ok(d) => {
@@ -372,7 +372,8 @@ async fn eom(s: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {
     let status = if sess.message_failed() {
         failed_message(sess, &mut cx.reply)
     } else if let Some(action) = deferred {
-        // The end-of-headers verdict (see `eoh`).
+        // A verdict kept for end of message (see `eoh`, and MAIL and RCPT when the policy
+        // service judges them).
         answer(&mut cx.reply, &action, &sess.tx)
     } else {
         let quota = match (measured, sess.tx.size) {

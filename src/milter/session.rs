@@ -80,8 +80,9 @@ pub struct Session {
     /// `server.milter_envelope = "policy"`: the status MAIL and RCPT answer without being
     /// judged (`Noreply` when the MTA agreed to that, else `Continue`); `None`: judged here.
     envelope: Option<(indymilter::Status, indymilter::Status)>,
-    /// The end-of-headers verdict, given at end of message when the MTA waits for no reply
-    /// at end of headers (`NOREPLY_EOH`).
+    /// A refusal answered at end of message because the stage that found it gets no reply:
+    /// end of headers under `NOREPLY_EOH`, or MAIL/RCPT left to the policy service
+    /// (shutting down, too many recipients).
     deferred: Option<crate::model::Action>,
     /// The header section in wire form, kept until the end of headers (only with `content`).
     header_block: Vec<u8>,
@@ -195,12 +196,12 @@ impl Session {
         self.noreply_eoh
     }
 
-    /// Keeps the end-of-headers verdict for end of message.
+    /// Keeps a refusal for end of message (see the `deferred` field).
     pub fn defer(&mut self, action: crate::model::Action) {
         self.deferred = Some(action);
     }
 
-    /// The end-of-headers verdict kept for end of message, if any.
+    /// The refusal kept for end of message, if any.
     pub fn take_deferred(&mut self) -> Option<crate::model::Action> {
         self.deferred.take()
     }

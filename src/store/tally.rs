@@ -293,10 +293,9 @@ impl Tally {
     /// increment (`None`: the write failed, and what it carried is unwritten again).
     pub fn end_flush(&self, pending: Vec<Pending>, totals: Option<Vec<Vec<u64>>>) {
         let mut entries = self.entries();
-        let totals = totals.map(|t| t.into_iter());
-        let mut totals = totals.into_iter().flatten();
+        let mut totals = totals.map(Vec::into_iter);
         for p in pending {
-            let written = totals.next();
+            let written = totals.as_mut().and_then(Iterator::next);
             let Some(e) = entries.get_mut(&p.key) else {
                 continue;
             };
@@ -337,15 +336,6 @@ impl Tally {
                 || e.watch.hour >= day
                 || e.watch.rej_hour >= day
         });
-    }
-
-    /// Entries held (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.entries().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
