@@ -460,7 +460,8 @@ impl Drop for OpenDkim {
 }
 
 /// `MAILWARDEN_BENCH_ONLY=word,word`: keep the two baselines (the first two setups) and the
-/// setups whose name contains one of the words; for profiling one configuration at a time.
+/// setups whose name contains one of the words (`=name`: exactly that name); for profiling one
+/// configuration at a time.
 fn only(setups: Vec<Setup>) -> Vec<Setup> {
     let Ok(words) = std::env::var("MAILWARDEN_BENCH_ONLY") else {
         return setups;
@@ -469,7 +470,13 @@ fn only(setups: Vec<Setup>) -> Vec<Setup> {
     setups
         .into_iter()
         .enumerate()
-        .filter(|(i, s)| *i < 2 || words.iter().any(|w| s.name.contains(w)))
+        .filter(|(i, s)| {
+            *i < 2
+                || words.iter().any(|w| match w.strip_prefix('=') {
+                    Some(exact) => s.name == exact,
+                    None => s.name.contains(w),
+                })
+        })
         .map(|(_, s)| s)
         .collect()
 }

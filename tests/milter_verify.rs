@@ -89,6 +89,35 @@ async fn r7_asks_for_connect_helo_content_and_header_changes() {
         c.negotiated_actions()
             .contains(Actions::ADD_HEADER | Actions::CHANGE_HEADER)
     );
+    // CONNECT and HELO are recorded, never judged: the MTA waits for no reply there.
+    assert!(opts.contains(ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO));
+    c.close().await.unwrap();
+    // An MTA without those options gets its replies (a missing one would stall the client
+    // until its timeout; a stray one would be read as the next stage's answer).
+    let offered = ProtoOpts::all() - ProtoOpts::NOREPLY_CONNECT - ProtoOpts::NOREPLY_HELO;
+    let mut c = MtaConnection::open_offering(&m.addr, TIMEOUT, offered)
+        .await
+        .unwrap();
+    assert!(
+        !c.negotiated_opts()
+            .intersects(ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO)
+    );
+    let ip = "192.0.2.7".parse().unwrap();
+    assert_eq!(
+        c.connect("client.example", ip, &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(
+        c.helo("client.example", &[]).await.unwrap(),
+        Status::Continue
+    );
+    let msg = message(
+        "<news@example.org>",
+        vec![("From", " news@example.org")],
+        None,
+    );
+    let out = c.transaction(&msg).await.unwrap();
+    assert_eq!(out.eom, Some(Status::Continue), "{out:?}");
     c.close().await.unwrap();
     m.stop().await;
 }

@@ -115,7 +115,7 @@ async fn negotiate(
             sess.negotiated(features.headers, content, n.opts);
             sess.verify_with(authserv_id);
             if by_policy {
-                sess.envelope_by_policy(n.opts);
+                sess.envelope_by_policy();
             }
             Status::Continue
         }
@@ -137,13 +137,17 @@ async fn connect(
         SocketInfo::Inet(addr) => Some(addr.ip()),
         SocketInfo::Unix(_) | SocketInfo::Unknown => None,
     };
-    session(&s, &mut cx.data).connect(&hostname.to_string_lossy(), ip, &cx.macros);
-    Status::Continue
+    let sess = session(&s, &mut cx.data);
+    sess.connect(&hostname.to_string_lossy(), ip, &cx.macros);
+    // Recorded for later stages; nothing is judged here (R7's SPF verdicts come at end of
+    // message), so no reply when the MTA agreed to wait for none.
+    sess.continue_status(ProtoOpts::NOREPLY_CONNECT)
 }
 
 async fn helo(s: Arc<Shared>, cx: &mut Context<Session>, name: CString) -> Status {
-    session(&s, &mut cx.data).helo(&name.to_string_lossy(), &cx.macros);
-    Status::Continue
+    let sess = session(&s, &mut cx.data);
+    sess.helo(&name.to_string_lossy(), &cx.macros);
+    sess.continue_status(ProtoOpts::NOREPLY_HELO)
 }
 
 async fn mail(s: Arc<Shared>, cx: &mut Context<Session>, args: Vec<CString>) -> Status {

@@ -148,6 +148,11 @@ impl Features {
             // Likewise per body chunk: body verdicts (signing failures) come at end of message.
             opts |= ProtoOpts::NOREPLY_BODY & mta_opts;
         }
+        if self.connect_helo {
+            // CONNECT and HELO are only recorded (SPF's verdicts come at end of message):
+            // the MTA need not wait for an answer to either.
+            opts |= (ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO) & mta_opts;
+        }
         if self.envelope_noreply {
             opts |= (ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT) & mta_opts;
         }
@@ -341,6 +346,20 @@ mod tests {
         ] {
             assert!(!n.opts.contains(stage), "{stage:?} skipped");
         }
+        // CONNECT and HELO are only recorded: no reply asked where the MTA can do without.
+        assert!(
+            n.opts
+                .contains(ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO)
+        );
+        let without = ProtoOpts::all() - ProtoOpts::NOREPLY_CONNECT - ProtoOpts::NOREPLY_HELO;
+        let n = Features::default()
+            .with_verify()
+            .negotiate(postfix_actions(), without)
+            .unwrap();
+        assert!(
+            !n.opts
+                .intersects(ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO)
+        );
         // Signing and verification together ask for the union.
         assert_eq!(
             Features::default().with_dkim().with_verify(),

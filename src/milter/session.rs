@@ -73,10 +73,9 @@ pub struct Session {
     /// The MTA sends header values with the space after the colon (and takes inserted
     /// values as given).
     leading_space: bool,
-    /// The MTA expects no reply to each header / body chunk (negotiated `NOREPLY_*`).
-    noreply_header: bool,
-    noreply_body: bool,
-    noreply_eoh: bool,
+    /// The protocol options negotiated with the MTA: which stages expect no reply
+    /// (`NOREPLY_*`).
+    opts: indymilter::ProtoOpts,
     /// `server.milter_envelope = "policy"`: the status MAIL and RCPT answer without being
     /// judged (`Noreply` when the MTA agreed to that, else `Continue`); `None`: judged here.
     envelope: Option<(indymilter::Status, indymilter::Status)>,
@@ -132,9 +131,7 @@ impl Session {
             headers: false,
             content: false,
             leading_space: false,
-            noreply_header: false,
-            noreply_body: false,
-            noreply_eoh: false,
+            opts: indymilter::ProtoOpts::empty(),
             envelope: None,
             deferred: None,
             header_block: Vec::new(),
@@ -156,21 +153,26 @@ impl Session {
         self.headers = headers;
         self.content = content;
         self.leading_space = opts.contains(indymilter::ProtoOpts::LEADING_SPACE);
-        self.noreply_header = opts.contains(indymilter::ProtoOpts::NOREPLY_HEADER);
-        self.noreply_body = opts.contains(indymilter::ProtoOpts::NOREPLY_BODY);
-        self.noreply_eoh = opts.contains(indymilter::ProtoOpts::NOREPLY_EOH);
+        self.opts = opts;
+    }
+
+    /// What a stage that lets the message go on answers: no reply at all when the MTA agreed
+    /// to wait for none there (`noreply`, one of the `NOREPLY_*` options), else `Continue`.
+    pub fn continue_status(&self, noreply: indymilter::ProtoOpts) -> indymilter::Status {
+        if self.opts.contains(noreply) {
+            indymilter::Status::Noreply
+        } else {
+            indymilter::Status::Continue
+        }
     }
 
     /// The policy service judges MAIL and RCPT (`server.milter_envelope = "policy"`).
-    pub fn envelope_by_policy(&mut self, opts: indymilter::ProtoOpts) {
-        use indymilter::{ProtoOpts, Status};
-        let status = |noreply| match opts.contains(noreply) {
-            true => Status::Noreply,
-            false => Status::Continue,
-        };
+    /// Call after [`negotiated`](Self::negotiated).
+    pub fn envelope_by_policy(&mut self) {
+        use indymilter::ProtoOpts;
         self.envelope = Some((
-            status(ProtoOpts::NOREPLY_MAIL),
-            status(ProtoOpts::NOREPLY_RCPT),
+            self.continue_status(ProtoOpts::NOREPLY_MAIL),
+            self.continue_status(ProtoOpts::NOREPLY_RCPT),
         ));
     }
 
@@ -193,7 +195,7 @@ impl Session {
     /// [`deferred`](Self::defer) to end of message. Postfix gives an end-of-headers refusal
     /// after the end of DATA anyway, so the client sees the same reply at the same moment.
     pub fn noreply_eoh(&self) -> bool {
-        self.noreply_eoh
+        self.opts.contains(indymilter::ProtoOpts::NOREPLY_EOH)
     }
 
     /// Keeps a refusal for end of message (see the `deferred` field).
@@ -223,20 +225,12 @@ impl Session {
 
     /// The status for a header callback: no reply at all when the MTA agreed to that.
     pub fn header_status(&self) -> indymilter::Status {
-        if self.noreply_header {
-            indymilter::Status::Noreply
-        } else {
-            indymilter::Status::Continue
-        }
+        self.continue_status(indymilter::ProtoOpts::NOREPLY_HEADER)
     }
 
     /// The status for a body callback, likewise.
     pub fn body_status(&self) -> indymilter::Status {
-        if self.noreply_body {
-            indymilter::Status::Noreply
-        } else {
-            indymilter::Status::Continue
-        }
+        self.continue_status(indymilter::ProtoOpts::NOREPLY_BODY)
     }
 
     /// Whether headers are seen on this connection.
