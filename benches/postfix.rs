@@ -264,15 +264,18 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     // The same on Unix-domain sockets (no TCP handshake per milter connection).
     let mwu = Mailwarden::start_unix(&rules);
     // Both wired as README recommends: the envelope left to the policy service.
-    let by_policy = "milter_envelope = \"policy\"";
-    let mwp = Mailwarden::start_server(by_policy, &rules, &[]);
-    let mwp1 = Mailwarden::start_server(by_policy, &rules, &[("TOKIO_WORKER_THREADS", "2")]);
+    let envpol = "milter_envelope = \"policy\"";
+    let mwp = Mailwarden::start_server(envpol, &rules, &[]);
+    let mwp1 = Mailwarden::start_server(envpol, &rules, &[("TOKIO_WORKER_THREADS", "2")]);
     let suspended = seed(&mw);
     for d in [&mw1, &mwu, &mwp, &mwp1] {
         seed(d);
     }
     let postfwd = Postfwd::start(&suspended);
     let both = |d: &Mailwarden| Wiring::Both(d.bound.policy.clone(), d.bound.milter.clone());
+    // deploy/postfix/main.cf.both: no policy request at the end of DATA.
+    let by_policy =
+        |d: &Mailwarden| Wiring::BothByPolicy(d.bound.policy.clone(), d.bound.milter.clone());
     let setups = vec![
         Setup::new("bare Postfix", Wiring::Bare, None),
         Setup {
@@ -291,17 +294,27 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         Setup::new("mailwarden both 2thr", both(&mw1), Some(mw1.pid())),
         Setup::milter("mailwarden milter unix", &mwu),
         Setup::new("mailwarden both unix", both(&mwu), Some(mwu.pid())),
-        Setup::new("mailwarden both envpol", both(&mwp), Some(mwp.pid())),
-        Setup::new("mailwarden both envpol 2thr", both(&mwp1), Some(mwp1.pid())),
+        Setup::new("mailwarden both envpol", by_policy(&mwp), Some(mwp.pid())),
+        Setup::new(
+            "mailwarden both envpol 2thr",
+            by_policy(&mwp1),
+            Some(mwp1.pid()),
+        ),
     ];
     // MAILWARDEN_BENCH_BASELINE=PATH: another build of mailwarden (e.g. an earlier commit's
     // target/release/mailwarden) on the same paths, in the same rounds.
-    let base = std::env::var("MAILWARDEN_BENCH_BASELINE")
-        .ok()
-        .map(|bin| Mailwarden::start_binary(&bin, &rules));
+    // Its "both envpol" runs with both snippets (main.cf.both may be newer than that build).
+    let base = std::env::var("MAILWARDEN_BENCH_BASELINE").ok().map(|bin| {
+        let env = [("MAILWARDEN_TEST_BINARY", bin.as_str())];
+        (
+            Mailwarden::start_binary(&bin, &rules),
+            Mailwarden::start_server(envpol, &rules, &env),
+        )
+    });
     let mut setups = setups;
-    if let Some(b) = &base {
+    if let Some((b, bp)) = &base {
         seed(b);
+        seed(bp);
         setups.push(Setup::new(
             "baseline policy",
             Wiring::Policy(b.bound.policy.clone()),
@@ -309,6 +322,7 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         ));
         setups.push(Setup::milter("baseline milter", b));
         setups.push(Setup::new("baseline both", both(b), Some(b.pid())));
+        setups.push(Setup::new("baseline both envpol", both(bp), Some(bp.pid())));
     }
     let setups = only(setups);
     run_suite(&setups, rounds, messages, sessions, size);

@@ -4,9 +4,9 @@
 
 use crate::activity::Tracker;
 use crate::config::Config;
-use crate::config::CountOn;
 use crate::config::OnError;
 use crate::config::in_networks;
+use crate::config::{CountOn, MilterEnvelope};
 use crate::dkim::SigningKey;
 use crate::engine::rules::compromise as r15;
 use crate::engine::rules::dkim::{self as r6, NotSigned, SigningPlan};
@@ -146,10 +146,25 @@ fn counts_here(snap: &Snapshot, id: RuleId, protocol: Protocol) -> bool {
     }
     let on = match rule.count_on.unwrap_or_default() {
         CountOn::Auto if snap.config.server.policy_listen.is_empty() => Protocol::Milter,
+        // R13's end of message when the milter leaves the envelope to the policy service
+        // (deploy/postfix/main.cf.both): the milter answers the end of DATA, and Postfix asks
+        // the policy service nothing there.
+        CountOn::Auto
+            if id == RuleId::R13
+                && snap.config.server.milter_envelope == MilterEnvelope::Policy =>
+        {
+            Protocol::Milter
+        }
         CountOn::Auto | CountOn::Policy => Protocol::Policy,
         CountOn::Milter => Protocol::Milter,
     };
     on == protocol
+}
+
+/// Whether the milter measures each message's size (and so needs its headers and body):
+/// when R13 is on and checks the end of message there, the front-end its `count_on` names.
+pub fn milter_measures_sizes(snap: &Snapshot) -> bool {
+    counts_here(snap, RuleId::R13, Protocol::Milter)
 }
 
 /// Whose counters a recipient counts against (R14, R15): the account the SASL login names

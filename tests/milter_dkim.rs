@@ -6,7 +6,7 @@ mod common;
 use common::dkim::{self as verify, Records, assemble};
 use common::milter::Milter;
 use common::store::seeded_store;
-use indymilter::{ProtoOpts, message::reply::Reply};
+use indymilter::{Actions, ProtoOpts, message::reply::Reply};
 use mailwarden::milter::client::{Message, MtaConnection, Outcome, Status};
 use std::{net::IpAddr, time::Duration};
 
@@ -423,10 +423,12 @@ async fn quota_is_checked_at_end_of_message_with_the_measured_size() {
     );
 }
 
-/// Without a content rule the milter does not ask for the body, so it has no actual size:
-/// R13 is judged at RCPT only (usage, SIZE=), and nothing is counted at end of message.
+/// Without a content rule the milter asks for headers and body only when R13's end of
+/// message is its own (`count_on` resolving to the milter: `"milter"`, or `"auto"` with the
+/// envelope left to the policy service). Then it measures, refuses what does not fit
+/// (`452 4.2.2`) and counts what does, with no reply asked per header or body chunk.
 #[tokio::test]
-async fn without_a_content_rule_the_milter_checks_quota_at_rcpt_only() {
+async fn the_milter_measures_messages_when_r13_ends_there() {
     use mailwarden::store::Store;
     let store = seeded_store().await;
     let bounmy = "bounmy@mpt.gov.la".parse().unwrap();
@@ -434,6 +436,56 @@ async fn without_a_content_rule_the_milter_checks_quota_at_rcpt_only() {
     store.set_usage(&bounmy, 9_990, 0).await.unwrap();
     let m = Milter::spawn("[rules.R13]\ncount_on = \"milter\"\n", store.clone()).await;
     let mut c = open(&m, "192.0.2.7").await;
+    let opts = c.negotiated_opts();
+    assert!(
+        !opts.intersects(ProtoOpts::NO_HEADER | ProtoOpts::NO_BODY),
+        "{opts:?}"
+    );
+    assert!(opts.contains(ProtoOpts::NOREPLY_HEADER | ProtoOpts::NOREPLY_BODY));
+    assert!(
+        (c.negotiated_actions() - Actions::REQUEST_MACROS).is_empty(),
+        "measuring changes nothing in the message: {:?}",
+        c.negotiated_actions()
+    );
+    let msg = message("Champa <champa@mpt.gov.la>", Some("champa@mpt.gov.la"));
+    let (o, _) = send(&mut c, &msg).await;
+    assert_eq!(o.rcpts, [Status::Continue], "room left, no SIZE=: {o:?}");
+    match &o.eom {
+        Some(Status::Tempfail { reply: Some(r) }) => {
+            assert!(
+                r.starts_with("452 4.2.2") && r.contains("bounmy@mpt.gov.la"),
+                "{r}"
+            );
+        }
+        other => panic!("over quota at end of message: {other:?}"),
+    }
+    assert_eq!(store.usage(&bounmy).await.unwrap(), Some(9_990));
+    store.set_usage(&bounmy, 0, 1).await.unwrap();
+    let (o, _) = send(&mut c, &msg).await;
+    assert!(o.delivered(), "{o:?}");
+    let counted = usage_becomes(&store, "bounmy@mpt.gov.la", |u| u.is_some_and(|u| u > 0))
+        .await
+        .unwrap();
+    assert!(
+        counted > BODY.len() as u64 && counted < 1_000,
+        "measured {counted}"
+    );
+}
+
+/// When R13's end of message is the policy service's (`count_on = "policy"`, or `"auto"`
+/// with a policy listener and the envelope checked here) and no content rule is on, the
+/// milter does not ask for the body: R13 is judged at RCPT only (usage, SIZE=), and
+/// nothing is counted at end of message.
+#[tokio::test]
+async fn without_a_content_rule_or_r13_the_milter_checks_quota_at_rcpt_only() {
+    use mailwarden::store::Store;
+    let store = seeded_store().await;
+    let bounmy = "bounmy@mpt.gov.la".parse().unwrap();
+    store.set_quota(&bounmy, Some(10_000)).await.unwrap();
+    store.set_usage(&bounmy, 9_990, 0).await.unwrap();
+    let m = Milter::spawn("[rules.R13]\ncount_on = \"policy\"\n", store.clone()).await;
+    let mut c = open(&m, "192.0.2.7").await;
+    assert!(c.negotiated_opts().contains(ProtoOpts::NO_BODY));
     let mut msg = message("Champa <champa@mpt.gov.la>", Some("champa@mpt.gov.la"));
     let (o, _) = send(&mut c, &msg).await;
     assert!(o.delivered(), "no size known at end of message: {o:?}");

@@ -19,6 +19,8 @@ use common::smtp::{END_MARKER, Session, swaks};
 enum Path {
     Policy,
     Milter,
+    /// deploy/postfix/main.cf.both, mailwarden with `server.milter_envelope = "policy"`.
+    Both,
 }
 
 impl Path {
@@ -26,6 +28,7 @@ impl Path {
         match self {
             Path::Policy => "policy",
             Path::Milter => "milter",
+            Path::Both => "both",
         }
     }
 }
@@ -47,11 +50,15 @@ const OUTSIDE: &str = "friend@example.org";
 
 /// mailwarden with `rules` and the test directory, and Postfix wired to it along `path`.
 fn setup(path: Path, rules: &str) -> (Mailwarden, Postfix) {
-    let mw = Mailwarden::start(rules);
+    let mw = match path {
+        Path::Both => Mailwarden::start_server("milter_envelope = \"policy\"", rules, &[]),
+        Path::Policy | Path::Milter => Mailwarden::start(rules),
+    };
     populate(&mw);
     let wiring = match path {
         Path::Policy => Wiring::Policy(mw.bound.policy.clone()),
         Path::Milter => Wiring::Milter(mw.bound.milter.clone()),
+        Path::Both => Wiring::BothByPolicy(mw.bound.policy.clone(), mw.bound.milter.clone()),
     };
     (mw, Postfix::start(wiring))
 }
@@ -136,7 +143,7 @@ fn unregistered_sender_refused(path: Path) {
     let rcpt = sent.reply("RCPT TO");
     let refusal = match path {
         Path::Milter => mail.clone(),
-        Path::Policy => {
+        Path::Policy | Path::Both => {
             assert!(mail.starts_with("250"), "{}", sent.transcript);
             rcpt.clone().expect("RCPT sent after MAIL was accepted")
         }
@@ -151,7 +158,7 @@ fn unregistered_sender_refused(path: Path) {
     // swaks: 23 = MAIL refused, 24 = no recipient accepted.
     let expected_exit = match path {
         Path::Milter => 23,
-        Path::Policy => 24,
+        Path::Policy | Path::Both => 24,
     };
     assert_eq!(sent.status, Some(expected_exit), "{}", sent.transcript);
     // A registered sender right after goes through: the refusal was about GHOST only.
@@ -392,7 +399,7 @@ fn milter_mailwarden_stopped_tempfails() {
 /// recipients: the refused ones are not counted, and a message is counted once.
 fn sending_limits(path: Path) {
     let count_on = match path {
-        Path::Policy => "policy",
+        Path::Policy | Path::Both => "policy",
         Path::Milter => "milter",
     };
     let (mw, pf) = setup(
@@ -545,14 +552,15 @@ fn quota_state(mw: &Mailwarden, address: &str) -> (Option<u64>, Option<u64>) {
     )
 }
 
-/// R13 at the end of DATA through Postfix (`smtpd_end_of_data_restrictions` of
-/// deploy/postfix/main.cf.policy): swaks announces no SIZE=, so a recipient with room left
-/// passes at RCPT, and the message, larger than that room, is refused after its data with
-/// `452 4.2.2`. A message that fits is delivered, and mailwarden adds its size to the
-/// recipient's usage.
-#[test]
-fn policy_r13_quota_at_end_of_data_and_usage_counted() {
-    let (mw, pf) = setup(Path::Policy, "");
+/// R13 at the end of DATA through Postfix: swaks announces no SIZE=, so a recipient with
+/// room left passes at RCPT, and the message, larger than that room, is refused after its
+/// data with `452 4.2.2`. A message that fits is delivered, and mailwarden adds its size to
+/// the recipient's usage, once. Along `path`: the policy service's END-OF-MESSAGE request
+/// (`smtpd_end_of_data_restrictions` of deploy/postfix/main.cf.policy), or, with both wired
+/// by deploy/postfix/main.cf.both, the milter's end of message (it measures the message; no
+/// policy request there).
+fn r13_quota_at_end_of_data_and_usage_counted(path: Path) {
+    let (mw, pf) = setup(path, "");
     // SOMSAK: the organisation's default quota, 1 000 bytes used of 1 200: room for 200,
     // less than any swaks message (headers alone are larger).
     mw.cli_ok("org", &["quota", "mpt", "1200"]);
@@ -591,13 +599,51 @@ fn policy_r13_quota_at_end_of_data_and_usage_counted() {
     );
     let size = Postfix::message_of(&d).len() as u64;
     // Postfix's `size` at END-OF-MESSAGE is the message as the client sent it; the sink
-    // sees it with Postfix's Received: header on top, so a little larger.
+    // sees it with Postfix's Received: header on top, so a little larger. The milter
+    // measures what Postfix hands it (its Received: header included).
     assert!(
-        usage > 200 && usage < size,
+        usage > 200 && usage <= size + 64,
         "usage {usage} after one message of {size} bytes at the sink"
     );
     // The refused message was not counted.
     assert_eq!(quota_state(&mw, SOMSAK), (Some(1000), Some(1200)));
+    // Judged (and counted) by the front-end at the end of DATA, and only there.
+    let judged = |protocol| {
+        mw.sample(
+            "mailwarden_verdicts_total",
+            &[
+                ("rule", "R13"),
+                ("stage", "eom"),
+                ("outcome", "tempfail"),
+                ("protocol", protocol),
+            ],
+        )
+    };
+    let (here, not) = match path {
+        Path::Both | Path::Milter => ("milter", "policy"),
+        Path::Policy => ("policy", "milter"),
+    };
+    assert_eq!((judged(here), judged(not)), (1.0, 0.0), "{}", path.label());
+    // Counted once: a second message adds its size again, no more.
+    let sent = swaks(&pf.server, OUTSIDE, &[CHAMPA]);
+    assert!(sent.queued(), "{}", sent.transcript);
+    pf.wait_delivered(&sent.tag);
+    let twice = common::process::wait_for(
+        "the second message counted",
+        std::time::Duration::from_secs(10),
+        || quota_state(&mw, CHAMPA).0.filter(|u| *u > usage),
+    );
+    assert!(twice <= 2 * usage + 64, "{usage} then {twice}");
+}
+
+#[test]
+fn policy_r13_quota_at_end_of_data_and_usage_counted() {
+    r13_quota_at_end_of_data_and_usage_counted(Path::Policy);
+}
+
+#[test]
+fn both_wired_r13_quota_at_end_of_data_is_the_milters() {
+    r13_quota_at_end_of_data_and_usage_counted(Path::Both);
 }
 
 /// R14's organisation limits through Postfix: two accounts of one organisation share its

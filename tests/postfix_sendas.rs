@@ -174,7 +174,7 @@ fn send_as_through_policy() {
 #[test]
 fn send_as_with_both_wired_and_the_envelope_left_to_the_policy_service() {
     let (mw, pf) = setup_server("milter_envelope = \"policy\"", |mw| {
-        Wiring::Both(mw.bound.policy.clone(), mw.bound.milter.clone())
+        Wiring::BothByPolicy(mw.bound.policy.clone(), mw.bound.milter.clone())
     });
     mw.cli_ok(
         "user",

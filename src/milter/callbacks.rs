@@ -101,18 +101,24 @@ async fn negotiate(
     if authserv_id.is_some() {
         features = features.with_verify();
     }
+    // Headers and body for the signer or the verifier (content they keep and judge), before
+    // R13 asks for them only to count their bytes.
+    let content = features.headers && features.body;
+    if crate::checker::milter_measures_sizes(&snap) {
+        features = features.with_sizes();
+    }
     let by_policy = snap.config.server.milter_envelope == crate::config::MilterEnvelope::Policy;
     if by_policy {
         features = features.with_envelope_by_policy();
     }
     match features.negotiate(mta_actions, mta_opts) {
         Ok(n) => {
-            let content = features.headers && features.body;
             cx.requested_actions = n.actions;
             cx.requested_opts = n.opts;
             cx.requested_macros = n.macros;
             let sess = session(&s, &mut cx.data);
-            sess.negotiated(features.headers, content, n.opts);
+            let measures = features.headers && features.body;
+            sess.negotiated(features.headers, content, measures, n.opts);
             sess.verify_with(authserv_id);
             if by_policy {
                 sess.envelope_by_policy();
@@ -364,13 +370,13 @@ async fn body(s: Arc<Shared>, cx: &mut Context<Session>, chunk: impl AsRef<[u8]>
     sess.body_status()
 }
 
-/// End of message: R13 with the measured size (only when headers and body were
-/// negotiated anyway, for a content rule such as DKIM signing: the body is never asked for
-/// just to measure it; `SIZE=` at RCPT covers the rest), then R6's signatures. When the
-/// message is accepted, its size is counted into its recipients' usage.
+/// End of message: R13 with the measured size (when headers and body arrive: for a content
+/// rule such as DKIM signing, or because R13's end of message is the milter's, see
+/// [`milter_measures_sizes`](crate::checker::milter_measures_sizes)), then R6's signatures.
+/// When the message is accepted, its size is counted into its recipients' usage.
 async fn eom(s: Arc<Shared>, cx: &mut EomContext<Session>) -> Status {
     let sess = session(&s, &mut cx.data);
-    let measured = sess.sees_content() || s.features.body;
+    let measured = sess.measures_size() || s.features.body;
     sess.end_of_message(&cx.macros, measured);
     let deferred = sess.take_deferred();
     let status = if sess.message_failed() {

@@ -152,7 +152,8 @@ impl Accepting {
 /// without reply (macros, abort, and every stage negotiated with its `NOREPLY_*` option,
 /// which this wrapper reads from the option-negotiation reply it carries) or inside a
 /// packet. A read ending in a command we answer needs none: the answer carries the ACK, and
-/// skipping the `setsockopt` there saves a system call per stage. Unix-domain sockets never
+/// skipping the `setsockopt` there saves a system call per stage; nor one ending in QUIT,
+/// after which the MTA sends nothing. Unix-domain sockets never
 /// had the stall.
 pub struct QuickAck {
     stream: TcpStream,
@@ -215,8 +216,11 @@ impl Packets {
                 self.have = 0;
             }
         }
-        // Inside a packet, more is on its way; else it depends on the last command.
-        self.have > 0 || self.rest > 0 || !answered(self.command, self.noreply)
+        // Inside a packet, more is on its way; else it depends on the last command. After
+        // QUIT the MTA sends nothing more: no write of its waits for our ACK.
+        self.have > 0
+            || self.rest > 0
+            || (self.command != b'Q' && !answered(self.command, self.noreply))
     }
 
     /// Follows what we write: our option-negotiation reply (length, `O`, version, actions,
@@ -415,9 +419,13 @@ mod tests {
                 "cut at {cut}: MAIL is answered"
             );
         }
-        for command in [b'A', b'Q', b'D'] {
+        for command in [b'A', b'D'] {
             assert!(Packets::default().needs_ack(&packet(command, b"x\0")));
         }
+        // Postfix's usual last read: abort, abort, quit. Nothing follows QUIT.
+        let end = [packet(b'A', b""), packet(b'A', b""), packet(b'Q', b"")].concat();
+        assert!(!Packets::default().needs_ack(&end));
+        assert!(Packets::default().needs_ack(&end[..end.len() - 5]));
         for command in [
             b'O', b'C', b'H', b'M', b'R', b'T', b'N', b'L', b'B', b'E', b'U',
         ] {

@@ -92,6 +92,16 @@ impl Features {
         }
     }
 
+    /// What R13 at end of message needs on top: every header and the body, to measure the
+    /// message (no reply asked for either). No message modification.
+    pub fn with_sizes(self) -> Features {
+        Features {
+            headers: true,
+            body: true,
+            ..self
+        }
+    }
+
     /// MAIL and RCPT without reply: the policy service answers them.
     pub fn with_envelope_by_policy(self) -> Features {
         Features {

@@ -68,8 +68,10 @@ pub struct Session {
     previous_queue_id: Option<String>,
     /// Headers were negotiated (send-as, R8, or the DKIM signer is on for this connection).
     headers: bool,
-    /// Headers and body were negotiated (the DKIM signer is on for this connection).
+    /// Headers and body were negotiated for the DKIM signer or the verifier (R7).
     content: bool,
+    /// Headers and body arrive (for `content`, or for R13 to measure the message).
+    measures: bool,
     /// The MTA sends header values with the space after the colon (and takes inserted
     /// values as given).
     leading_space: bool,
@@ -130,6 +132,7 @@ impl Session {
             previous_queue_id: None,
             headers: false,
             content: false,
+            measures: false,
             leading_space: false,
             opts: indymilter::ProtoOpts::empty(),
             envelope: None,
@@ -147,11 +150,19 @@ impl Session {
         }
     }
 
-    /// Records what was negotiated: whether headers arrive (`headers`), headers and body
-    /// (`content`), and with the space after the colon (`leading_space`).
-    pub fn negotiated(&mut self, headers: bool, content: bool, opts: indymilter::ProtoOpts) {
+    /// Records what was negotiated: whether headers arrive (`headers`), headers and body for
+    /// the signer or verifier (`content`), headers and body at all (`measures`: the message
+    /// size is known at its end), and the protocol options (`opts`).
+    pub fn negotiated(
+        &mut self,
+        headers: bool,
+        content: bool,
+        measures: bool,
+        opts: indymilter::ProtoOpts,
+    ) {
         self.headers = headers;
         self.content = content;
+        self.measures = measures || content;
         self.leading_space = opts.contains(indymilter::ProtoOpts::LEADING_SPACE);
         self.opts = opts;
     }
@@ -238,9 +249,14 @@ impl Session {
         self.headers
     }
 
-    /// Whether headers and body are seen on this connection.
+    /// Whether headers and body are seen on this connection for the signer or the verifier.
     pub fn sees_content(&self) -> bool {
         self.content
+    }
+
+    /// Whether the whole message (headers and body) arrives, so its size is measured.
+    pub fn measures_size(&self) -> bool {
+        self.measures
     }
 
     /// CONNECT: the client's address from the socket information, else `{client_addr}`; its
@@ -833,7 +849,7 @@ mod tests {
     fn forged_authentication_results_are_indexed_per_name_highest_first() {
         let metrics = Metrics::new();
         let mut s = session(&metrics);
-        s.negotiated(true, true, indymilter::ProtoOpts::empty());
+        s.negotiated(true, true, true, indymilter::ProtoOpts::empty());
         s.verify_with(Some("mx.mpt.gov.la".into()));
         s.mail(&args(&["<a@example.org>"]), &macros(&[])).unwrap();
         s.header(b"Authentication-Results", b" MX.mpt.gov.la; dkim=pass");
@@ -849,7 +865,7 @@ mod tests {
     fn inbound_body_is_kept_once_and_only_up_to_the_limit() {
         let metrics = Metrics::new();
         let mut s = session(&metrics);
-        s.negotiated(true, true, indymilter::ProtoOpts::empty());
+        s.negotiated(true, true, true, indymilter::ProtoOpts::empty());
         s.verify_with(Some("mx.mpt.gov.la".into()));
         s.mail(&args(&["<a@example.org>"]), &macros(&[])).unwrap();
         s.header(b"From", b" a@example.org");

@@ -943,6 +943,17 @@ async fn end_of_message_quota_is_552_when_permanent_and_counting_can_be_off() {
             .await
             .is_empty()
     );
+    // Both wired with the envelope left to the policy service (deploy/postfix/main.cf.both):
+    // the end of DATA is the milter's, so `auto` counts it there.
+    let envpol = "[server]\nmilter_envelope = \"policy\"\n";
+    assert!(counted(envpol).await.is_empty());
+    let s = Server::start(envpol).await;
+    let snap = s.checker.snapshot();
+    assert!(crate::checker::milter_measures_sizes(&snap));
+    assert!(
+        !crate::checker::milter_measures_sizes(&Server::start("").await.checker.snapshot()),
+        "policy_listen set, envelope checked by the milter: the policy service counts"
+    );
     assert!(counted("[rules.R13]\nmode = \"off\"\n").await.is_empty());
 }
 

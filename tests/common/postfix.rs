@@ -25,6 +25,9 @@ pub enum Wiring {
     Milter(String),
     /// Both snippets: the policy service (first address) and the milter (second).
     Both(String, String),
+    /// `deploy/postfix/main.cf.both` (for mailwarden with `server.milter_envelope =
+    /// "policy"`): the policy service (first address) at RCPT, the milter (second).
+    BothByPolicy(String, String),
 }
 
 /// What the sink does with delivered mail.
@@ -70,33 +73,39 @@ impl Drop for Sink {
 }
 
 fn snippet(wiring: &Wiring) -> String {
-    let (file, default, addr) = match wiring {
+    let (file, addrs): (&str, Vec<(&str, &String)>) = match wiring {
         Wiring::Bare => return String::new(),
         Wiring::Both(policy, milter) => {
             return snippet(&Wiring::Policy(policy.clone()))
                 + &snippet(&Wiring::Milter(milter.clone()));
         }
-        Wiring::Policy(a) => ("main.cf.policy", POLICY_DEFAULT, a),
-        Wiring::Milter(a) => ("main.cf.milter", MILTER_DEFAULT, a),
+        Wiring::Policy(a) => ("main.cf.policy", vec![(POLICY_DEFAULT, a)]),
+        Wiring::Milter(a) => ("main.cf.milter", vec![(MILTER_DEFAULT, a)]),
+        Wiring::BothByPolicy(policy, milter) => (
+            "main.cf.both",
+            vec![(POLICY_DEFAULT, policy), (MILTER_DEFAULT, milter)],
+        ),
     };
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("deploy/postfix")
         .join(file);
-    let text =
+    let mut text =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let live = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#') && l.contains(default))
-        .count();
-    assert!(
-        live >= 1,
-        "{} no longer wires {default} in a main.cf line; update the harness",
-        path.display()
-    );
+    for (default, addr) in addrs {
+        let live = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && l.contains(default))
+            .count();
+        assert!(
+            live >= 1,
+            "{} no longer wires {default} in a main.cf line; update the harness",
+            path.display()
+        );
+        text = text.replace(default, addr);
+    }
     format!(
-        "\n# ---- {} (address replaced by the test) ----\n{}",
+        "\n# ---- {} (addresses replaced by the test) ----\n{text}",
         path.display(),
-        text.replace(default, addr)
     )
 }
 
