@@ -9,7 +9,9 @@
 //! ```
 //!
 //! `policy` (default): bare Postfix, postfwd, mailwarden on the policy path, the milter path
-//! and both (default runtime, two worker threads, and Unix-domain sockets instead of TCP). `dkim`: bare Postfix, OpenDKIM signing
+//! and both (default runtime, two worker threads, Unix-domain sockets instead of TCP, and
+//! "both envpol": `milter_envelope = "policy"` with `deploy/postfix/main.cf.both`, the
+//! recommended wiring). `dkim`: bare Postfix, OpenDKIM signing
 //! RSA-2048, mailwarden signing RSA-2048, Ed25519 and both (milter path, all its rules on).
 //! Defaults 3 rounds, `smtp-source -s 20 -m 2000 -l 4096`. For every run it reports messages
 //! per second to the point where the sink has received them all, and the CPU time per message

@@ -378,25 +378,27 @@ async fn usage_becomes(
     }
 }
 
-/// R13 at end of message on the milter: with DKIM keys the milter sees headers and body
-/// anyway, so it knows the actual size. A message without SIZE= passes RCPT with room
-/// left, and is tempfailed at end of message when it does not fit; one that fits is
-/// delivered and its measured size is added to the recipient's usage.
-#[tokio::test]
-async fn quota_is_checked_at_end_of_message_with_the_measured_size() {
+/// A store where bounmy has 10 bytes left of a 10 000-byte quota.
+async fn nearly_full_store() -> std::sync::Arc<common::store::TestStore> {
     use mailwarden::store::Store;
     let store = seeded_store().await;
     let bounmy = "bounmy@mpt.gov.la".parse().unwrap();
     store.set_quota(&bounmy, Some(10_000)).await.unwrap();
     store.set_usage(&bounmy, 9_990, 0).await.unwrap();
-    let m = Milter::spawn(
-        &config("mpt.gov.la", "[rules.R13]\ncount_on = \"milter\"\n"),
-        store.clone(),
-    )
-    .await;
-    let mut c = open(&m, "192.0.2.7").await;
-    let msg = message("Champa <champa@mpt.gov.la>", Some("champa@mpt.gov.la"));
-    let (o, actions) = send(&mut c, &msg).await;
+    store
+}
+
+/// With [`nearly_full_store`]: `msg` (no SIZE=) passes RCPT and is tempfailed `452 4.2.2`
+/// at end of message, nothing counted; once there is room it is delivered and its measured
+/// size counted. Returns the actions of both attempts.
+async fn refused_then_counted(
+    store: &common::store::TestStore,
+    c: &mut MtaConnection,
+    msg: &Message<'_>,
+) -> (Vec<Reply>, Vec<Reply>) {
+    use mailwarden::store::Store;
+    let bounmy = "bounmy@mpt.gov.la".parse().unwrap();
+    let (o, refused) = send(c, msg).await;
     assert_eq!(o.rcpts, [Status::Continue], "room left, no SIZE=: {o:?}");
     match &o.eom {
         Some(Status::Tempfail { reply: Some(r) }) => {
@@ -405,15 +407,13 @@ async fn quota_is_checked_at_end_of_message_with_the_measured_size() {
         }
         other => panic!("over quota at end of message: {other:?}"),
     }
-    assert!(actions.is_empty(), "refused before signing: {actions:?}");
     // Nothing counted for the refused message.
     assert_eq!(store.usage(&bounmy).await.unwrap(), Some(9_990));
 
     store.set_usage(&bounmy, 0, 1).await.unwrap();
-    let (o, actions) = send(&mut c, &msg).await;
+    let (o, delivered) = send(c, msg).await;
     assert!(o.delivered(), "{o:?}");
-    assert_eq!(signatures(&actions).len(), 2, "still signed");
-    let counted = usage_becomes(&store, "bounmy@mpt.gov.la", |u| u.is_some_and(|u| u > 0))
+    let counted = usage_becomes(store, "bounmy@mpt.gov.la", |u| u.is_some_and(|u| u > 0))
         .await
         .unwrap();
     // Headers and body as the MTA sent them: more than the body alone, far less than 10 000.
@@ -421,6 +421,26 @@ async fn quota_is_checked_at_end_of_message_with_the_measured_size() {
         counted > BODY.len() as u64 && counted < 1_000,
         "measured {counted}"
     );
+    (refused, delivered)
+}
+
+/// R13 at end of message on the milter: with DKIM keys the milter sees headers and body
+/// anyway, so it knows the actual size. A message without SIZE= passes RCPT with room
+/// left, and is tempfailed at end of message when it does not fit; one that fits is
+/// delivered and its measured size is added to the recipient's usage.
+#[tokio::test]
+async fn quota_is_checked_at_end_of_message_with_the_measured_size() {
+    let store = nearly_full_store().await;
+    let m = Milter::spawn(
+        &config("mpt.gov.la", "[rules.R13]\ncount_on = \"milter\"\n"),
+        store.clone(),
+    )
+    .await;
+    let mut c = open(&m, "192.0.2.7").await;
+    let msg = message("Champa <champa@mpt.gov.la>", Some("champa@mpt.gov.la"));
+    let (refused, delivered) = refused_then_counted(&store, &mut c, &msg).await;
+    assert!(refused.is_empty(), "refused before signing: {refused:?}");
+    assert_eq!(signatures(&delivered).len(), 2, "still signed");
 }
 
 /// Without a content rule the milter asks for headers and body only when R13's end of
@@ -429,11 +449,7 @@ async fn quota_is_checked_at_end_of_message_with_the_measured_size() {
 /// (`452 4.2.2`) and counts what does, with no reply asked per header or body chunk.
 #[tokio::test]
 async fn the_milter_measures_messages_when_r13_ends_there() {
-    use mailwarden::store::Store;
-    let store = seeded_store().await;
-    let bounmy = "bounmy@mpt.gov.la".parse().unwrap();
-    store.set_quota(&bounmy, Some(10_000)).await.unwrap();
-    store.set_usage(&bounmy, 9_990, 0).await.unwrap();
+    let store = nearly_full_store().await;
     let m = Milter::spawn("[rules.R13]\ncount_on = \"milter\"\n", store.clone()).await;
     let mut c = open(&m, "192.0.2.7").await;
     let opts = c.negotiated_opts();
@@ -448,28 +464,7 @@ async fn the_milter_measures_messages_when_r13_ends_there() {
         c.negotiated_actions()
     );
     let msg = message("Champa <champa@mpt.gov.la>", Some("champa@mpt.gov.la"));
-    let (o, _) = send(&mut c, &msg).await;
-    assert_eq!(o.rcpts, [Status::Continue], "room left, no SIZE=: {o:?}");
-    match &o.eom {
-        Some(Status::Tempfail { reply: Some(r) }) => {
-            assert!(
-                r.starts_with("452 4.2.2") && r.contains("bounmy@mpt.gov.la"),
-                "{r}"
-            );
-        }
-        other => panic!("over quota at end of message: {other:?}"),
-    }
-    assert_eq!(store.usage(&bounmy).await.unwrap(), Some(9_990));
-    store.set_usage(&bounmy, 0, 1).await.unwrap();
-    let (o, _) = send(&mut c, &msg).await;
-    assert!(o.delivered(), "{o:?}");
-    let counted = usage_becomes(&store, "bounmy@mpt.gov.la", |u| u.is_some_and(|u| u > 0))
-        .await
-        .unwrap();
-    assert!(
-        counted > BODY.len() as u64 && counted < 1_000,
-        "measured {counted}"
-    );
+    refused_then_counted(&store, &mut c, &msg).await;
 }
 
 /// When R13's end of message is the policy service's (`count_on = "policy"`, or `"auto"`
@@ -479,10 +474,8 @@ async fn the_milter_measures_messages_when_r13_ends_there() {
 #[tokio::test]
 async fn without_a_content_rule_or_r13_the_milter_checks_quota_at_rcpt_only() {
     use mailwarden::store::Store;
-    let store = seeded_store().await;
+    let store = nearly_full_store().await;
     let bounmy = "bounmy@mpt.gov.la".parse().unwrap();
-    store.set_quota(&bounmy, Some(10_000)).await.unwrap();
-    store.set_usage(&bounmy, 9_990, 0).await.unwrap();
     let m = Milter::spawn("[rules.R13]\ncount_on = \"policy\"\n", store.clone()).await;
     let mut c = open(&m, "192.0.2.7").await;
     assert!(c.negotiated_opts().contains(ProtoOpts::NO_BODY));
