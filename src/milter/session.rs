@@ -78,9 +78,8 @@ pub struct Session {
     /// The protocol options negotiated with the MTA: which stages expect no reply
     /// (`NOREPLY_*`).
     opts: indymilter::ProtoOpts,
-    /// `server.milter_envelope = "policy"`: the status MAIL and RCPT answer without being
-    /// judged (`Noreply` when the MTA agreed to that, else `Continue`); `None`: judged here.
-    envelope: Option<(indymilter::Status, indymilter::Status)>,
+    /// `server.milter_envelope = "policy"`: MAIL and RCPT are read, not judged here.
+    envelope_by_policy: bool,
     /// A refusal answered at end of message because the stage that found it gets no reply:
     /// end of headers under `NOREPLY_EOH`, or MAIL/RCPT left to the policy service
     /// (shutting down, too many recipients).
@@ -135,7 +134,7 @@ impl Session {
             measures: false,
             leading_space: false,
             opts: indymilter::ProtoOpts::empty(),
-            envelope: None,
+            envelope_by_policy: false,
             deferred: None,
             header_block: Vec::new(),
             header_overflow: false,
@@ -178,23 +177,21 @@ impl Session {
     }
 
     /// The policy service judges MAIL and RCPT (`server.milter_envelope = "policy"`).
-    /// Call after [`negotiated`](Self::negotiated).
     pub fn envelope_by_policy(&mut self) {
-        use indymilter::ProtoOpts;
-        self.envelope = Some((
-            self.continue_status(ProtoOpts::NOREPLY_MAIL),
-            self.continue_status(ProtoOpts::NOREPLY_RCPT),
-        ));
+        self.envelope_by_policy = true;
     }
 
-    /// `Some(status)` when MAIL is not judged here: what it answers.
+    /// `Some(status)` when MAIL is not judged here: what it answers (`Noreply` when the MTA
+    /// agreed to that, else `Continue`).
     pub fn mail_status(&self) -> Option<indymilter::Status> {
-        self.envelope.map(|e| e.0)
+        self.envelope_by_policy
+            .then(|| self.continue_status(indymilter::ProtoOpts::NOREPLY_MAIL))
     }
 
-    /// `Some(status)` when RCPT is not judged here: what it answers.
+    /// `Some(status)` when RCPT is not judged here: what it answers, likewise.
     pub fn rcpt_status(&self) -> Option<indymilter::Status> {
-        self.envelope.map(|e| e.1)
+        self.envelope_by_policy
+            .then(|| self.continue_status(indymilter::ProtoOpts::NOREPLY_RCPT))
     }
 
     /// Whether a verdict is already kept for end of message.
