@@ -111,6 +111,24 @@ pub async fn query<T: FromRedisValue>(port: u16, c: &Cmd) -> RedisResult<T> {
     c.query_async(&mut conn).await
 }
 
+/// How many of `replicas` replicas of the primary on `port` have every write the primary
+/// acknowledged so far, waiting up to `timeout_ms`. `WAIT` only waits for the writes of the
+/// connection it is sent on (a fresh connection has none, and returns at once), so a marker
+/// is written first on the same connection: the replication stream is ordered, and a replica
+/// that has the marker has every write before it.
+pub async fn replicated(port: u16, replicas: usize, timeout_ms: u64) -> RedisResult<i64> {
+    let mut conn = client(port).get_multiplexed_async_connection().await?;
+    let _: i64 = cmd("INCR")
+        .arg("mw-test:replication-barrier")
+        .query_async(&mut conn)
+        .await?;
+    cmd("WAIT")
+        .arg(replicas)
+        .arg(timeout_ms)
+        .query_async(&mut conn)
+        .await
+}
+
 /// Polls `probe` until it returns `Some`, the process exits, or the deadline passes.
 async fn until<T, F, Fut>(what: &str, proc: &mut Process, mut probe: F) -> Result<T, String>
 where

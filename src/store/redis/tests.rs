@@ -1045,9 +1045,9 @@ fn known_status_lists_name_every_status() {
 /// before the failover) follow it on their own, within a bounded time.
 ///
 /// What may be lost: replication is asynchronous, so a write the old primary acknowledged
-/// just before dying may never have reached the replica. This test waits (`WAIT 1`) until
-/// the replica has every write made before the kill, and then requires all of them to be
-/// there after the failover. Writes attempted during the gap fail as `Unavailable` (a
+/// just before dying may never have reached the replica. This test waits
+/// ([`servers::replicated`]) until the replica has every write made before the kill, and
+/// then requires all of them to be there after the failover. Writes attempted during the gap fail as `Unavailable` (a
 /// tempfail on the mail path) and none of them may appear later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_is_followed() {
@@ -1065,9 +1065,7 @@ async fn sentinel_failover_is_followed() {
         .map(|i| account(&format!("before{i:02}@mpt.gov.la"), "mpt"))
         .collect();
     store.create_accounts(&before).await.unwrap();
-    let acked: i64 = query(old_primary, cmd("WAIT").arg(1).arg(5000))
-        .await
-        .unwrap();
+    let acked = servers::replicated(old_primary, 1, 5000).await.unwrap();
     assert_eq!(acked, 1, "the replica has every write");
 
     s.primary.kill();
@@ -1137,8 +1135,8 @@ async fn sentinel_failover_is_followed() {
 /// messages and the counter on the new primary equals the accepted count.
 ///
 /// What the test fixes and why: the kill happens between two checks (the load tasks hold a
-/// read lock per check, the killer takes the write lock), after `WAIT 1` confirmed the
-/// replica has every write the primary acknowledged. Redis replication is asynchronous: a
+/// read lock per check, the killer takes the write lock), after [`servers::replicated`]
+/// confirmed the replica has every write the primary acknowledged. Redis replication is asynchronous: a
 /// primary that dies within a millisecond of acknowledging a write can take that write with
 /// it (README "Storage", Durability); that loss is a property of Redis, not of mailwarden,
 /// and is kept out of this test so that it can assert exact counts. A check whose script
@@ -1233,9 +1231,7 @@ async fn sending_limits_hold_through_a_sentinel_failover_under_load() {
     }
     {
         let _all = gate.write().await;
-        let acked: i64 = query(old_primary, cmd("WAIT").arg(1).arg(5000))
-            .await
-            .unwrap();
+        let acked = servers::replicated(old_primary, 1, 5000).await.unwrap();
         assert_eq!(acked, 1, "the replica has every acknowledged write");
         s.primary.kill();
         killed.store(true, Ordering::SeqCst);
