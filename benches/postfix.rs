@@ -175,6 +175,10 @@ fn run_once(setup: &Setup, messages: u64, sessions: u32, size: u32) -> Run {
     let start = Instant::now();
     let st = Command::new(&source)
         .args(["-s", &sessions.to_string(), "-m", &messages.to_string()])
+        // MAILWARDEN_BENCH_REUSE=1: each session sends its messages over one connection
+        // (`smtp-source -d`), as relays do; by default one message per connection, as
+        // submission clients do, which costs a milter connection per message.
+        .args(std::env::var_os("MAILWARDEN_BENCH_REUSE").map(|_| "-d"))
         .args(["-l", &size.to_string()])
         .args(["-f", SENDER, "-t", RECIPIENT])
         .arg(&setup.postfix.server)
@@ -396,6 +400,22 @@ fn dkim_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         Setup::milter("mailwarden Ed25519", &mw_ed),
         Setup::milter("mailwarden RSA+Ed25519", &mw_both),
     ];
+    // MAILWARDEN_BENCH_BASELINE=PATH: another build signing with the same keys, same rounds.
+    let base = std::env::var("MAILWARDEN_BENCH_BASELINE").ok().map(|bin| {
+        let b = [
+            Mailwarden::start_binary(&bin, &format!("{rules}{internal}{rsa_key}")),
+            Mailwarden::start_binary(&bin, &format!("{rules}{internal}{ed_key}")),
+        ];
+        for d in &b {
+            seed(d);
+        }
+        b
+    });
+    let mut setups = setups;
+    if let Some([b_rsa, b_ed]) = &base {
+        setups.push(Setup::milter("baseline RSA-2048", b_rsa));
+        setups.push(Setup::milter("baseline Ed25519", b_ed));
+    }
     let setups = only(setups);
     run_suite(&setups, rounds, messages, sessions, size);
     drop(setups);

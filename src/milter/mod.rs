@@ -40,7 +40,7 @@ use std::{
     io,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -141,45 +141,92 @@ impl Accepting {
     }
 }
 
-/// A milter connection over TCP that ACKs at once every MTA packet we give no reply to.
+/// A milter connection as indymilter sees it: the socket plus what the milter protocol lets
+/// this daemon save per message in system calls and MTA wake-ups.
 ///
-/// Postfix writes a stage's macros and the stage's command as two small packets, and waits
-/// for no reply to the first. With the receiver's delayed ACK (up to 40 ms on Linux) and
-/// the sender's Nagle algorithm, the second packet then waits for that ACK: about 40 ms per
-/// message, which caps Postfix at ~20 sessions / 50 ms = ~400 messages/s through any TCP
-/// milter. Setting `TCP_QUICKACK` sends the pending ACK at once; Linux clears the flag on
-/// its own, so it is set again after each read that needs it: one that ends in a packet
-/// without reply (macros, abort, and every stage negotiated with its `NOREPLY_*` option,
-/// which this wrapper reads from the option-negotiation reply it carries) or inside a
-/// packet. A read ending in a command we answer needs none: the answer carries the ACK, and
-/// skipping the `setsockopt` there saves a system call per stage; nor one ending in QUIT,
-/// after which the MTA sends nothing. Unix-domain sockets never
-/// had the stall.
-pub struct QuickAck {
-    stream: TcpStream,
+/// **Writes** (TCP and Unix-domain sockets): indymilter writes and flushes every packet on
+/// its own, so an end-of-message answer that inserts a header (a DKIM signature, our
+/// `Authentication-Results`) would reach the MTA as two or more segments, each a system
+/// call here and a wake-up of the MTA, which reads on until the final reply. A message
+/// modification (header or recipient changes, never a reply) is therefore held until the
+/// next packet that is not one, normally the final reply it belongs to, and both leave in
+/// one write. Nothing the MTA waits for is ever held: option negotiation, every reply and
+/// progress packet goes out with what was held before it. A modification that is never
+/// followed by a reply (the session failed) is dropped with the connection, which the MTA
+/// treats as a milter failure for that message, exactly as without the holding.
+///
+/// **Reads** (TCP only): Postfix writes a stage's macros and the stage's command as two small
+/// packets, and waits for no reply to the first. With the receiver's delayed ACK (up to
+/// 40 ms on Linux) and the sender's Nagle algorithm, the second packet then waits for that
+/// ACK: about 40 ms per message, which caps Postfix at ~20 sessions / 50 ms = ~400
+/// messages/s through any TCP milter. Setting `TCP_QUICKACK` sends the pending ACK at once;
+/// Linux clears the flag on its own, so it is set again after each read that needs it: one
+/// that ends in a packet without reply (macros, abort, and every stage negotiated with its
+/// `NOREPLY_*` option, which this wrapper reads from the option-negotiation reply it
+/// carries) or inside a packet. A read ending in a command we answer needs none: the answer
+/// carries the ACK, and skipping the `setsockopt` there saves a system call per stage; nor
+/// one ending in QUIT, after which the MTA sends nothing. Unix-domain sockets never had the
+/// stall.
+pub struct MtaStream<S> {
+    stream: S,
     packets: Packets,
+    out: Outgoing,
 }
 
-impl QuickAck {
-    fn new(stream: TcpStream) -> QuickAck {
-        // The MTA's first packet, option negotiation, is answered: no ACK to hurry yet.
-        QuickAck {
-            stream,
-            packets: Packets::default(),
-        }
-    }
+/// The socket kinds a milter connection comes over.
+pub trait MtaSocket: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
+    /// Whether reads must be followed to hurry ACKs (see [`MtaStream`]).
+    const DELAYED_ACKS: bool;
 
-    fn arm(&self) {
+    /// Sends the pending ACK now (TCP_QUICKACK).
+    fn quickack(&self) {}
+}
+
+impl MtaSocket for TcpStream {
+    const DELAYED_ACKS: bool = true;
+
+    fn quickack(&self) {
         #[cfg(target_os = "linux")]
         {
-            let _ = socket2::SockRef::from(&self.stream).set_tcp_quickack(true);
+            let _ = socket2::SockRef::from(self).set_tcp_quickack(true);
         }
     }
 }
 
-/// Where the MTA's byte stream stands in milter packets (4-byte length, command byte, data).
+impl MtaSocket for UnixStream {
+    const DELAYED_ACKS: bool = false;
+}
+
+impl<S: MtaSocket> MtaStream<S> {
+    fn new(stream: S) -> MtaStream<S> {
+        // The MTA's first packet, option negotiation, is answered: no ACK to hurry yet.
+        MtaStream {
+            stream,
+            packets: Packets::default(),
+            out: Outgoing::default(),
+        }
+    }
+
+    /// Writes out everything pending; `Ready(Ok)` once the socket has taken it all.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out.sent < self.out.pending.len() {
+            let n = ready!(
+                Pin::new(&mut self.stream).poll_write(cx, &self.out.pending[self.out.sent..])
+            )?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out.sent += n;
+        }
+        self.out.clear();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// How one direction of the byte stream stands in milter packets (4-byte length, command
+/// byte, data).
 #[derive(Debug, Default)]
-struct Packets {
+struct Framing {
     /// Bytes of the current packet's length and command seen so far (0 to 4).
     head: [u8; 5],
     have: usize,
@@ -187,16 +234,11 @@ struct Packets {
     rest: usize,
     /// The command byte of the last packet started.
     command: u8,
-    /// The `NOREPLY_*` options agreed on (read from our option-negotiation reply).
-    noreply: ProtoOpts,
-    /// Our first write (the option-negotiation reply) has been seen.
-    negotiated: bool,
 }
 
-impl Packets {
-    /// Follows `bytes` just read; whether the MTA now waits for an ACK rather than for a
-    /// reply of ours.
-    fn needs_ack(&mut self, mut bytes: &[u8]) -> bool {
+impl Framing {
+    /// Follows `bytes`, the next bytes of the stream.
+    fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             if self.rest > 0 {
                 let n = self.rest.min(bytes.len());
@@ -216,11 +258,33 @@ impl Packets {
                 self.have = 0;
             }
         }
+    }
+
+    /// Whether the bytes fed so far end inside a packet.
+    fn inside(&self) -> bool {
+        self.have > 0 || self.rest > 0
+    }
+}
+
+/// What the MTA sent: where its stream stands and which stages it expects no reply to.
+#[derive(Debug, Default)]
+struct Packets {
+    framing: Framing,
+    /// The `NOREPLY_*` options agreed on (read from our option-negotiation reply).
+    noreply: ProtoOpts,
+    /// Our first write (the option-negotiation reply) has been seen.
+    negotiated: bool,
+}
+
+impl Packets {
+    /// Follows `bytes` just read; whether the MTA now waits for an ACK rather than for a
+    /// reply of ours.
+    fn needs_ack(&mut self, bytes: &[u8]) -> bool {
+        self.framing.feed(bytes);
         // Inside a packet, more is on its way; else it depends on the last command. After
         // QUIT the MTA sends nothing more: no write of its waits for our ACK.
-        self.have > 0
-            || self.rest > 0
-            || (self.command != b'Q' && !answered(self.command, self.noreply))
+        let command = self.framing.command;
+        self.framing.inside() || (command != b'Q' && !answered(command, self.noreply))
     }
 
     /// Follows what we write: our option-negotiation reply (length, `O`, version, actions,
@@ -235,6 +299,52 @@ impl Packets {
             self.noreply = ProtoOpts::from_bits_truncate(opts);
         }
     }
+}
+
+/// What we write, kept until it may leave (see [`MtaStream`]).
+#[derive(Debug, Default)]
+struct Outgoing {
+    pending: Vec<u8>,
+    /// Bytes of `pending` the socket has taken.
+    sent: usize,
+    /// Where everything written so far stands in packets.
+    framing: Framing,
+}
+
+/// Beyond this, held modifications are written out anyway (a bound on memory; the headers
+/// this daemon adds are a few hundred bytes).
+const MAX_HELD: usize = 64 * 1024;
+
+impl Outgoing {
+    fn push(&mut self, bytes: &[u8]) {
+        self.framing.feed(bytes);
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// Whether what is pending may wait for the packet after it: nothing of it has left
+    /// yet, and it ends with a complete message modification.
+    fn may_hold(&self) -> bool {
+        self.sent == 0
+            && self.pending.len() <= MAX_HELD
+            && !self.framing.inside()
+            && is_modification(self.framing.command)
+    }
+
+    fn clear(&mut self) {
+        self.pending.clear();
+        self.sent = 0;
+    }
+}
+
+/// Message modifications a milter sends at end of message before its final reply
+/// (`SMFIR_ADDHEADER`, `INSHEADER`, `CHGHEADER`, `ADDRCPT`, `ADDRCPT_PAR`, `DELRCPT`,
+/// `CHGFROM`, `QUARANTINE`). The MTA answers none of them and acts on them only with the
+/// final reply. Body replacement is not held (it can be large and is not used here).
+fn is_modification(command: u8) -> bool {
+    matches!(
+        command,
+        b'h' | b'i' | b'm' | b'+' | b'2' | b'-' | b'e' | b'q'
+    )
 }
 
 /// Whether we reply to `command`: always to option negotiation and end of message; to the
@@ -257,7 +367,7 @@ fn answered(command: u8, noreply: ProtoOpts) -> bool {
     !noreply.contains(option)
 }
 
-impl tokio::io::AsyncRead for QuickAck {
+impl<S: MtaSocket> tokio::io::AsyncRead for MtaStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -266,55 +376,52 @@ impl tokio::io::AsyncRead for QuickAck {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            if this.packets.needs_ack(&buf.filled()[before..]) {
-                this.arm();
+        if S::DELAYED_ACKS {
+            if let Poll::Ready(Ok(())) = r {
+                if this.packets.needs_ack(&buf.filled()[before..]) {
+                    this.stream.quickack();
+                }
             }
         }
         r
     }
 }
 
-impl tokio::io::AsyncWrite for QuickAck {
+impl<S: MtaSocket> tokio::io::AsyncWrite for MtaStream<S> {
+    /// Takes `buf` whole; it leaves at the next flush that may not hold it.
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.out.pending.len() >= MAX_HELD {
+            ready!(this.poll_send(cx))?;
+        }
         this.packets.wrote(buf);
-        Pin::new(&mut this.stream).poll_write(cx, buf)
+        this.out.push(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    /// Nothing to do: indymilter shuts a connection down only to drop it, and closing the
-    /// socket sends the FIN anyway (one system call per MTA connection less).
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-            this.packets.wrote(first);
+        if this.out.may_hold() {
+            return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+    /// Writes out what is pending, and nothing more: indymilter shuts a connection down only
+    /// to drop it, and closing the socket sends the FIN anyway (one system call per MTA
+    /// connection less).
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_send(cx)
     }
 }
 
 impl indymilter::Listener for Accepting {
-    type Io = EitherStream<QuickAck, UnixStream>;
+    type Io = EitherStream<MtaStream<TcpStream>, MtaStream<UnixStream>>;
 
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Io>> {
         if self.inner.is_some() && self.stop.as_mut().poll(cx).is_ready() {
@@ -348,10 +455,10 @@ impl indymilter::Listener for Accepting {
                             tracing::debug!("milter: cannot set TCP_NODELAY: {e}");
                         }
                     }
-                    return Poll::Ready(Ok(EitherStream::Tcp(QuickAck::new(stream))));
+                    return Poll::Ready(Ok(EitherStream::Tcp(MtaStream::new(stream))));
                 }
                 Poll::Ready(Ok(EitherStream::Unix(s))) => {
-                    return Poll::Ready(Ok(EitherStream::Unix(s)));
+                    return Poll::Ready(Ok(EitherStream::Unix(MtaStream::new(s))));
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
@@ -487,6 +594,88 @@ mod tests {
             mta.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, b"\0\0\0\x01c", "the write, then end of stream");
         }
+    }
+
+    /// Reads what the peer has written so far, without waiting.
+    fn available(peer: &std::os::unix::net::UnixStream) -> Vec<u8> {
+        use std::io::Read as _;
+        let mut got = Vec::new();
+        let mut buf = [0; 4096];
+        loop {
+            match (&*peer).read(&mut buf) {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return got,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    /// An end-of-message answer (a header inserted, then the final reply) leaves in one
+    /// write; replies, progress and option negotiation are never held.
+    #[tokio::test]
+    async fn modifications_leave_with_the_reply_that_follows_them() {
+        use tokio::io::AsyncWriteExt as _;
+        let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let mut milter = MtaStream::new(UnixStream::from_std(ours).unwrap());
+        let write = async |m: &mut MtaStream<UnixStream>, p: &[u8]| {
+            m.write_all(p).await.unwrap();
+            m.flush().await.unwrap();
+        };
+        let optneg = packet(b'O', &[0; 12]);
+        write(&mut milter, &optneg).await;
+        assert_eq!(available(&peer), optneg, "option negotiation at once");
+
+        let signature = packet(b'i', b"\0\0\0\x01DKIM-Signature\0v=1; a=rsa-sha256\0");
+        let results = packet(b'h', b"Authentication-Results\0mx.gov.la; none\0");
+        write(&mut milter, &signature).await;
+        write(&mut milter, &results).await;
+        assert_eq!(available(&peer), b"", "modifications wait for the reply");
+        let accept = packet(b'c', b"");
+        write(&mut milter, &accept).await;
+        assert_eq!(
+            available(&peer),
+            [signature.clone(), results, accept].concat()
+        );
+
+        // A progress packet (the MTA's timeout is reset by it) takes the held part along.
+        write(&mut milter, &signature).await;
+        let progress = packet(b'p', b"");
+        write(&mut milter, &progress).await;
+        assert_eq!(available(&peer), [signature.clone(), progress].concat());
+
+        // Replies at other stages leave at once.
+        for reply in [packet(b'c', b""), packet(b'y', b"550 5.7.1 No\0")] {
+            write(&mut milter, &reply).await;
+            assert_eq!(available(&peer), reply);
+        }
+
+        // Held at shutdown (a session that failed after a modification): written out.
+        write(&mut milter, &signature).await;
+        milter.shutdown().await.unwrap();
+        assert_eq!(available(&peer), signature);
+    }
+
+    /// Holding is bounded: past MAX_HELD bytes, modifications are written out.
+    #[tokio::test]
+    async fn held_modifications_are_bounded() {
+        use tokio::io::AsyncWriteExt as _;
+        let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let mut milter = MtaStream::new(UnixStream::from_std(ours).unwrap());
+        let header = packet(b'h', &vec![b'x'; 1000]);
+        let mut wrote = 0;
+        while wrote <= MAX_HELD {
+            milter.write_all(&header).await.unwrap();
+            milter.flush().await.unwrap();
+            wrote += header.len();
+        }
+        let got = available(&peer);
+        assert!(!got.is_empty() && got.len() <= wrote, "{} bytes", got.len());
+        assert!(milter.out.pending.len() < header.len() * 2);
     }
 
     #[test]
