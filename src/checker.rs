@@ -24,6 +24,8 @@ use crate::verify::{Report, Resolver};
 use arc_swap::ArcSwap;
 use std::{sync::Arc, time::Instant};
 
+pub mod handoff;
+
 /// What the milter does about DKIM for one message (R6), decided once the headers are known.
 #[derive(Debug)]
 pub struct Signing {
@@ -102,6 +104,9 @@ pub struct Checker {
     events: ArcSwap<Vec<Arc<dyn EventSink>>>,
     /// When this daemon last wrote each account's last use (R20).
     activity: Arc<Tracker>,
+    /// What the policy service judged and counted, for this daemon's milter (`count_on =
+    /// "auto"`).
+    handoff: handoff::Handoff,
 }
 
 /// What the end-of-message quota check (R13) found: the decision to answer, and what to
@@ -135,8 +140,10 @@ const EOM_CONCURRENCY: usize = 16;
 
 /// Whether `rule` (R14's sending counters, R13's delivered sizes) counts on this
 /// front-end: active, and counted here (`count_on`) so that a message seen by both the
-/// milter and the policy service is counted once.
-fn counts_here(snap: &Snapshot, id: RuleId, protocol: Protocol) -> bool {
+/// milter and the policy service is counted once. With `"auto"` the policy service counts
+/// whatever it is asked about, and the milter what the policy service was not asked about
+/// (`policy_judged`: see [`handoff`]).
+fn counts_here(snap: &Snapshot, id: RuleId, protocol: Protocol, policy_judged: bool) -> bool {
     let rule = snap.policy.rule(id);
     // R15's sending pattern is counted with R14's counters, so R14's counting place
     // applies while either of them is on.
@@ -144,27 +151,25 @@ fn counts_here(snap: &Snapshot, id: RuleId, protocol: Protocol) -> bool {
     if rule.mode == Mode::Off && !r15_on {
         return false;
     }
-    let on = match rule.count_on.unwrap_or_default() {
-        CountOn::Auto if snap.config.server.policy_listen.is_empty() => Protocol::Milter,
-        // R13's end of message when the milter leaves the envelope to the policy service
-        // (deploy/postfix/main.cf.both): the milter answers the end of DATA, and Postfix asks
-        // the policy service nothing there.
-        CountOn::Auto
-            if id == RuleId::R13
-                && snap.config.server.milter_envelope == MilterEnvelope::Policy =>
-        {
-            Protocol::Milter
-        }
-        CountOn::Auto | CountOn::Policy => Protocol::Policy,
-        CountOn::Milter => Protocol::Milter,
-    };
-    on == protocol
+    match rule.count_on.unwrap_or_default() {
+        CountOn::Auto => protocol == Protocol::Policy || !policy_judged,
+        CountOn::Policy => protocol == Protocol::Policy,
+        CountOn::Milter => protocol == Protocol::Milter,
+    }
+}
+
+/// Whether `rule` counts with `"auto"` (where the front-ends hand off per recipient and per
+/// message).
+fn counts_auto(snap: &Snapshot, id: RuleId) -> bool {
+    snap.policy.rule(id).count_on.unwrap_or_default() == CountOn::Auto
 }
 
 /// Whether the milter measures each message's size (and so needs its headers and body):
-/// when R13 is on and checks the end of message there, the front-end its `count_on` names.
+/// when R13 is on and may check the end of message there (`count_on` `"milter"`, or
+/// `"auto"`: the milter then checks every message whose end of DATA the policy service was
+/// not asked about).
 pub fn milter_measures_sizes(snap: &Snapshot) -> bool {
-    counts_here(snap, RuleId::R13, Protocol::Milter)
+    counts_here(snap, RuleId::R13, Protocol::Milter, false)
 }
 
 /// Whose counters a recipient counts against (R14, R15): the account the SASL login names
@@ -192,6 +197,7 @@ impl Checker {
             metrics,
             events: ArcSwap::from_pointee(Vec::new()),
             activity: Arc::new(Tracker::new(capacity)),
+            handoff: handoff::Handoff::default(),
         }
     }
 
@@ -336,7 +342,7 @@ impl Checker {
         // store call (one round trip per recipient, as R14 alone). Recipients refused by
         // other rules are refused anyway.
         let policy_counts =
-            tx.protocol == Protocol::Policy && counts_here(&snap, RuleId::R14, tx.protocol);
+            tx.protocol == Protocol::Policy && counts_here(&snap, RuleId::R14, tx.protocol, false);
         if d.action == Action::Continue
             && !policy_counts
             && snap.policy.rule(RuleId::R15).mode != Mode::Off
@@ -429,20 +435,44 @@ impl Checker {
             d.action = quota.action;
             d.outcomes.extend(quota.outcomes);
         }
+        let policy_judged = self.policy_judged_rcpt(&snap, tx, rcpt);
+        let counts = counts_here(&snap, RuleId::R14, tx.protocol, policy_judged);
         // A refused recipient is not counted against the sender's limits; a permanently
         // refused one counts in R15's share of refused recipients.
-        if d.action == Action::Continue && counts_here(&snap, RuleId::R14, tx.protocol) {
+        if d.action == Action::Continue && counts {
             let limits = self.check_limits(&snap, tx).await;
             d.action = limits.action;
             d.outcomes.extend(limits.outcomes);
         } else if matches!(d.action, Action::Reject(_))
             && snap.policy.rule(RuleId::R15).mode != Mode::Off
-            && counts_here(&snap, RuleId::R14, tx.protocol)
+            && counts
         {
             self.count_refused(&snap, tx).await;
         }
+        if d.action == Action::Continue && counts && self.hands_off_envelope(&snap, tx) {
+            self.handoff.rcpt_judged(tx, rcpt);
+        }
         telemetry::record_decision(&self.metrics, tx, Stage::Rcpt, &d, start.elapsed());
         d
+    }
+
+    /// Milter, `count_on = "auto"`: whether the policy service judged (and counted) this
+    /// recipient just before; the mark is taken. Never with no policy listener.
+    fn policy_judged_rcpt(&self, snap: &Snapshot, tx: &Transaction, rcpt: &Address) -> bool {
+        tx.protocol == Protocol::Milter
+            && !snap.config.server.policy_listen.is_empty()
+            && counts_auto(snap, RuleId::R14)
+            && self.handoff.take_rcpt(tx, rcpt)
+    }
+
+    /// Policy service, `count_on = "auto"`: whether a milter of this daemon judges the
+    /// envelope too, and so must learn what was counted here.
+    fn hands_off_envelope(&self, snap: &Snapshot, tx: &Transaction) -> bool {
+        let server = &snap.config.server;
+        tx.protocol == Protocol::Policy
+            && !server.milter_listen.is_empty()
+            && server.milter_envelope == MilterEnvelope::Check
+            && counts_auto(snap, RuleId::R14)
     }
 
     /// R13 for one recipient: a local account with a quota (its own, else its
@@ -495,7 +525,26 @@ impl Checker {
     ) -> EndOfMessage {
         let snap = self.snapshot();
         let rule = snap.policy.rule(RuleId::R13);
-        if rule.mode == Mode::Off || recipients.is_empty() {
+        if rule.mode == Mode::Off {
+            return EndOfMessage::pass();
+        }
+        // count_on = "auto": the policy service judges every end of DATA it is asked about
+        // (before the milter's end of message, see `handoff`); the milter the others.
+        let auto = counts_auto(&snap, RuleId::R13);
+        let queue_id = tx.queue_id.as_deref().filter(|q| !q.is_empty());
+        let server = &snap.config.server;
+        match (tx.protocol, queue_id) {
+            (Protocol::Policy, Some(q)) if auto && !server.milter_listen.is_empty() => {
+                self.handoff.message_judged(q);
+            }
+            (Protocol::Milter, Some(q))
+                if auto && !server.policy_listen.is_empty() && self.handoff.take_message(q) =>
+            {
+                return EndOfMessage::pass();
+            }
+            _ => {}
+        }
+        if recipients.is_empty() {
             return EndOfMessage::pass();
         }
         let start = Instant::now();
@@ -531,7 +580,7 @@ impl Checker {
             );
         }
         let count = rule.count_deliveries.unwrap_or(true)
-            && counts_here(&snap, RuleId::R13, tx.protocol)
+            && counts_here(&snap, RuleId::R13, tx.protocol, false)
             && size > 0;
         if !count {
             counted.clear();

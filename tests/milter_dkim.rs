@@ -337,15 +337,21 @@ async fn state_is_reset_between_messages_and_after_abort() {
 
 #[tokio::test]
 async fn without_keys_no_content_is_requested() {
-    // Send-as (R8, on by default) needs the headers, never the body.
-    let m = Milter::spawn("", seeded_store().await).await;
+    // Send-as (R8, on by default) needs the headers, never the body (R13's end of message
+    // left to the policy service: with "auto" the milter would measure messages).
+    let r13 = "[rules.R13]\ncount_on = \"policy\"\n";
+    let m = Milter::spawn(r13, seeded_store().await).await;
     let c = MtaConnection::open(&m.addr, TIMEOUT).await.unwrap();
     assert!(c.negotiated_opts().contains(ProtoOpts::NO_BODY));
     assert!(!c.negotiated_opts().contains(ProtoOpts::NO_HEADER));
     c.close().await.unwrap();
     m.stop().await;
     // Without R8 neither is asked.
-    let m = Milter::spawn("[rules.R8]\nmode = \"off\"\n", seeded_store().await).await;
+    let m = Milter::spawn(
+        &format!("{r13}[rules.R8]\nmode = \"off\"\n"),
+        seeded_store().await,
+    )
+    .await;
     let c = MtaConnection::open(&m.addr, TIMEOUT).await.unwrap();
     assert!(
         c.negotiated_opts()
@@ -444,13 +450,24 @@ async fn quota_is_checked_at_end_of_message_with_the_measured_size() {
 }
 
 /// Without a content rule the milter asks for headers and body only when R13's end of
-/// message is its own (`count_on` resolving to the milter: `"milter"`, or `"auto"` with the
-/// envelope left to the policy service). Then it measures, refuses what does not fit
-/// (`452 4.2.2`) and counts what does, with no reply asked per header or body chunk.
+/// message may be its own (`count_on` `"milter"`, or `"auto"`, the default: every message
+/// the policy service was not asked about at the end of DATA). Then it measures, refuses
+/// what does not fit (`452 4.2.2`) and counts what does, with no reply asked per header or
+/// body chunk.
 #[tokio::test]
 async fn the_milter_measures_messages_when_r13_ends_there() {
+    for count_on in ["milter", "auto"] {
+        measures_messages(count_on).await;
+    }
+}
+
+async fn measures_messages(count_on: &str) {
     let store = nearly_full_store().await;
-    let m = Milter::spawn("[rules.R13]\ncount_on = \"milter\"\n", store.clone()).await;
+    let m = Milter::spawn(
+        &format!("[rules.R13]\ncount_on = \"{count_on}\"\n"),
+        store.clone(),
+    )
+    .await;
     let mut c = open(&m, "192.0.2.7").await;
     let opts = c.negotiated_opts();
     assert!(
@@ -467,10 +484,9 @@ async fn the_milter_measures_messages_when_r13_ends_there() {
     refused_then_counted(&store, &mut c, &msg).await;
 }
 
-/// When R13's end of message is the policy service's (`count_on = "policy"`, or `"auto"`
-/// with a policy listener and the envelope checked here) and no content rule is on, the
-/// milter does not ask for the body: R13 is judged at RCPT only (usage, SIZE=), and
-/// nothing is counted at end of message.
+/// When R13's end of message is the policy service's (`count_on = "policy"`) and no content
+/// rule is on, the milter does not ask for the body: R13 is judged at RCPT only (usage,
+/// SIZE=), and nothing is counted at end of message.
 #[tokio::test]
 async fn without_a_content_rule_or_r13_the_milter_checks_quota_at_rcpt_only() {
     use mailwarden::store::Store;

@@ -451,16 +451,19 @@ pub fn default_tls_exempt_networks() -> Vec<IpNet> {
     ]
 }
 
-/// Which front-end applies the sending limits (R14). When Postfix is wired to both the
-/// milter and the policy service, each RCPT reaches mailwarden twice; only one of them may
-/// count it.
+/// Which front-end applies and counts the sending limits (R14, R15) and R13's delivered
+/// sizes. When Postfix is wired to both the milter and the policy service, each RCPT and
+/// each end of DATA reaches mailwarden twice; only one of them may count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CountOn {
-    /// The policy service when `server.policy_listen` is set, else the milter.
+    /// Found per recipient and per message: the policy service whatever it is asked about,
+    /// the milter the rest (see `checker::handoff`).
     #[default]
     Auto,
+    /// Only the policy service.
     Policy,
+    /// Only the milter.
     Milter,
 }
 

@@ -703,6 +703,71 @@ async fn sending_limits_count_only_on_the_configured_front_end() {
     assert!(counts.iter().all(|v| v.count == 0), "{counts:?}");
 }
 
+/// `count_on = "auto"` with both front-ends in one daemon: a recipient the policy service
+/// judged is not counted again by the milter that sees it next; one the policy service was
+/// not asked about (Postfix wired to the milter only, for that port) is the milter's to
+/// count and limit.
+#[tokio::test]
+async fn auto_counts_each_recipient_once_on_whichever_front_end_sees_it_first() {
+    use crate::model::{Action, Protocol, Sender, Transaction};
+    use crate::store::testing::addr;
+    let s = Server::start("[rules.R14]\nrecipients_per_hour = 3\n").await;
+    let champa = "champa@mpt.gov.la";
+    let recipients = |counts: Vec<crate::store::CounterValue>| {
+        counts
+            .iter()
+            .filter(|v| v.counter.measure == crate::store::counters::Measure::Recipients)
+            .map(|v| v.count)
+            .collect::<Vec<_>>()
+    };
+    let counted = async || {
+        let now = chrono::Utc::now().timestamp();
+        recipients(
+            crate::store::Store::counters(&*s.store, &addr(champa), now)
+                .await
+                .unwrap(),
+        )
+    };
+    let mut milter = Transaction::new(Protocol::Milter);
+    milter.client_addr = Some("192.0.2.10".parse().unwrap());
+    milter.tls_version = Some("TLSv1.3".into());
+    milter.sasl_username = Some(champa.into());
+    milter.sender = Some(Sender::parse(champa));
+
+    // Postfix asks the policy service, then sends the recipient to the milter.
+    let mut c = s.client().await;
+    let action = c
+        .ask(&submission(champa, champa, "a@example.org", "m1"))
+        .await
+        .unwrap();
+    assert_eq!(code(&action), "DUNNO", "{action}");
+    assert_eq!(counted().await, [1, 1]);
+    let d = s.checker.check_rcpt(&milter, &addr("a@example.org")).await;
+    assert_eq!(d.action, Action::Continue);
+    assert_eq!(
+        counted().await,
+        [1, 1],
+        "judged by the policy service: not again"
+    );
+
+    // The same recipient again, this time to the milter alone: counted there.
+    let d = s.checker.check_rcpt(&milter, &addr("a@example.org")).await;
+    assert_eq!(d.action, Action::Continue);
+    assert_eq!(counted().await, [2, 2]);
+    // Another client's recipient is not covered by the policy service's judgement either.
+    c.ask(&submission(champa, champa, "b@example.org", "m2"))
+        .await
+        .unwrap();
+    let mut other = milter.clone();
+    other.client_addr = Some("192.0.2.11".parse().unwrap());
+    let d = s.checker.check_rcpt(&other, &addr("b@example.org")).await;
+    assert!(
+        matches!(&d.action, Action::Tempfail(r) if r.to_string().starts_with("450 4.7.1")),
+        "the milter applies the limit it counts: {d:?}"
+    );
+    assert_eq!(counted().await, [3, 3]);
+}
+
 #[tokio::test]
 async fn sending_limits_tempfail_when_the_store_is_down() {
     // R15 off too: its lock check at MAIL would tempfail first (see the R15 tests).
@@ -787,6 +852,71 @@ fn in_message(state: &str, instance: &str, recipient: &str, size: &str) -> Reque
         ("recipient", recipient),
         ("size", size),
     ])
+}
+
+/// `count_on = "auto"` at the end of DATA: a message the policy service judged (Postfix asks
+/// it before the milters' end of message) is neither judged nor counted again by this
+/// daemon's milter; a message it was not asked about is the milter's.
+#[tokio::test]
+async fn auto_judges_each_end_of_message_once() {
+    use crate::model::{Action, Protocol, Transaction};
+    use crate::store::Store;
+    use crate::store::testing::addr;
+    let champa = addr("champa@mpt.gov.la");
+    let p = Server::start("").await;
+    p.store.set_quota(&champa, Some(1_000)).await.unwrap();
+    let mut c = p.client().await;
+    let asked = |state: &str, size: &str| {
+        Request::from_attrs([
+            ("request", "smtpd_access_policy"),
+            ("protocol_state", state),
+            ("instance", "m1"),
+            ("queue_id", "4QID1"),
+            ("client_address", "192.0.2.10"),
+            ("sender", "friend@example.org"),
+            (
+                "recipient",
+                if state == "RCPT" {
+                    "champa@mpt.gov.la"
+                } else {
+                    ""
+                },
+            ),
+            ("size", size),
+        ])
+    };
+    for state in ["RCPT", "END-OF-MESSAGE"] {
+        let action = c.ask(&asked(state, "10")).await.unwrap();
+        assert_eq!(code(&action), "DUNNO", "{state}: {action}");
+    }
+    usage_becomes(&p.store, &champa, 10).await;
+
+    let mut tx = Transaction::new(Protocol::Milter);
+    tx.queue_id = Some("4QID1".into());
+    let eom = p
+        .checker
+        .check_end_of_message(&tx, std::slice::from_ref(&champa), 10)
+        .await;
+    assert_eq!(eom.decision.action, Action::Continue);
+    assert!(eom.counted().is_empty(), "counted by the policy service");
+    // Once only: the same queue id again is the milter's (the mark was taken).
+    let eom = p
+        .checker
+        .check_end_of_message(&tx, std::slice::from_ref(&champa), 10)
+        .await;
+    assert_eq!(eom.counted(), std::slice::from_ref(&champa));
+    // Another message, not seen by the policy service: judged here, over the quota.
+    tx.queue_id = Some("4QID2".into());
+    let eom = p
+        .checker
+        .check_end_of_message(&tx, std::slice::from_ref(&champa), 991)
+        .await;
+    assert!(
+        matches!(&eom.decision.action, Action::Tempfail(r) if r.to_string().starts_with("452 4.2.2")),
+        "{:?}",
+        eom.decision
+    );
+    assert_eq!(p.store.usage(&champa).await.unwrap(), Some(10));
 }
 
 /// Waits (bounded) until `address`'s usage is `want`: delivered sizes are counted in the
@@ -943,17 +1073,23 @@ async fn end_of_message_quota_is_552_when_permanent_and_counting_can_be_off() {
             .await
             .is_empty()
     );
-    // Both wired with the envelope left to the policy service (deploy/postfix/main.cf.both):
-    // the end of DATA is the milter's, so `auto` counts it there.
+    // `auto`: the policy service counts every end of DATA it is asked about, however the
+    // milter is set (it leaves a mark so the milter does not count the message again).
     let envpol = "[server]\nmilter_envelope = \"policy\"\n";
-    assert!(counted(envpol).await.is_empty());
-    let s = Server::start(envpol).await;
-    let snap = s.checker.snapshot();
-    assert!(crate::checker::milter_measures_sizes(&snap));
-    assert!(
-        !crate::checker::milter_measures_sizes(&Server::start("").await.checker.snapshot()),
-        "policy_listen set, envelope checked by the milter: the policy service counts"
-    );
+    assert_eq!(counted(envpol).await, vec![champa.clone()]);
+    // And the milter measures every message, for those the policy service is not asked
+    // about (Postfix without smtpd_end_of_data_restrictions, or wired to the milter only).
+    for toml in [envpol, ""] {
+        let s = Server::start(toml).await;
+        assert!(
+            crate::checker::milter_measures_sizes(&s.checker.snapshot()),
+            "{toml}"
+        );
+    }
+    let s = Server::start("[rules.R13]\ncount_on = \"policy\"\n").await;
+    assert!(!crate::checker::milter_measures_sizes(
+        &s.checker.snapshot()
+    ));
     assert!(counted("[rules.R13]\nmode = \"off\"\n").await.is_empty());
 }
 
