@@ -36,6 +36,18 @@ pub struct Signing {
     pub keys: Vec<Arc<SigningKey>>,
     pub domain: Option<String>,
     pub plan: SigningPlan,
+    /// A pass for a message not signed is not recorded yet: the message's end-of-message
+    /// decision is R7's when it is verified, else this one ([`Checker::record_not_signed`]).
+    /// Each message counts one end-of-message decision.
+    elapsed: std::time::Duration,
+    recorded: bool,
+}
+
+impl Signing {
+    /// A message not signed that R6 lets go on (the end-of-message decision is still open).
+    fn pass_unsigned(&self) -> bool {
+        self.keys.is_empty() && self.decision.action == Action::Continue
+    }
 }
 
 /// An immutable, validated configuration and what is derived from it (the DKIM keys are in
@@ -837,18 +849,35 @@ impl Checker {
                 "not DKIM-signed"
             );
         }
-        telemetry::record_decision(
-            &self.metrics,
-            tx,
-            Stage::EndOfMessage,
-            &decision,
-            start.elapsed(),
-        );
-        Signing {
+        let mut signing = Signing {
             decision,
             keys,
             domain,
             plan,
+            elapsed: start.elapsed(),
+            recorded: false,
+        };
+        if !signing.pass_unsigned() {
+            self.record_signing(tx, &mut signing);
+        }
+        signing
+    }
+
+    /// Records R6's decision for a message not signed and not verified by R7 (see
+    /// [`Signing`]); nothing when already recorded.
+    pub fn record_not_signed(&self, tx: &Transaction, signing: &mut Signing) {
+        self.record_signing(tx, signing);
+    }
+
+    fn record_signing(&self, tx: &Transaction, signing: &mut Signing) {
+        if !std::mem::replace(&mut signing.recorded, true) {
+            telemetry::record_decision(
+                &self.metrics,
+                tx,
+                Stage::EndOfMessage,
+                &signing.decision,
+                signing.elapsed,
+            );
         }
     }
 

@@ -31,6 +31,9 @@ fn status_kb(pid: u32, field: &str) -> u64 {
 async fn hundred_concurrent_10mb_messages_stay_under_256mb() {
     let mw = Mailwarden::start(&format!(
         r#"
+# 100 messages of one sender at once would lock it (R15's burst): not what this measures.
+[rules.R15]
+mode = "off"
 [dkim]
 internal_networks = ["198.51.100.0/24"]
 [[dkim.keys]]

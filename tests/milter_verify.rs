@@ -297,10 +297,20 @@ async fn on_dns_error_accept_fails_open_and_counts_it() {
     );
     let (out, _) = c.transaction_with_actions(&msg).await.unwrap();
     assert_eq!(out.eom, Some(Status::Continue), "{out:?}");
+    let metrics = m.checker.metrics.encode();
     assert!(
-        m.checker.metrics.encode().contains(
+        metrics.contains(
             r#"mailwarden_verdicts_total{rule="R7",stage="eom",outcome="fail_open",protocol="milter"} 1"#
-        )
+        ),
+        "{metrics}"
+    );
+    // One message, one end-of-message decision: R7's (R6's pass for a message it does not
+    // sign is not counted as a second one).
+    assert!(
+        metrics.contains(
+            r#"mailwarden_decisions_total{stage="eom",action="continue",protocol="milter"} 1"#
+        ),
+        "{metrics}"
     );
     c.close().await.unwrap();
     m.stop().await;

@@ -331,7 +331,7 @@ async fn eoh_verdict(s: &Shared, sess: &mut Session) -> Action {
     if sendas.action != Action::Continue || !sess.sees_content() {
         return sendas.action;
     }
-    let signing = match guarded(s.checker.check_signing(&sess.tx)).await {
+    let mut signing = match guarded(s.checker.check_signing(&sess.tx)).await {
         Ok(signing) => signing,
         Err(e) => return failure(sess, "eoh", &e),
     };
@@ -339,11 +339,14 @@ async fn eoh_verdict(s: &Shared, sess: &mut Session) -> Action {
         return signing.decision.action;
     }
     if signing.keys.is_empty() {
-        // Not signed (not outbound, or not ours): inbound mail is verified (R7).
+        // Not signed (not outbound, or not ours): inbound mail is verified (R7), whose
+        // decision is then the message's end-of-message decision; else R6's pass is.
+        let mut verified = false;
         if sess.verifies() {
             match guarded(s.checker.inbound_source(&sess.tx)).await {
                 Ok(Some(Source::Authorised)) | Ok(None) => {}
                 Ok(Some(source)) => {
+                    verified = true;
                     let max = s
                         .checker
                         .snapshot()
@@ -354,6 +357,9 @@ async fn eoh_verdict(s: &Shared, sess: &mut Session) -> Action {
                 }
                 Err(e) => return failure(sess, "eoh", &e),
             }
+        }
+        if !verified {
+            s.checker.record_not_signed(&sess.tx, &mut signing);
         }
         return Action::Continue;
     }
