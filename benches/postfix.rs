@@ -329,6 +329,12 @@ fn policy_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         setups.push(Setup::milter("baseline milter", b));
         setups.push(Setup::new("baseline both", both(b), Some(b.pid())));
         setups.push(Setup::new("baseline both envpol", both(bp), Some(bp.pid())));
+        // The same build with main.cf.both, for builds that have it (from commit 886b018).
+        setups.push(Setup::new(
+            "baseline both main.cf.both",
+            by_policy(bp),
+            Some(bp.pid()),
+        ));
     }
     let setups = only(setups);
     run_suite(&setups, rounds, messages, sessions, size);

@@ -481,6 +481,62 @@ async fn shutdown_finishes_the_message_in_flight_and_refuses_new_ones() {
     assert!(idle.mail(&["<champa@mpt.gov.la>"], &[]).await.is_err());
 }
 
+/// With the envelope left to the policy service (`milter_envelope = "policy"`), MAIL gets
+/// no reply: a message started while shutting down is refused `421 4.3.2` at its end of
+/// DATA instead (nothing accepted), and the drain still completes.
+#[tokio::test]
+async fn shutdown_refuses_new_messages_at_end_of_data_when_mail_gets_no_reply() {
+    let m = Milter::spawn(
+        "[server]\nmilter_envelope = \"policy\"\n",
+        seeded_store().await,
+    )
+    .await;
+    let mut busy = open(&m).await;
+    let mut idle = open(&m).await;
+    assert!(
+        idle.negotiated_opts()
+            .contains(ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT)
+    );
+    // A message in flight keeps the drain (and so the idle connection) open. MAIL gets no
+    // reply to wait for: give the milter a moment to read it.
+    assert_eq!(
+        busy.mail(&["<champa@mpt.gov.la>"], &[]).await.unwrap(),
+        Status::Continue
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    m.shutdown.cancel();
+    m.serve.await.unwrap().unwrap();
+    m.sessions.close();
+
+    let out = idle
+        .transaction(&msg("<champa@mpt.gov.la>", &["<bounmy@mpt.gov.la>"]))
+        .await
+        .unwrap();
+    assert_eq!(out.mail, Status::Continue, "no reply at MAIL");
+    assert_eq!(out.rcpts, [Status::Continue], "no reply at RCPT");
+    let eom = out.eom.expect("DATA was sent");
+    assert!(is_tempfail(&eom), "{eom:?}");
+    assert!(text(&eom).starts_with("421 4.3.2 "), "{}", text(&eom));
+
+    // The message in flight is answered normally.
+    assert_eq!(
+        busy.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(busy.content(&[], b"", &[]).await.unwrap(), Status::Continue);
+    assert_eq!(busy.eom(&[]).await.unwrap(), Status::Continue);
+    tokio::time::timeout(TIMEOUT, m.sessions.wait())
+        .await
+        .expect("drain completes once no message is in flight");
+    // The idle connection was closed by the milter (MAIL has no reply: the first answer
+    // awaited, at end of message, finds the connection gone).
+    assert!(
+        idle.transaction(&msg("<champa@mpt.gov.la>", &["<bounmy@mpt.gov.la>"]))
+            .await
+            .is_err()
+    );
+}
+
 #[tokio::test]
 async fn shutdown_with_no_message_in_flight_closes_idle_connections_at_once() {
     let m = Milter::spawn("", seeded_store().await).await;
