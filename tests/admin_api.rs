@@ -927,6 +927,41 @@ async fn serves_https_when_a_certificate_is_configured() {
     api.stop().await;
 }
 
+/// A certificate renewed in place is served after a configuration reload (what SIGHUP
+/// does), without a restart; before the reload the old one still is.
+#[tokio::test]
+async fn a_renewed_certificate_is_served_after_a_reload() {
+    let api = Api::start_tls().await;
+    let dir = api.dir.path();
+    std::fs::copy(dir.join("cert.pem"), dir.join("old.pem")).unwrap();
+    let trusting =
+        |ca: &str| mailwarden::admin::cli::http_client(Some(&dir.join(ca)), true).unwrap();
+    let healthy = async |client: reqwest::Client| {
+        client
+            .get(format!("{}/healthz", api.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    };
+    assert!(healthy(trusting("old.pem")).await);
+
+    let renewed = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    std::fs::write(dir.join("new.pem"), renewed.cert.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), renewed.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), renewed.signing_key.serialize_pem()).unwrap();
+    assert!(!healthy(trusting("new.pem")).await, "not before the reload");
+    assert!(healthy(trusting("old.pem")).await);
+
+    api.checker
+        .replace_config(api.checker.snapshot().config.clone());
+    assert!(
+        healthy(trusting("new.pem")).await,
+        "the renewed certificate"
+    );
+    assert!(!healthy(trusting("old.pem")).await, "the old one is gone");
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn shutdown_closes_idle_keep_alive_connections() {
     let api = Api::start().await;

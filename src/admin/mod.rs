@@ -90,16 +90,8 @@ pub async fn serve(
     shutdown: CancellationToken,
     sessions: TaskTracker,
 ) -> io::Result<()> {
-    let tls = {
-        let snap = checker.snapshot();
-        match (&snap.config.admin.tls_cert, &snap.config.admin.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(TlsAcceptor::from(Arc::new(tls_server_config(cert, key)?)))
-            }
-            _ => None,
-        }
-    };
-    let app = router(checker);
+    let tls = Arc::new(AdminTls::new(&checker)?);
+    let app = router(checker.clone());
     net::serve_connections(
         listener,
         "admin",
@@ -107,7 +99,8 @@ pub async fn serve(
         &shutdown,
         &sessions,
         |conn, permit| {
-            let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
+            let tls = tls.current(&checker);
+            let (app, shutdown) = (app.clone(), shutdown.clone());
             async move {
                 let _permit = permit;
                 match conn {
@@ -176,6 +169,56 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+    }
+}
+
+/// The admin API's TLS acceptor, rebuilt from `admin.tls_cert` / `admin.tls_key` after each
+/// configuration reload (SIGHUP), so a renewed certificate is served without a restart: the
+/// files are read again even when their paths did not change. The daemon validates them
+/// before it accepts a reload (see `daemon.rs`), so a rebuild here fails only if the files
+/// changed again in between; the certificate in use is then kept (logged). Whether TLS is on
+/// at all is fixed at start (the CLI's scheme follows the config file).
+struct AdminTls {
+    state: std::sync::Mutex<(Arc<crate::checker::Snapshot>, Option<TlsAcceptor>)>,
+}
+
+impl AdminTls {
+    fn new(checker: &Checker) -> io::Result<AdminTls> {
+        let snap = checker.snapshot();
+        let acceptor = match (&snap.config.admin.tls_cert, &snap.config.admin.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(TlsAcceptor::from(Arc::new(tls_server_config(cert, key)?)))
+            }
+            _ => None,
+        };
+        Ok(AdminTls {
+            state: std::sync::Mutex::new((snap, acceptor)),
+        })
+    }
+
+    /// The acceptor for a new connection: rebuilt first when the configuration was reloaded.
+    fn current(&self, checker: &Checker) -> Option<TlsAcceptor> {
+        let snap = checker.snapshot();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&state.0, &snap) {
+            if state.1.is_some() {
+                if let (Some(cert), Some(key)) =
+                    (&snap.config.admin.tls_cert, &snap.config.admin.tls_key)
+                {
+                    match tls_server_config(cert, key) {
+                        Ok(config) => {
+                            state.1 = Some(TlsAcceptor::from(Arc::new(config)));
+                            tracing::info!(cert = %cert.display(), "admin API: TLS certificate loaded");
+                        }
+                        Err(e) => {
+                            tracing::error!("admin API: keeping the TLS certificate in use: {e}")
+                        }
+                    }
+                }
+            }
+            state.0 = snap;
+        }
+        state.1.clone()
     }
 }
 
