@@ -452,6 +452,63 @@ async fn org_relays_lists_adds_and_removes() {
     api.stop().await;
 }
 
+/// `org limits CODE`: the organisation's counters (all its accounts together) with the
+/// per-organisation limits in force.
+#[tokio::test]
+async fn org_limits_show_the_organisation_s_counters() {
+    use mailwarden::model::{Address, Protocol, Transaction};
+    let api = Api::start_with(|c, _| {
+        c.rules.insert(
+            "R14".into(),
+            mailwarden::config::RuleTable {
+                org_messages_per_hour: Some(5),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let u = api.url.as_str();
+    api.mpt().await;
+    for who in ["champa@mpt.gov.la", "bounmy@mpt.gov.la"] {
+        let o = run(u, WRITE, &["user", "add", who, "--kind", "person"]).await;
+        assert_eq!(code(&o), 0, "{}", err(&o));
+        // One message with two recipients each.
+        let mut tx = Transaction::new(Protocol::Policy);
+        tx.sasl_username = Some(who.into());
+        for (i, to) in ["a@example.org", "b@example.org"].iter().enumerate() {
+            tx.rcpts_accepted = i;
+            let d = api
+                .checker
+                .check_rcpt(&tx, &Address::parse(to).unwrap())
+                .await;
+            assert_eq!(d.action, mailwarden::model::Action::Continue);
+        }
+    }
+    let o = run(u, READ, &["org", "limits", "mpt"]).await;
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let text = out(&o);
+    assert!(text.starts_with("org"), "{text}");
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row in:\n{text}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("messages:hour")[1..3], ["2", "5"], "{text}");
+    // Only counters with a limit are kept per organisation (no cost for the others).
+    assert_eq!(row("recipients:hour")[1..3], ["0", "0"], "{text}");
+    let o = run(u, READ, &["org", "limits", "mpt", "--json"]).await;
+    let v: Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(v["org"], "mpt", "{v}");
+    assert_eq!(v["counters"][0]["count"], 2, "{v}");
+    let o = run(u, READ, &["org", "limits", "nope"]).await;
+    assert_ne!(code(&o), 0);
+    assert!(err(&o).contains("nope"), "{}", err(&o));
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn user_permit_and_limits() {
     use mailwarden::model::{Address, Protocol, Transaction};

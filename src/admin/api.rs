@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{code}/cease", post(cease_org))
         .route("/v1/orgs/{code}/relays", post(change_relays))
         .route("/v1/orgs/{code}/quota", post(set_org_quota))
+        .route("/v1/orgs/{code}/limits", get(show_org_limits))
         .route("/v1/users", get(list_users).post(create_user))
         .route(
             "/v1/users/import",
@@ -1192,7 +1193,20 @@ async fn limits_view(state: &AppState, addr: &Address) -> Result<Value, ApiError
             (Measure::Recipients, Window::Day) => limits.recipients_per_day,
         }
     };
-    let rows: Vec<Value> = counters
+    Ok(json!({
+        "address": addr.to_string(),
+        "bulk": account.bulk,
+        "recipients_per_message": limits.recipients_per_message,
+        "counters": counter_rows(&counters, limit),
+    }))
+}
+
+/// Counters as the API shows them, each with its limit (0: no limit).
+fn counter_rows(
+    counters: &[crate::store::CounterValue],
+    limit: impl Fn(&crate::store::Counter) -> u64,
+) -> Vec<Value> {
+    counters
         .iter()
         .map(|v| {
             json!({
@@ -1203,13 +1217,42 @@ async fn limits_view(state: &AppState, addr: &Address) -> Result<Value, ApiError
                 "window_end": rfc3339(v.window_end),
             })
         })
-        .collect();
-    Ok(json!({
-        "address": addr.to_string(),
-        "bulk": account.bulk,
-        "recipients_per_message": limits.recipients_per_message,
-        "counters": rows,
-    }))
+        .collect()
+}
+
+/// An organisation's sending counters now (all its accounts together, R14's `org_*`
+/// limits), with the limits in force (0: no limit; a counter without a limit is not kept
+/// per organisation, and shows 0).
+async fn show_org_limits(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(code): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Read, "look at organisations")?;
+    let org = find_org(&state, &code).await?;
+    let counters = state
+        .checker
+        .directory
+        .store()
+        .org_counters(&org.code, now())
+        .await?;
+    let snap = state.checker.snapshot();
+    let limits = crate::engine::rules::limits::Limits::from_rule(
+        &snap.policy.rule(crate::model::RuleId::R14),
+    );
+    let limit = |c: &crate::store::Counter| {
+        use crate::store::{Measure, Window};
+        match (c.measure, c.window) {
+            (Measure::Messages, Window::Hour) => limits.org_messages_per_hour,
+            (Measure::Messages, Window::Day) => limits.org_messages_per_day,
+            (Measure::Recipients, Window::Hour) => limits.org_recipients_per_hour,
+            (Measure::Recipients, Window::Day) => limits.org_recipients_per_day,
+        }
+    };
+    Ok(Json(json!({
+        "org": org.code,
+        "counters": counter_rows(&counters, limit),
+    })))
 }
 
 async fn show_limits(

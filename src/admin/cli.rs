@@ -102,6 +102,11 @@ pub enum OrgCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Show the organisation's sending counters (R14's per-organisation limits: all its
+    /// accounts together) in the current hour and day, with the limits in force. Only
+    /// counters with a limit are kept (the others show 0).
+    #[command(after_help = EXIT_CODES)]
+    Limits { code: String },
     /// Set the organisation's default storage quota in bytes (R13), or `none` to remove
     /// it: the quota of its accounts that have none of their own.
     #[command(after_help = EXIT_CODES)]
@@ -297,6 +302,11 @@ pub async fn org(client: &ClientArgs, cmd: OrgCommand) -> i32 {
             OrgCommand::List => {
                 let v = api.call(Method::GET, &["v1", "orgs"], None).await?;
                 Ok((v, Shape::Orgs))
+            }
+            OrgCommand::Limits { code } => {
+                let path = ["v1", "orgs", &code, "limits"];
+                let v = api.call(Method::GET, &path, None).await?;
+                Ok((v, Shape::Limits))
             }
             OrgCommand::Cease { code, reason, yes } => {
                 if !yes {
@@ -685,7 +695,7 @@ fn render(v: &Value, shape: &Shape) -> String {
             )
         }
         Shape::Limits => {
-            let mut out = record(v, &["address", "bulk", "recipients_per_message"]);
+            let mut out = record(v, &["org", "address", "bulk", "recipients_per_message"]);
             out.push_str(&table(
                 v.get("counters"),
                 &["counter", "count", "limit", "window_end"],
