@@ -21,6 +21,9 @@ enum Path {
     Milter,
     /// deploy/postfix/main.cf.both, mailwarden with `server.milter_envelope = "policy"`.
     Both,
+    /// main.cf.policy and main.cf.milter together: both front-ends judge the envelope (the
+    /// default `milter_envelope = "check"`), and the policy service the end of DATA too.
+    BothCheck,
 }
 
 impl Path {
@@ -29,6 +32,7 @@ impl Path {
             Path::Policy => "policy",
             Path::Milter => "milter",
             Path::Both => "both",
+            Path::BothCheck => "both, check",
         }
     }
 }
@@ -52,13 +56,14 @@ const OUTSIDE: &str = "friend@example.org";
 fn setup(path: Path, rules: &str) -> (Mailwarden, Postfix) {
     let mw = match path {
         Path::Both => Mailwarden::start_server("milter_envelope = \"policy\"", rules, &[]),
-        Path::Policy | Path::Milter => Mailwarden::start(rules),
+        Path::Policy | Path::Milter | Path::BothCheck => Mailwarden::start(rules),
     };
     populate(&mw);
     let wiring = match path {
         Path::Policy => Wiring::Policy(mw.bound.policy.clone()),
         Path::Milter => Wiring::Milter(mw.bound.milter.clone()),
         Path::Both => Wiring::BothByPolicy(mw.bound.policy.clone(), mw.bound.milter.clone()),
+        Path::BothCheck => Wiring::Both(mw.bound.policy.clone(), mw.bound.milter.clone()),
     };
     (mw, Postfix::start(wiring))
 }
@@ -143,7 +148,7 @@ fn unregistered_sender_refused(path: Path) {
     let rcpt = sent.reply("RCPT TO");
     let refusal = match path {
         Path::Milter => mail.clone(),
-        Path::Policy | Path::Both => {
+        Path::Policy | Path::Both | Path::BothCheck => {
             assert!(mail.starts_with("250"), "{}", sent.transcript);
             rcpt.clone().expect("RCPT sent after MAIL was accepted")
         }
@@ -158,7 +163,7 @@ fn unregistered_sender_refused(path: Path) {
     // swaks: 23 = MAIL refused, 24 = no recipient accepted.
     let expected_exit = match path {
         Path::Milter => 23,
-        Path::Policy | Path::Both => 24,
+        Path::Policy | Path::Both | Path::BothCheck => 24,
     };
     assert_eq!(sent.status, Some(expected_exit), "{}", sent.transcript);
     // A registered sender right after goes through: the refusal was about GHOST only.
@@ -551,10 +556,11 @@ fn quota_state(mw: &Mailwarden, address: &str) -> (Option<u64>, Option<u64>) {
 /// R13 at the end of DATA through Postfix: swaks announces no SIZE=, so a recipient with
 /// room left passes at RCPT, and the message, larger than that room, is refused after its
 /// data with `452 4.2.2`. A message that fits is delivered, and mailwarden adds its size to
-/// the recipient's usage, once. Along `path`: the policy service's END-OF-MESSAGE request
-/// (`smtpd_end_of_data_restrictions` of deploy/postfix/main.cf.policy), or, with both wired
-/// by deploy/postfix/main.cf.both, the milter's end of message (it measures the message; no
-/// policy request there).
+/// the recipient's usage, once. Along `path`, with the default `count_on = "auto"`: the
+/// policy service's END-OF-MESSAGE request (`smtpd_end_of_data_restrictions` of
+/// deploy/postfix/main.cf.policy, alone or with the milter too), or the milter's end of
+/// message (it measures the message) when the policy service is not asked there: wired
+/// alone, or by deploy/postfix/main.cf.both.
 fn r13_quota_at_end_of_data_and_usage_counted(path: Path) {
     let (mw, pf) = setup(path, "");
     // SOMSAK: the organisation's default quota, 1 000 bytes used of 1 200: room for 200,
@@ -617,7 +623,9 @@ fn r13_quota_at_end_of_data_and_usage_counted(path: Path) {
     };
     let (here, not) = match path {
         Path::Both | Path::Milter => ("milter", "policy"),
-        Path::Policy => ("policy", "milter"),
+        // Postfix asks the policy service first; the milter, told so, neither judges nor
+        // counts the message again.
+        Path::Policy | Path::BothCheck => ("policy", "milter"),
     };
     assert_eq!((judged(here), judged(not)), (1.0, 0.0), "{}", path.label());
     // Counted once: a second message adds its size again, no more.
@@ -640,6 +648,16 @@ fn policy_r13_quota_at_end_of_data_and_usage_counted() {
 #[test]
 fn both_wired_r13_quota_at_end_of_data_is_the_milters() {
     r13_quota_at_end_of_data_and_usage_counted(Path::Both);
+}
+
+#[test]
+fn milter_r13_quota_at_end_of_data_and_usage_counted() {
+    r13_quota_at_end_of_data_and_usage_counted(Path::Milter);
+}
+
+#[test]
+fn both_checking_r13_quota_at_end_of_data_is_the_policy_services_once() {
+    r13_quota_at_end_of_data_and_usage_counted(Path::BothCheck);
 }
 
 /// R14's organisation limits through Postfix: two accounts of one organisation share its
