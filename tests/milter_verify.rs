@@ -73,28 +73,30 @@ fn message<'a>(
 }
 
 #[tokio::test]
-async fn r7_asks_for_connect_helo_content_and_header_changes() {
+async fn r7_asks_for_helo_content_and_header_changes() {
     let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
     let m = Milter::spawn(&config(&silent, ""), seeded_store().await).await;
     let c = open(&m, "192.0.2.7").await;
     let opts = c.negotiated_opts();
     assert!(!opts.intersects(
-        ProtoOpts::NO_CONNECT
-            | ProtoOpts::NO_HELO
-            | ProtoOpts::NO_HEADER
-            | ProtoOpts::NO_EOH
-            | ProtoOpts::NO_BODY
+        ProtoOpts::NO_HELO | ProtoOpts::NO_HEADER | ProtoOpts::NO_EOH | ProtoOpts::NO_BODY
     ));
+    // The client address and name come as macros at MAIL: no CONNECT stage.
+    assert!(opts.contains(ProtoOpts::NO_CONNECT));
     assert!(
         c.negotiated_actions()
             .contains(Actions::ADD_HEADER | Actions::CHANGE_HEADER)
     );
-    // CONNECT and HELO are recorded, never judged: the MTA waits for no reply there.
-    assert!(opts.contains(ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO));
+    // HELO is recorded, never judged: the MTA waits for no reply there.
+    assert!(opts.contains(ProtoOpts::NOREPLY_HELO));
     c.close().await.unwrap();
     // An MTA without those options gets its replies (a missing one would stall the client
-    // until its timeout; a stray one would be read as the next stage's answer).
-    let offered = ProtoOpts::all() - ProtoOpts::NOREPLY_CONNECT - ProtoOpts::NOREPLY_HELO;
+    // until its timeout; a stray one would be read as the next stage's answer); one that
+    // cannot skip CONNECT gets an answer there too.
+    let offered = ProtoOpts::all()
+        - ProtoOpts::NOREPLY_CONNECT
+        - ProtoOpts::NOREPLY_HELO
+        - ProtoOpts::NO_CONNECT;
     let mut c = MtaConnection::open_offering(&m.addr, TIMEOUT, offered)
         .await
         .unwrap();

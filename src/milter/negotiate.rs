@@ -19,10 +19,11 @@ pub struct Features {
     pub headers: bool,
     /// Receive the body chunks. Needed by the DKIM signer (body hash) and content scanning.
     pub body: bool,
-    /// Receive CONNECT and HELO as stages of their own. Needed by rules that judge the HELO
-    /// name (SPF HELO, R7); the client address and TLS state also arrive as macros at MAIL.
-    /// Every stage skipped saves a round trip (and a wake-up of this daemon) per SMTP session.
-    pub connect_helo: bool,
+    /// Receive HELO as a stage of its own. Needed by rules that judge the HELO name (SPF
+    /// HELO, R7). CONNECT never is: the client address and name arrive as macros at MAIL
+    /// (asked for there), and the TLS state at HELO and MAIL. Every stage skipped saves a
+    /// packet and a wake-up of this daemon per SMTP session.
+    pub helo: bool,
     /// MAIL and RCPT are judged by the policy service (`server.milter_envelope =
     /// "policy"`): the milter reads them but asks for no reply, two round trips less.
     pub envelope_noreply: bool,
@@ -35,7 +36,7 @@ impl Default for Features {
             actions: ACTIONS,
             headers: false,
             body: false,
-            connect_helo: false,
+            helo: false,
             envelope_noreply: false,
         }
     }
@@ -78,8 +79,8 @@ impl Features {
         }
     }
 
-    /// What inbound verification (R7) needs on top: CONNECT and HELO (SPF checks the HELO
-    /// name and the client address), every header and the body (DKIM, DMARC, ARC), and the
+    /// What inbound verification (R7) needs on top: HELO (SPF checks the HELO name; the
+    /// client address comes at MAIL), every header and the body (DKIM, DMARC, ARC), and the
     /// actions to add our `Authentication-Results` (`ADD_HEADER`) and to delete forged ones
     /// claiming our authserv-id (`CHANGE_HEADER`, an empty value deletes).
     pub fn with_verify(self) -> Features {
@@ -87,7 +88,7 @@ impl Features {
             actions: self.actions | Actions::ADD_HEADER | Actions::CHANGE_HEADER,
             headers: true,
             body: true,
-            connect_helo: true,
+            helo: true,
             ..self
         }
     }
@@ -132,9 +133,10 @@ impl Features {
         }
         // DATA carries nothing a rule needs (the queue id is asked again at end of message,
         // which the MTA always sends), so it is never a stage of its own.
-        let mut skip = ProtoOpts::NO_UNKNOWN | ProtoOpts::NO_DATA;
-        if !self.connect_helo {
-            skip |= ProtoOpts::NO_CONNECT | ProtoOpts::NO_HELO;
+        // Nor is CONNECT: the client arrives as macros at MAIL.
+        let mut skip = ProtoOpts::NO_UNKNOWN | ProtoOpts::NO_DATA | ProtoOpts::NO_CONNECT;
+        if !self.helo {
+            skip |= ProtoOpts::NO_HELO;
         }
         if !self.headers {
             skip |= ProtoOpts::NO_HEADER | ProtoOpts::NO_EOH;
@@ -158,10 +160,14 @@ impl Features {
             // Likewise per body chunk: body verdicts (signing failures) come at end of message.
             opts |= ProtoOpts::NOREPLY_BODY & mta_opts;
         }
-        if self.connect_helo {
-            // CONNECT and HELO are only recorded (SPF's verdicts come at end of message):
-            // the MTA need not wait for an answer to either.
-            opts |= (ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO) & mta_opts;
+        if self.helo {
+            // HELO is only recorded (SPF's verdicts come at end of message): the MTA need
+            // not wait for an answer.
+            opts |= ProtoOpts::NOREPLY_HELO & mta_opts;
+        }
+        if !mta_opts.contains(ProtoOpts::NO_CONNECT) {
+            // An MTA that sends CONNECT anyway need not wait for an answer to it either.
+            opts |= ProtoOpts::NOREPLY_CONNECT & mta_opts;
         }
         if self.envelope_noreply {
             opts |= (ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT) & mta_opts;
@@ -237,15 +243,21 @@ mod tests {
     }
 
     #[test]
-    fn connect_and_helo_stages_when_a_rule_needs_them() {
+    fn the_helo_stage_when_a_rule_needs_it_never_connect() {
         let n = Features {
-            connect_helo: true,
+            helo: true,
             ..Features::default()
         }
         .negotiate(postfix_actions(), ProtoOpts::all())
         .unwrap();
-        assert!(!n.opts.contains(ProtoOpts::NO_CONNECT));
+        assert!(n.opts.contains(ProtoOpts::NO_CONNECT));
         assert!(!n.opts.contains(ProtoOpts::NO_HELO));
+        // An MTA that cannot skip CONNECT sends it without waiting for an answer.
+        let n = Features::default()
+            .negotiate(postfix_actions(), ProtoOpts::all() - ProtoOpts::NO_CONNECT)
+            .unwrap();
+        assert!(!n.opts.contains(ProtoOpts::NO_CONNECT));
+        assert!(n.opts.contains(ProtoOpts::NOREPLY_CONNECT));
     }
 
     #[test]
@@ -287,7 +299,7 @@ mod tests {
             actions: Actions::ADD_HEADER,
             headers: true,
             body: true,
-            connect_helo: false,
+            helo: false,
             envelope_noreply: false,
         };
         let n = dkim.negotiate(postfix_actions(), ProtoOpts::all()).unwrap();
@@ -338,7 +350,7 @@ mod tests {
     }
 
     #[test]
-    fn verification_asks_for_connect_helo_content_and_header_changes() {
+    fn verification_asks_for_helo_content_and_header_changes() {
         let n = Features::default()
             .with_verify()
             .negotiate(postfix_actions(), ProtoOpts::all())
@@ -348,7 +360,6 @@ mod tests {
             Actions::ADD_HEADER | Actions::CHANGE_HEADER | Actions::REQUEST_MACROS
         );
         for stage in [
-            ProtoOpts::NO_CONNECT,
             ProtoOpts::NO_HELO,
             ProtoOpts::NO_HEADER,
             ProtoOpts::NO_EOH,
@@ -356,11 +367,10 @@ mod tests {
         ] {
             assert!(!n.opts.contains(stage), "{stage:?} skipped");
         }
-        // CONNECT and HELO are only recorded: no reply asked where the MTA can do without.
-        assert!(
-            n.opts
-                .contains(ProtoOpts::NOREPLY_CONNECT | ProtoOpts::NOREPLY_HELO)
-        );
+        // The client address comes at MAIL: no CONNECT stage.
+        assert!(n.opts.contains(ProtoOpts::NO_CONNECT));
+        // HELO is only recorded: no reply asked where the MTA can do without.
+        assert!(n.opts.contains(ProtoOpts::NOREPLY_HELO));
         let without = ProtoOpts::all() - ProtoOpts::NOREPLY_CONNECT - ProtoOpts::NOREPLY_HELO;
         let n = Features::default()
             .with_verify()
