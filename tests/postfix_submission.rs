@@ -16,7 +16,10 @@ use common::smtp::{Sent, swaks, swaks_with};
 
 const CHAMPA: &str = "champa@mpt.gov.la";
 const OUTSIDE: &str = "friend@example.org";
-const EXTRA: &str = "smtpd_authorized_xclient_hosts = 127.0.0.1\nrelay_domains = example.org\n";
+// inet_protocols = all: Postfix takes IPv6 client addresses in XCLIENT only then (it still
+// listens on 127.0.0.1 alone).
+const EXTRA: &str = "smtpd_authorized_xclient_hosts = 127.0.0.1\nrelay_domains = example.org\n\
+                     inet_protocols = all\n";
 
 fn setup(wiring: impl Fn(&Mailwarden) -> Wiring) -> (Mailwarden, Postfix) {
     setup_with("", wiring)
@@ -82,6 +85,18 @@ fn check(pf: &Postfix, mw: &Mailwarden, command: &str, protocol: &str) {
     let local = swaks(&pf.server, CHAMPA, &[OUTSIDE]);
     assert!(local.queued(), "{}", local.transcript);
     pf.wait_delivered(&local.tag);
+    // IPv6 clients too (Postfix gives the milter `IPv6:2001:db8::7`, the policy service the
+    // bare address): ::1 is exempt, a documentation address is not.
+    let local6 = from_addr(pf, "IPv6:::1", CHAMPA, None);
+    assert!(local6.queued(), "{}", local6.transcript);
+    pf.wait_delivered(&local6.tag);
+    let outside6 = from_addr(pf, "IPv6:2001:db8::7", CHAMPA, None);
+    let reply = outside6.expect_reply(command);
+    assert!(
+        reply.starts_with("530 5.7.0 "),
+        "{reply}\n{}",
+        outside6.transcript
+    );
     assert_eq!(
         mw.sample(
             "mailwarden_verdicts_total",
@@ -92,7 +107,7 @@ fn check(pf: &Postfix, mw: &Mailwarden, command: &str, protocol: &str) {
                 ("protocol", protocol)
             ]
         ),
-        2.0
+        3.0
     );
 }
 

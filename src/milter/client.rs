@@ -291,8 +291,13 @@ impl MtaConnection {
             hostname: cstring(name),
             socket_info: SocketInfo::Inet(SocketAddr::new(ip, 0)),
         });
-        // Postfix knows these from the connection and sends them wherever they are asked.
-        self.env.insert("{client_addr}".into(), ip.to_string());
+        // Postfix knows these from the connection and sends them wherever they are asked,
+        // the address in its RFC 5321 form (`IPv6:` before an IPv6 address).
+        let addr = match ip {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("IPv6:{a}"),
+        };
+        self.env.insert("{client_addr}".into(), addr);
         self.env.insert("{client_name}".into(), name.to_owned());
         self.stage(
             ProtoOpts::NO_CONNECT,

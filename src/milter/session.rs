@@ -262,10 +262,7 @@ impl Session {
     pub fn connect(&mut self, hostname: &str, socket_ip: Option<IpAddr>, m: &impl MacroSource) {
         self.tx = Transaction::new(Protocol::Milter);
         self.end_message();
-        self.tx.client_addr = socket_ip.or_else(|| {
-            m.macro_value(c"{client_addr}")
-                .and_then(|a| a.trim().parse::<IpAddr>().ok())
-        });
+        self.tx.client_addr = socket_ip.or_else(|| client_addr(m));
         self.tx.client_name = m
             .macro_value(c"{client_name}")
             .and_then(|n| clean(&n))
@@ -292,9 +289,7 @@ impl Session {
         }
         // Without a CONNECT stage (skipped unless a rule needs it), the client arrives here.
         if self.tx.client_addr.is_none() {
-            self.tx.client_addr = m
-                .macro_value(c"{client_addr}")
-                .and_then(|a| a.trim().parse::<IpAddr>().ok());
+            self.tx.client_addr = client_addr(m);
         }
         if self.tx.client_name.is_none() {
             self.tx.client_name = m
@@ -535,6 +530,25 @@ impl Session {
     }
 }
 
+/// The client's address from the `{client_addr}` macro. Postfix gives an IPv6 client in its
+/// RFC 5321 form, `IPv6:2001:db8::1` (Sendmail likewise); an IPv4 one bare.
+fn client_addr(m: &impl MacroSource) -> Option<IpAddr> {
+    parse_client_addr(&m.macro_value(c"{client_addr}")?)
+}
+
+fn parse_client_addr(value: &str) -> Option<IpAddr> {
+    let v = value.trim();
+    let v = v
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(v);
+    let bare = match v.get(..5) {
+        Some(p) if p.eq_ignore_ascii_case("ipv6:") => &v[5..],
+        _ => v,
+    };
+    bare.parse().ok()
+}
+
 /// The header section is larger than [`MAX_HEADER_BLOCK`]: it was not kept, so it cannot
 /// be signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -625,6 +639,30 @@ mod tests {
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn client_addresses_are_read_in_postfix_s_forms() {
+        for (value, want) in [
+            ("192.0.2.7", Some("192.0.2.7")),
+            (" 192.0.2.7 ", Some("192.0.2.7")),
+            ("IPv6:2001:db8::7", Some("2001:db8::7")),
+            ("ipv6:::1", Some("::1")),
+            ("[IPv6:2001:db8::7]", Some("2001:db8::7")),
+            ("2001:db8::7", Some("2001:db8::7")),
+            ("unknown", None),
+            ("IPv6:", None),
+            ("", None),
+        ] {
+            let want = want.map(|w| w.parse::<IpAddr>().unwrap());
+            assert_eq!(parse_client_addr(value), want, "{value:?}");
+        }
+        // At MAIL, without a CONNECT stage.
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        let m = macros(&[("{client_addr}", "IPv6:2001:db8::7")]);
+        s.mail(&args(&["<champa@mpt.gov.la>"]), &m).unwrap();
+        assert_eq!(s.tx.client_addr, Some("2001:db8::7".parse().unwrap()));
     }
 
     #[test]
