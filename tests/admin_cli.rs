@@ -452,11 +452,35 @@ async fn org_relays_lists_adds_and_removes() {
     api.stop().await;
 }
 
+/// One message from `login` (SASL) to two outside recipients, through the mail path.
+async fn send_two(api: &Api, login: &str) {
+    use mailwarden::model::{Address, Protocol, Transaction};
+    let mut tx = Transaction::new(Protocol::Policy);
+    tx.sasl_username = Some(login.into());
+    for (i, to) in ["a@example.org", "b@example.org"].iter().enumerate() {
+        tx.rcpts_accepted = i;
+        let d = api
+            .checker
+            .check_rcpt(&tx, &Address::parse(to).unwrap())
+            .await;
+        assert_eq!(d.action, mailwarden::model::Action::Continue);
+    }
+}
+
+/// The cells of the row of the `limits` table that starts with `name`.
+fn limits_row(text: &str, name: &str) -> Vec<String> {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name} row in:\n{text}"))
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// `org limits CODE`: the organisation's counters (all its accounts together) with the
 /// per-organisation limits in force.
 #[tokio::test]
 async fn org_limits_show_the_organisation_s_counters() {
-    use mailwarden::model::{Address, Protocol, Transaction};
     let api = Api::start_with(|c, _| {
         c.rules.insert(
             "R14".into(),
@@ -472,30 +496,13 @@ async fn org_limits_show_the_organisation_s_counters() {
     for who in ["champa@mpt.gov.la", "bounmy@mpt.gov.la"] {
         let o = run(u, WRITE, &["user", "add", who, "--kind", "person"]).await;
         assert_eq!(code(&o), 0, "{}", err(&o));
-        // One message with two recipients each.
-        let mut tx = Transaction::new(Protocol::Policy);
-        tx.sasl_username = Some(who.into());
-        for (i, to) in ["a@example.org", "b@example.org"].iter().enumerate() {
-            tx.rcpts_accepted = i;
-            let d = api
-                .checker
-                .check_rcpt(&tx, &Address::parse(to).unwrap())
-                .await;
-            assert_eq!(d.action, mailwarden::model::Action::Continue);
-        }
+        send_two(&api, who).await;
     }
     let o = run(u, READ, &["org", "limits", "mpt"]).await;
     assert_eq!(code(&o), 0, "{}", err(&o));
     let text = out(&o);
     assert!(text.starts_with("org"), "{text}");
-    let row = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .unwrap_or_else(|| panic!("no {name} row in:\n{text}"))
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let row = |name: &str| limits_row(&text, name);
     assert_eq!(row("messages:hour")[1..3], ["2", "5"], "{text}");
     // Only counters with a limit are kept per organisation (no cost for the others).
     assert_eq!(row("recipients:hour")[1..3], ["0", "0"], "{text}");
@@ -511,7 +518,6 @@ async fn org_limits_show_the_organisation_s_counters() {
 
 #[tokio::test]
 async fn user_permit_and_limits() {
-    use mailwarden::model::{Address, Protocol, Transaction};
     let api = Api::start().await;
     let u = api.url.as_str();
     api.mpt().await;
@@ -523,28 +529,12 @@ async fn user_permit_and_limits() {
     .await;
     assert_eq!(code(&o), 0, "{}", err(&o));
     // One message with two recipients through the mail path.
-    let mut tx = Transaction::new(Protocol::Policy);
-    tx.sasl_username = Some("champa@mpt.gov.la".into());
-    for (i, to) in ["a@example.org", "b@example.org"].iter().enumerate() {
-        tx.rcpts_accepted = i;
-        let d = api
-            .checker
-            .check_rcpt(&tx, &Address::parse(to).unwrap())
-            .await;
-        assert_eq!(d.action, mailwarden::model::Action::Continue);
-    }
+    send_two(&api, "champa@mpt.gov.la").await;
 
     let o = run(u, READ, &["user", "limits", "champa@mpt.gov.la"]).await;
     assert_eq!(code(&o), 0, "{}", err(&o));
     let text = out(&o);
-    let row = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .unwrap_or_else(|| panic!("no {name} row in:\n{text}"))
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let row = |name: &str| limits_row(&text, name);
     assert_eq!(row("messages:hour")[1..3], ["1", "100"], "{text}");
     assert_eq!(row("recipients:day")[1..3], ["2", "1000"], "{text}");
 

@@ -1184,27 +1184,18 @@ async fn limits_view(state: &AppState, addr: &Address) -> Result<Value, ApiError
     let limits = crate::engine::rules::limits::Limits::from_rule(
         &snap.policy.rule(crate::model::RuleId::R14),
     );
-    let limit = |c: &crate::store::Counter| {
-        use crate::store::{Measure, Window};
-        match (c.measure, c.window) {
-            (Measure::Messages, Window::Hour) => limits.messages_per_hour,
-            (Measure::Messages, Window::Day) => limits.messages_per_day,
-            (Measure::Recipients, Window::Hour) => limits.recipients_per_hour,
-            (Measure::Recipients, Window::Day) => limits.recipients_per_day,
-        }
-    };
     Ok(json!({
         "address": addr.to_string(),
         "bulk": account.bulk,
         "recipients_per_message": limits.recipients_per_message,
-        "counters": counter_rows(&counters, limit),
+        "counters": counter_rows(&counters, |c| limits.limit(c)),
     }))
 }
 
 /// Counters as the API shows them, each with its limit (0: no limit).
 fn counter_rows(
     counters: &[crate::store::CounterValue],
-    limit: impl Fn(&crate::store::Counter) -> u64,
+    limit: impl Fn(crate::store::Counter) -> Option<u64>,
 ) -> Vec<Value> {
     counters
         .iter()
@@ -1212,7 +1203,7 @@ fn counter_rows(
             json!({
                 "counter": v.counter.name(),
                 "count": v.count,
-                "limit": limit(&v.counter),
+                "limit": limit(v.counter).unwrap_or(0),
                 "window_start": rfc3339(v.window_start),
                 "window_end": rfc3339(v.window_end),
             })
@@ -1240,18 +1231,9 @@ async fn show_org_limits(
     let limits = crate::engine::rules::limits::Limits::from_rule(
         &snap.policy.rule(crate::model::RuleId::R14),
     );
-    let limit = |c: &crate::store::Counter| {
-        use crate::store::{Measure, Window};
-        match (c.measure, c.window) {
-            (Measure::Messages, Window::Hour) => limits.org_messages_per_hour,
-            (Measure::Messages, Window::Day) => limits.org_messages_per_day,
-            (Measure::Recipients, Window::Hour) => limits.org_recipients_per_hour,
-            (Measure::Recipients, Window::Day) => limits.org_recipients_per_day,
-        }
-    };
     Ok(Json(json!({
         "org": org.code,
-        "counters": counter_rows(&counters, limit),
+        "counters": counter_rows(&counters, |c| limits.org_limit(c)),
     })))
 }
 

@@ -613,13 +613,18 @@ mod tests {
 
     /// An end-of-message answer (a header inserted, then the final reply) leaves in one
     /// write; replies, progress and option negotiation are never held.
-    #[tokio::test]
-    async fn modifications_leave_with_the_reply_that_follows_them() {
-        use tokio::io::AsyncWriteExt as _;
+    /// A milter stream over a Unix socket pair, and the MTA's end (non-blocking).
+    fn stream_pair() -> (MtaStream<UnixStream>, std::os::unix::net::UnixStream) {
         let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         peer.set_nonblocking(true).unwrap();
-        let mut milter = MtaStream::new(UnixStream::from_std(ours).unwrap());
+        (MtaStream::new(UnixStream::from_std(ours).unwrap()), peer)
+    }
+
+    #[tokio::test]
+    async fn modifications_leave_with_the_reply_that_follows_them() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut milter, peer) = stream_pair();
         let write = async |m: &mut MtaStream<UnixStream>, p: &[u8]| {
             m.write_all(p).await.unwrap();
             m.flush().await.unwrap();
@@ -662,10 +667,7 @@ mod tests {
     #[tokio::test]
     async fn held_modifications_are_bounded() {
         use tokio::io::AsyncWriteExt as _;
-        let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        peer.set_nonblocking(true).unwrap();
-        let mut milter = MtaStream::new(UnixStream::from_std(ours).unwrap());
+        let (mut milter, peer) = stream_pair();
         let header = packet(b'h', &vec![b'x'; 1000]);
         let mut wrote = 0;
         while wrote <= MAX_HELD {

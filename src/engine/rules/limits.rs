@@ -67,7 +67,8 @@ impl Limits {
         }
     }
 
-    fn org_limit(&self, counter: Counter) -> Option<u64> {
+    /// The per-organisation limit on `counter`; `None` when there is none.
+    pub fn org_limit(&self, counter: Counter) -> Option<u64> {
         let l = match (counter.measure, counter.window) {
             (Measure::Messages, Window::Hour) => self.org_messages_per_hour,
             (Measure::Messages, Window::Day) => self.org_messages_per_day,
@@ -77,7 +78,8 @@ impl Limits {
         (l > 0).then_some(l)
     }
 
-    fn limit(&self, counter: Counter) -> Option<u64> {
+    /// The per-account limit on `counter`; `None` when there is none.
+    pub fn limit(&self, counter: Counter) -> Option<u64> {
         let l = match (counter.measure, counter.window) {
             (Measure::Messages, Window::Hour) => self.messages_per_hour,
             (Measure::Messages, Window::Day) => self.messages_per_day,
