@@ -460,17 +460,8 @@ async fn shutdown_finishes_the_message_in_flight_and_refuses_new_ones() {
     // The message in flight completes normally, recipient checks included.
     let r = busy.rcpt("<somsak@mpt.gov.la>", &[]).await.unwrap();
     assert!(text(&r).starts_with("550 5.2.1 "));
-    assert_eq!(
-        busy.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap(),
-        Status::Continue
-    );
-    assert_eq!(busy.content(&[], b"", &[]).await.unwrap(), Status::Continue);
-    assert_eq!(busy.eom(&[]).await.unwrap(), Status::Continue);
-
     // Then every session ends and the drain completes.
-    tokio::time::timeout(TIMEOUT, m.sessions.wait())
-        .await
-        .expect("drain completes once no message is in flight");
+    complete_and_drain(&mut busy, &m.sessions).await;
     assert!(
         m.checker
             .metrics
@@ -479,6 +470,20 @@ async fn shutdown_finishes_the_message_in_flight_and_refuses_new_ones() {
     );
     // The idle connection was closed by the milter.
     assert!(idle.mail(&["<champa@mpt.gov.la>"], &[]).await.is_err());
+}
+
+/// Finishes `busy`'s message in flight (a recipient that may receive, content, end of
+/// message: all let through) and waits until the drain completes.
+async fn complete_and_drain(busy: &mut MtaConnection, sessions: &tokio_util::task::TaskTracker) {
+    assert_eq!(
+        busy.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(busy.content(&[], b"", &[]).await.unwrap(), Status::Continue);
+    assert_eq!(busy.eom(&[]).await.unwrap(), Status::Continue);
+    tokio::time::timeout(TIMEOUT, sessions.wait())
+        .await
+        .expect("drain completes once no message is in flight");
 }
 
 /// With the envelope left to the policy service (`milter_envelope = "policy"`), MAIL gets
@@ -518,16 +523,8 @@ async fn shutdown_refuses_new_messages_at_end_of_data_when_mail_gets_no_reply() 
     assert!(is_tempfail(&eom), "{eom:?}");
     assert!(text(&eom).starts_with("421 4.3.2 "), "{}", text(&eom));
 
-    // The message in flight is answered normally.
-    assert_eq!(
-        busy.rcpt("<bounmy@mpt.gov.la>", &[]).await.unwrap(),
-        Status::Continue
-    );
-    assert_eq!(busy.content(&[], b"", &[]).await.unwrap(), Status::Continue);
-    assert_eq!(busy.eom(&[]).await.unwrap(), Status::Continue);
-    tokio::time::timeout(TIMEOUT, m.sessions.wait())
-        .await
-        .expect("drain completes once no message is in flight");
+    // The message in flight is answered normally, and the drain completes.
+    complete_and_drain(&mut busy, &m.sessions).await;
     // The idle connection was closed by the milter (MAIL has no reply: the first answer
     // awaited, at end of message, finds the connection gone).
     assert!(
