@@ -37,7 +37,7 @@ pub struct Signing {
     pub domain: Option<String>,
     pub plan: SigningPlan,
     /// A pass for a message not signed is not recorded yet: the message's end-of-message
-    /// decision is R7's when it is verified, else this one ([`Checker::record_not_signed`]).
+    /// decision is R7's when it is verified, else this one ([`Checker::record_signing`]).
     /// Each message counts one end-of-message decision.
     elapsed: std::time::Duration,
     recorded: bool,
@@ -545,19 +545,20 @@ impl Checker {
         let auto = counts_auto(&snap, RuleId::R13);
         let queue_id = tx.queue_id.as_deref().filter(|q| !q.is_empty());
         let server = &snap.config.server;
-        match (tx.protocol, queue_id) {
-            (Protocol::Policy, Some(q)) if auto && !server.milter_listen.is_empty() => {
-                self.handoff.message_judged(q);
-            }
-            (Protocol::Milter, Some(q))
-                if auto && !server.policy_listen.is_empty() && self.handoff.take_message(q) =>
-            {
+        if let (Protocol::Milter, Some(q)) = (tx.protocol, queue_id) {
+            if auto && !server.policy_listen.is_empty() && self.handoff.take_message(q) {
                 return EndOfMessage::pass();
             }
-            _ => {}
         }
         if recipients.is_empty() {
             return EndOfMessage::pass();
+        }
+        // Judged here (the policy service knows the message's recipients): the milter need
+        // not judge it again.
+        if let (Protocol::Policy, Some(q)) = (tx.protocol, queue_id) {
+            if auto && !server.milter_listen.is_empty() {
+                self.handoff.message_judged(q);
+            }
         }
         let start = Instant::now();
         let mut seen = std::collections::HashSet::new();
@@ -863,13 +864,10 @@ impl Checker {
         signing
     }
 
-    /// Records R6's decision for a message not signed and not verified by R7 (see
-    /// [`Signing`]); nothing when already recorded.
-    pub fn record_not_signed(&self, tx: &Transaction, signing: &mut Signing) {
-        self.record_signing(tx, signing);
-    }
-
-    fn record_signing(&self, tx: &Transaction, signing: &mut Signing) {
+    /// Records R6's decision as the message's end-of-message decision (see [`Signing`]): by
+    /// the milter for a message neither signed nor verified by R7. Nothing when already
+    /// recorded.
+    pub fn record_signing(&self, tx: &Transaction, signing: &mut Signing) {
         if !std::mem::replace(&mut signing.recorded, true) {
             telemetry::record_decision(
                 &self.metrics,

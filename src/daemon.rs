@@ -237,25 +237,22 @@ impl Daemon {
                         tracing::warn!(key, old = %a, new = %b, "changing this key needs a restart; keeping the old value");
                     }
                 }
+                let mut new = new;
                 // The admin API's certificate is read again (renewed in place, or new paths);
                 // switching TLS on or off needs a restart (the CLI's scheme follows it).
-                let (old_tls, new_tls) = (&old.config.admin, &new.admin);
-                if old_tls.tls_cert.is_some() != new_tls.tls_cert.is_some() {
+                if old.config.admin.tls_cert.is_some() != new.admin.tls_cert.is_some() {
                     tracing::warn!(
                         key = "admin.tls_cert",
                         "turning the admin API's TLS on or off needs a restart; keeping the old setting"
                     );
-                } else if let (Some(cert), Some(key)) = (&new_tls.tls_cert, &new_tls.tls_key) {
+                    new.admin.tls_cert = old.config.admin.tls_cert.clone();
+                    new.admin.tls_key = old.config.admin.tls_key.clone();
+                } else if let (Some(cert), Some(key)) = (&new.admin.tls_cert, &new.admin.tls_key) {
                     if let Err(e) = crate::admin::tls_server_config(cert, key) {
                         self.checker.metrics.count_reload(false);
                         tracing::error!("configuration not reloaded: {e}");
                         return;
                     }
-                }
-                let mut new = new;
-                if old.config.admin.tls_cert.is_some() != new.admin.tls_cert.is_some() {
-                    new.admin.tls_cert = old.config.admin.tls_cert.clone();
-                    new.admin.tls_key = old.config.admin.tls_key.clone();
                 }
                 new.server.milter_listen = old.config.server.milter_listen.clone();
                 new.server.policy_listen = old.config.server.policy_listen.clone();

@@ -359,7 +359,7 @@ async fn eoh_verdict(s: &Shared, sess: &mut Session) -> Action {
             }
         }
         if !verified {
-            s.checker.record_not_signed(&sess.tx, &mut signing);
+            s.checker.record_signing(&sess.tx, &mut signing);
         }
         return Action::Continue;
     }
