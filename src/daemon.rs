@@ -304,3 +304,56 @@ async fn health_loop(checker: Arc<Checker>, shutdown: CancellationToken) {
         checker.metrics.set_store_up(ok);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config on the embedded store in `dir`, the admin API on HTTPS with `cert`/`key`.
+    fn config_text(dir: &std::path::Path, cert: &str, key: &str) -> String {
+        format!(
+            "[server]\nmilter_listen = \"\"\npolicy_listen = \"inet:127.0.0.1:0\"\n\
+             [store]\nurl = \"sqlite:{d}/store.db\"\n\
+             [admin]\nlisten = \"inet:127.0.0.1:0\"\naudit_log = \"{d}/audit.jsonl\"\n\
+             tls_cert = \"{d}/{cert}\"\ntls_key = \"{d}/{key}\"\n",
+            d = dir.display()
+        )
+    }
+
+    /// A reload whose admin certificate does not load is refused as a whole (the key named
+    /// in the log, counted), and the configuration in force stays; a good one is taken.
+    #[tokio::test]
+    async fn a_reload_with_an_unloadable_admin_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("bad.pem"), "not a certificate").unwrap();
+        let path = dir.path().join("mailwarden.toml");
+        std::fs::write(&path, config_text(dir.path(), "cert.pem", "key.pem")).unwrap();
+        let daemon = Daemon::start(Config::load(&path).unwrap(), Some(path.clone()))
+            .await
+            .unwrap();
+        let reloads = |result: &str| {
+            let text = daemon.checker.metrics.encode();
+            let needle = format!("mailwarden_config_reloads_total{{result=\"{result}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(needle.as_str()))
+                .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+        };
+
+        std::fs::write(&path, config_text(dir.path(), "bad.pem", "key.pem")).unwrap();
+        let before = daemon.checker.snapshot();
+        daemon.reload();
+        assert_eq!(reloads("error"), 1.0);
+        assert!(Arc::ptr_eq(&before, &daemon.checker.snapshot()), "kept");
+
+        std::fs::write(&path, config_text(dir.path(), "cert.pem", "key.pem")).unwrap();
+        daemon.reload();
+        assert_eq!(reloads("ok"), 1.0);
+        assert!(
+            !Arc::ptr_eq(&before, &daemon.checker.snapshot()),
+            "swapped in"
+        );
+    }
+}
