@@ -805,6 +805,21 @@ impl Config {
                     "says which front-end counts: only [rules.R13] and [rules.R14] count".into(),
                 );
             }
+            // Naming a front-end this daemon does not serve: nothing would count.
+            let (front_end, listen) = match table.count_on {
+                Some(CountOn::Policy) => ("policy", &self.server.policy_listen),
+                Some(CountOn::Milter) => ("milter", &self.server.milter_listen),
+                _ => ("", &self.server.policy_listen),
+            };
+            if !front_end.is_empty() && listen.is_empty() {
+                err(
+                    &format!("rules.{name}.count_on"),
+                    format!(
+                        "\"{front_end}\" but server.{front_end}_listen is empty: nothing would \
+                         apply or count it (\"auto\" counts on whichever front-end sees the mail)"
+                    ),
+                );
+            }
             let r15_keys = [
                 ("burst_factor", table.burst_factor),
                 ("burst_floor", table.burst_floor),

@@ -320,6 +320,32 @@ fn quota_keys_belong_to_r13_and_count_on_to_the_counting_rules() {
     assert!(errs[0].reason.contains("count_deliveries"), "{errs:?}");
 }
 
+/// Counting on a front-end the daemon does not serve would count nothing: refused, naming
+/// the key.
+#[test]
+fn count_on_must_name_a_served_front_end() {
+    let errs =
+        Config::from_toml("[server]\npolicy_listen = \"\"\n[rules.R14]\ncount_on = \"policy\"\n")
+            .unwrap_err();
+    assert_eq!(errs[0].key, "rules.R14.count_on", "{errs:?}");
+    assert!(
+        errs[0].reason.contains("server.policy_listen is empty"),
+        "{errs:?}"
+    );
+    let errs =
+        Config::from_toml("[server]\nmilter_listen = \"\"\n[rules.R13]\ncount_on = \"milter\"\n")
+            .unwrap_err();
+    assert_eq!(errs[0].key, "rules.R13.count_on", "{errs:?}");
+    // "auto" with one front-end, and a served front-end named: fine.
+    for toml in [
+        "[server]\npolicy_listen = \"\"\n[rules.R14]\ncount_on = \"auto\"\n",
+        "[server]\npolicy_listen = \"\"\n[rules.R14]\ncount_on = \"milter\"\n",
+        "[server]\nmilter_listen = \"\"\n[rules.R13]\ncount_on = \"policy\"\n",
+    ] {
+        assert!(Config::from_toml(toml).is_ok(), "{toml}");
+    }
+}
+
 #[test]
 fn organisation_limits_belong_to_r14_and_are_off_by_default() {
     let c = Config::from_toml("").unwrap();
