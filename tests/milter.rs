@@ -472,6 +472,22 @@ async fn shutdown_finishes_the_message_in_flight_and_refuses_new_ones() {
     assert!(idle.mail(&["<champa@mpt.gov.la>"], &[]).await.is_err());
 }
 
+/// A milter with `server.milter_envelope = "policy"` and a connection to it, which agreed to
+/// send MAIL and RCPT without waiting for a reply.
+async fn envelope_by_policy() -> (Milter, MtaConnection) {
+    let m = Milter::spawn(
+        "[server]\nmilter_envelope = \"policy\"\n",
+        seeded_store().await,
+    )
+    .await;
+    let c = open(&m).await;
+    assert!(
+        c.negotiated_opts()
+            .contains(ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT)
+    );
+    (m, c)
+}
+
 /// Finishes `busy`'s message in flight (a recipient that may receive, content, end of
 /// message: all let through) and waits until the drain completes.
 async fn complete_and_drain(busy: &mut MtaConnection, sessions: &tokio_util::task::TaskTracker) {
@@ -491,17 +507,8 @@ async fn complete_and_drain(busy: &mut MtaConnection, sessions: &tokio_util::tas
 /// DATA instead (nothing accepted), and the drain still completes.
 #[tokio::test]
 async fn shutdown_refuses_new_messages_at_end_of_data_when_mail_gets_no_reply() {
-    let m = Milter::spawn(
-        "[server]\nmilter_envelope = \"policy\"\n",
-        seeded_store().await,
-    )
-    .await;
+    let (m, mut idle) = envelope_by_policy().await;
     let mut busy = open(&m).await;
-    let mut idle = open(&m).await;
-    assert!(
-        idle.negotiated_opts()
-            .contains(ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT)
-    );
     // A message in flight keeps the drain (and so the idle connection) open. MAIL gets no
     // reply to wait for: give the milter a moment to read it.
     assert_eq!(
@@ -838,16 +845,7 @@ async fn the_end_of_headers_verdict_comes_at_end_of_message_without_a_reply_ther
 /// still judged here, with the verdict at end of message.
 #[tokio::test]
 async fn with_the_envelope_left_to_policy_mail_and_rcpt_are_read_not_answered() {
-    let m = Milter::spawn(
-        "[server]\nmilter_envelope = \"policy\"\n",
-        seeded_store().await,
-    )
-    .await;
-    let mut c = open(&m).await;
-    assert!(
-        c.negotiated_opts()
-            .contains(ProtoOpts::NOREPLY_MAIL | ProtoOpts::NOREPLY_RCPT)
-    );
+    let (m, mut c) = envelope_by_policy().await;
     // A suspended recipient is the policy service's to refuse (Postfix asks it first and
     // never hands a refused recipient to the milter): nothing is answered here. A stray
     // reply would be read as the next stage's answer and fail the checks below.
