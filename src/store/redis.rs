@@ -41,12 +41,16 @@
 //!
 //! `<start>` is the window's start (Unix seconds); a key expires one window after its
 //! window ends, so old windows clean themselves up. The mailbox usage (R13) is
-//! `P:usage:<address>/quota/storage`, a decimal byte count: a report of the mailbox server
+//! `P.usage.<address>/quota/storage`, a decimal byte count: a report of the mailbox server
 //! SETs it (the last report wins), a delivery counted by mailwarden INCRBYs it (atomic, so
-//! instances counting at once lose nothing; a missing key counts from 0). That is the key Dovecot's `quota_clone` plugin writes with
-//! `quota_clone_dict = redis:...:prefix=P:usage:` (its redis dict stores the private key
-//! `priv/quota/storage` of user U as `<prefix>U/quota/storage`), so Dovecot can report usage
-//! straight into the store; it is read with a single GET, so it needs no hash tag.
+//! instances counting at once lose nothing; a missing key counts from 0). That is the key
+//! Dovecot's `quota_clone` plugin writes with `quota_clone_dict =
+//! redis:...:prefix=P.usage.` (its redis dict stores the private key `priv/quota/storage` of
+//! user U as `<prefix>U/quota/storage`), so Dovecot can report usage straight into the store;
+//! it is read with a single GET, so it needs no hash tag. Dots, not colons, after `P`:
+//! Dovecot splits its dict settings at every `:`, so its `prefix=` can hold none (a prefix
+//! `P:usage:` fails there with "dict redis: Unknown parameter"; `tests/dovecot.rs` runs the
+//! real Dovecot).
 //! The countries an account logged in from (R16) are the hash `P:{acct:<address>}:countries`,
 //! country code -> first seen (Unix seconds); one script reads the known ones and adds the
 //! new one (HKEYS + HSETNX), so only one of several racing instances sees a country as new.
@@ -597,9 +601,10 @@ impl Keys {
     /// A sending counter of `address` (R14) in the window starting at `window_start`. The
     /// hash tag is per account: all counters of one account are in one slot (one script),
     /// different accounts spread over the cluster.
-    /// The mailbox usage of `address` in bytes (R13), in the account's slot.
+    /// The mailbox usage of `address` in bytes (R13): the key Dovecot's quota_clone writes
+    /// (see the module docs for why it has no colon after the prefix).
     fn usage(&self, address: &str) -> String {
-        format!("{}:usage:{address}/quota/storage", self.prefix)
+        format!("{}.usage.{address}/quota/storage", self.prefix)
     }
     /// The countries `address` logged in from (R16): a hash country -> first seen (Unix
     /// seconds), in the account's slot.

@@ -13,6 +13,7 @@
 pub mod daemon;
 pub mod dkim;
 pub mod dns;
+pub mod dovecot;
 pub mod milter;
 pub mod mmdb;
 pub mod postfix;

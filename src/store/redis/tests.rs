@@ -835,10 +835,11 @@ async fn unknown_stored_values_are_corrupt_and_left_alone() {
 }
 
 /// Dovecot's `quota_clone` plugin, configured as the README says
-/// (`quota_clone_dict = redis:host=H:port=P:prefix=<prefix>:usage:`), stores user U's
+/// (`quota_clone_dict = redis:host=H:port=P:prefix=<prefix>.usage.`), stores user U's
 /// private key `priv/quota/storage` as `<dict prefix>U/quota/storage` (dict-redis: the user
 /// name, '/', the key without `priv/`) with a plain SET. mailwarden reads exactly that key,
-/// and a later report (ours or Dovecot's) replaces the value.
+/// and a later report (ours or Dovecot's) replaces the value. (`tests/dovecot.rs` does the
+/// same with the real Dovecot.)
 #[tokio::test]
 async fn usage_written_by_dovecot_quota_clone_is_read() {
     let s = standalone().await;
@@ -849,7 +850,7 @@ async fn usage_written_by_dovecot_quota_clone_is_read() {
     let user = "champa@mpt.gov.la";
     assert_eq!(store.usage(&addr(user)).await.unwrap(), None);
     // What Dovecot's dict-redis sends for dict_set("priv/quota/storage", "123456789").
-    let dict_prefix = format!("{prefix}:usage:");
+    let dict_prefix = format!("{prefix}.usage.");
     let dovecot_key = format!("{dict_prefix}{user}/quota/storage");
     let _: () = query(s.port(), cmd("SET").arg(&dovecot_key).arg("123456789"))
         .await
