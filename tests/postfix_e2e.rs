@@ -703,3 +703,55 @@ fn unix_sockets_carry_both_protocols() {
         assert_eq!(pf.wait_delivered(&sent.tag).rcpts, [OUTSIDE]);
     }
 }
+
+/// `deploy/postfix/master.cf`'s recipe for Unix sockets with a chrooted smtpd (Debian's
+/// default): the sockets in a setgid directory of group postfix inside the queue directory,
+/// mailwarden's default `socket_mode` (0660), and main.cf naming them relative to the chroot
+/// (`unix:/mailwarden/...`). Both protocols are reached and judge (the suspended recipient is
+/// refused by each), with smtpd and cleanup chrooted.
+#[test]
+fn chrooted_smtpd_reaches_the_unix_sockets_as_master_cf_says() {
+    use std::os::unix::fs::PermissionsExt;
+    for (wiring, protocol) in [
+        (
+            Wiring::Policy("unix:/mailwarden/policy.sock".into()),
+            "policy",
+        ),
+        (
+            Wiring::Milter("unix:/mailwarden/milter.sock".into()),
+            "milter",
+        ),
+    ] {
+        // Postfix connects to its milters and policy services per session: it may start first.
+        let pf = Postfix::start_chrooted(wiring, "");
+        let sockets = pf.spool().join("mailwarden");
+        // install -d -o mailwarden -g postfix -m 2750 /var/spool/postfix/mailwarden
+        // (the daemon runs as root here).
+        std::fs::create_dir(&sockets).unwrap();
+        let st = std::process::Command::new("chgrp")
+            .arg("postfix")
+            .arg(&sockets)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o2750)).unwrap();
+        let d = sockets.display();
+        let mw = Mailwarden::start_listening(
+            &format!(
+                "milter_listen = \"unix:{d}/milter.sock\"\npolicy_listen = \"unix:{d}/policy.sock\""
+            ),
+            "",
+        );
+        populate(&mw);
+        let sent = swaks(&pf.server, CHAMPA, &[CABINET, OUTSIDE]);
+        let reply = sent.expect_reply(&format!("RCPT TO:<{CABINET}>"));
+        assert!(
+            reply.starts_with("550 5.2.1"),
+            "{protocol}: {reply:?}\n{}\nmaillog:\n{}",
+            sent.transcript,
+            pf.maillog()
+        );
+        assert!(sent.queued(), "{}", sent.transcript);
+        assert_eq!(pf.wait_delivered(&sent.tag).rcpts, [OUTSIDE]);
+    }
+}

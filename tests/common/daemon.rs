@@ -32,26 +32,39 @@ pub struct Mailwarden {
 }
 
 fn config_text(dir: &std::path::Path, store: Option<&str>, rules: &str) -> String {
-    config_text_on(dir, store, false, "", rules)
+    config_text_on(dir, store, Listen::Tcp, "", rules)
 }
 
-/// The test config; `unix`: the milter and policy listeners on Unix-domain sockets in `dir`
-/// (mode 0666, for Postfix's smtpd running as user postfix) instead of loopback TCP.
+/// Where the test daemon's milter and policy services listen.
+#[derive(Clone, Copy)]
+enum Listen<'a> {
+    /// Free ports on 127.0.0.1.
+    Tcp,
+    /// Unix-domain sockets in the daemon's directory, mode 0666.
+    Unix,
+    /// These `[server]` lines (`milter_listen`, `policy_listen`, maybe `socket_mode`).
+    At(&'a str),
+}
+
+/// The test config, listening as `listen` says, on the store at `store` (else an SQLite
+/// file in `dir`).
 fn config_text_on(
     dir: &std::path::Path,
     store: Option<&str>,
-    unix: bool,
+    listen: Listen,
     server: &str,
     rules: &str,
 ) -> String {
     let d = dir.display();
     let store = store.map_or_else(|| format!("sqlite:{d}/mw.db"), str::to_owned);
-    let listen = if unix {
-        format!(
+    let listen = match listen {
+        Listen::Unix => format!(
             "milter_listen = \"unix:{d}/milter.sock\"\npolicy_listen = \"unix:{d}/policy.sock\"\nsocket_mode = \"0666\""
-        )
-    } else {
-        "milter_listen = \"inet:127.0.0.1:0\"\npolicy_listen = \"inet:127.0.0.1:0\"".to_owned()
+        ),
+        Listen::Tcp => {
+            "milter_listen = \"inet:127.0.0.1:0\"\npolicy_listen = \"inet:127.0.0.1:0\"".to_owned()
+        }
+        Listen::At(lines) => lines.to_owned(),
     };
     format!(
         r#"[server]
@@ -89,44 +102,58 @@ impl Mailwarden {
     /// [`start`](Self::start) with extra environment variables for the daemon (e.g.
     /// `TOKIO_WORKER_THREADS`, which sizes the runtime when `server.worker_threads` is 0).
     pub fn start_env(rules: &str, env: &[(&str, &str)]) -> Mailwarden {
-        Mailwarden::start_full(None, false, "", rules, env)
+        Mailwarden::start_full(None, Listen::Tcp, "", rules, env)
     }
 
     /// [`start_env`](Self::start_env) with extra `[server]` keys (e.g.
     /// `milter_envelope = "policy"`).
     #[allow(dead_code)]
     pub fn start_server(server: &str, rules: &str, env: &[(&str, &str)]) -> Mailwarden {
-        Mailwarden::start_full(None, false, server, rules, env)
+        Mailwarden::start_full(None, Listen::Tcp, server, rules, env)
     }
 
     /// [`start`](Self::start) running another build of mailwarden (`bin`), e.g. an earlier
     /// commit's, to measure it beside this one in the same benchmark run.
     #[allow(dead_code)]
     pub fn start_binary(bin: &str, rules: &str) -> Mailwarden {
-        Mailwarden::start_full(None, false, "", rules, &[("MAILWARDEN_TEST_BINARY", bin)])
+        Mailwarden::start_full(
+            None,
+            Listen::Tcp,
+            "",
+            rules,
+            &[("MAILWARDEN_TEST_BINARY", bin)],
+        )
     }
 
     /// [`start`](Self::start) on the store at `url` (e.g. a Redis Cluster shared by several
     /// daemons) instead of a private SQLite file.
     pub fn start_on_store(url: &str, rules: &str) -> Mailwarden {
-        Mailwarden::start_full(Some(url), false, "", rules, &[])
+        Mailwarden::start_full(Some(url), Listen::Tcp, "", rules, &[])
     }
 
     /// [`start`](Self::start) with the milter and policy listeners on Unix-domain sockets
     /// (`unix:` in Postfix notation) in the daemon's directory, made reachable for Postfix.
     pub fn start_unix(rules: &str) -> Mailwarden {
-        Mailwarden::start_full(None, true, "", rules, &[])
+        Mailwarden::start_full(None, Listen::Unix, "", rules, &[])
+    }
+
+    /// [`start`](Self::start) with the milter and policy services where `listen` (`[server]`
+    /// lines: `milter_listen`, `policy_listen`, maybe `socket_mode`) puts them, e.g. Unix
+    /// sockets inside a chrooted Postfix's queue directory.
+    #[allow(dead_code)]
+    pub fn start_listening(listen: &str, rules: &str) -> Mailwarden {
+        Mailwarden::start_full(None, Listen::At(listen), "", rules, &[])
     }
 
     fn start_full(
         store: Option<&str>,
-        unix: bool,
+        listen: Listen,
         server: &str,
         rules: &str,
         env: &[(&str, &str)],
     ) -> Mailwarden {
         let dir = TestDir::new("mw-e2e-daemon-");
-        if unix {
+        if matches!(listen, Listen::Unix) {
             // Postfix's smtpd (user postfix) must reach the sockets inside.
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
@@ -135,7 +162,7 @@ impl Mailwarden {
         let config = dir.join("mailwarden.toml");
         std::fs::write(
             &config,
-            config_text_on(dir.path(), store, unix, server, rules),
+            config_text_on(dir.path(), store, listen, server, rules),
         )
         .expect("write config");
         let ready = dir.join("ready.json");

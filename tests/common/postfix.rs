@@ -148,12 +148,15 @@ maximal_backoff_time = 2s
     )
 }
 
-/// No chroot (the queue is in a temp dir), only the services a relay needs.
-fn master_cf(smtp_port: u16) -> String {
+/// Only the services a relay needs, none chrooted; with `chroot`, smtpd and cleanup (the two
+/// that talk to milters and policy services) run chrooted in the queue directory as in
+/// Debian's default master.cf.
+fn master_cf(smtp_port: u16, chroot: bool) -> String {
+    let c = if chroot { "y" } else { "n" };
     format!(
-        "127.0.0.1:{smtp_port} inet n - n - - smtpd
+        "127.0.0.1:{smtp_port} inet n - {c} - - smtpd
 pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
+cleanup   unix  n       -       {c}       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
 rewrite   unix  -       -       n       -       -       trivial-rewrite
 bounce    unix  -       -       n       -       0       bounce
@@ -245,6 +248,22 @@ impl Postfix {
 
     /// The general form: `extra` main.cf lines and what the sink does with mail.
     pub fn start_full(wiring: Wiring, extra: &str, sink_mode: SinkMode) -> Postfix {
+        Postfix::start_inner(wiring, extra, sink_mode, false)
+    }
+
+    /// [`start_with`](Self::start_with) with smtpd and cleanup chrooted in the queue
+    /// directory ([`spool`](Self::spool)), as Debian runs them: a `unix:` path in main.cf is
+    /// then resolved inside it.
+    pub fn start_chrooted(wiring: Wiring, extra: &str) -> Postfix {
+        Postfix::start_inner(wiring, extra, SinkMode::Dump, true)
+    }
+
+    /// The queue directory (the chroot of chrooted services).
+    pub fn spool(&self) -> std::path::PathBuf {
+        self.dir.join("spool")
+    }
+
+    fn start_inner(wiring: Wiring, extra: &str, sink_mode: SinkMode, chroot: bool) -> Postfix {
         assert!(
             rustix::process::geteuid().is_root(),
             "the Postfix end-to-end tests start private Postfix instances and need root; \
@@ -266,7 +285,8 @@ impl Postfix {
 
         for attempt in 1..=5 {
             let smtp_port = free_port();
-            std::fs::write(etc.join("master.cf"), master_cf(smtp_port)).expect("write master.cf");
+            std::fs::write(etc.join("master.cf"), master_cf(smtp_port, chroot))
+                .expect("write master.cf");
             let out = Command::new(&postfix_bin)
                 .arg("-c")
                 .arg(&etc)
