@@ -11,8 +11,9 @@
 //! `policy` (default): bare Postfix, postfwd, mailwarden on the policy path, the milter path
 //! and both (default runtime, two worker threads, Unix-domain sockets instead of TCP, and
 //! "both envpol": `milter_envelope = "policy"` with `deploy/postfix/main.cf.both`, the
-//! recommended wiring). `dkim`: bare Postfix, OpenDKIM signing
-//! RSA-2048, mailwarden signing RSA-2048, Ed25519 and both (milter path, all its rules on).
+//! recommended wiring). `dkim`: bare Postfix, OpenDKIM signing RSA-2048 (over TCP and a
+//! Unix-domain socket), mailwarden signing RSA-2048, Ed25519 and both (milter path, all its
+//! rules on), and RSA-2048 and Ed25519 again over Unix-domain sockets.
 //! Defaults 3 rounds, `smtp-source -s 20 -m 2000 -l 4096`. For every run it reports messages
 //! per second to the point where the sink has received them all, and the CPU time per message
 //! of the policy/milter daemon (mailwarden or postfwd, all its processes, from /proc).
@@ -388,7 +389,10 @@ fn dkim_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
     let mw_rsa = Mailwarden::start(&format!("{rules}{internal}{rsa_key}"));
     let mw_ed = Mailwarden::start(&format!("{rules}{internal}{ed_key}"));
     let mw_both = Mailwarden::start(&format!("{rules}{internal}{rsa_key}{ed_key}"));
-    for d in [&mw_rsa, &mw_ed, &mw_both] {
+    // The same two signers on Unix-domain sockets, as OpenDKIM's second setup.
+    let mw_rsa_u = Mailwarden::start_unix(&format!("{rules}{internal}{rsa_key}"));
+    let mw_ed_u = Mailwarden::start_unix(&format!("{rules}{internal}{ed_key}"));
+    for d in [&mw_rsa, &mw_ed, &mw_both, &mw_rsa_u, &mw_ed_u] {
         seed(d);
     }
     let od = OpenDkim::start(&dir, &rsa);
@@ -408,6 +412,8 @@ fn dkim_suite(rounds: usize, messages: u64, sessions: u32, size: u32) {
         Setup::milter("mailwarden RSA-2048", &mw_rsa),
         Setup::milter("mailwarden Ed25519", &mw_ed),
         Setup::milter("mailwarden RSA+Ed25519", &mw_both),
+        Setup::milter("mailwarden RSA-2048 unix", &mw_rsa_u),
+        Setup::milter("mailwarden Ed25519 unix", &mw_ed_u),
     ];
     // MAILWARDEN_BENCH_BASELINE=PATH: another build signing with the same keys, same rounds.
     let base = std::env::var("MAILWARDEN_BENCH_BASELINE").ok().map(|bin| {
