@@ -247,3 +247,59 @@ async fn the_auth_policy_endpoint_needs_the_auth_policy_scope() {
     finish(&api, &stop).await;
     api.stop().await;
 }
+
+/// The receiver's check the README gives in Python, run with python3 against a real alert:
+/// it accepts the alert as sent and refuses it with a changed body or another secret.
+#[tokio::test]
+async fn the_readmes_python_verifier_accepts_a_real_alert() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md");
+    let snippet = readme
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README has the python verifier");
+    assert!(snippet.contains("ok ="), "{snippet}");
+
+    let mut rx = Receiver::start(0).await;
+    let (api, stop) = api(&rx, 3).await;
+    api.checker
+        .alerts
+        .send(Alert::account_locked(champa(), "burst"));
+    let got = rx.next().await;
+    finish(&api, &stop).await;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let run = |secret: &[u8], body: &[u8]| -> String {
+        // Inputs as hex in the environment: no quoting of the body in the script.
+        let script = format!(
+            "import hashlib, hmac, os, time\n\
+             secret = bytes.fromhex(os.environ['SECRET'])\n\
+             body = bytes.fromhex(os.environ['BODY'])\n\
+             ts = os.environ['TS']\n\
+             sig = os.environ['SIG']\n\
+             {snippet}\n\
+             print(ok)\n"
+        );
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(&script)
+            .env("SECRET", hex(secret))
+            .env("BODY", hex(body))
+            .env("TS", got.header("x-mailwarden-timestamp"))
+            .env("SIG", got.header("x-mailwarden-signature"))
+            .output()
+            .expect("run python3 (Debian's python3; .ci/run installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(run(SECRET.as_bytes(), &got.body), "True");
+    let mut changed = got.body.to_vec();
+    changed[10] ^= 1;
+    assert_eq!(run(SECRET.as_bytes(), &changed), "False");
+    assert_eq!(run(b"another-secret-0123456789", &got.body), "False");
+    api.stop().await;
+}
