@@ -298,6 +298,13 @@ impl Mailwarden {
         }
     }
 
+    /// The embedded store's file (only for a daemon on its default SQLite store).
+    #[allow(dead_code)]
+    pub fn sqlite_file(&self) -> PathBuf {
+        assert!(self.store.is_none(), "this daemon runs on {:?}", self.store);
+        self.dir.join("mw.db")
+    }
+
     /// The daemon's log (stderr) so far.
     pub fn log(&self) -> String {
         tail(&self.log, 64 * 1024)
