@@ -442,3 +442,92 @@ fn an_automatic_runtime_leaves_half_the_cpus_to_the_mta() {
     assert_eq!(fixed.runtime_workers(16), 3);
     assert_eq!(fixed.runtime_workers(1), 3);
 }
+
+/// The fields serde accepts in the table `header` (e.g. `[server]`, `[[admin.tokens]]`): the
+/// "expected one of" list of the error a field nobody has gives.
+fn fields_of(header: &str) -> Vec<String> {
+    let errs = Config::from_toml(&format!("{header}\nzz_no_such_key = 1\n")).unwrap_err();
+    let reason = &errs[0].reason;
+    let list = reason
+        .split_once("expected one of ")
+        .or_else(|| reason.split_once("expected "))
+        .unwrap_or_else(|| panic!("{header}: {reason}"))
+        .1;
+    list.split(", ")
+        .filter_map(|f| f.split('`').nth(1))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The example's text between `header` (also commented out, `# [[admin.tokens]]`) and the
+/// next table header.
+fn example_section(header: &str) -> String {
+    let example = include_str!("../../config/mailwarden.toml");
+    let start = example
+        .lines()
+        .position(|l| l.trim_start_matches("# ").trim() == header)
+        .unwrap_or_else(|| panic!("the example has no {header} section"));
+    example
+        .lines()
+        .skip(start + 1)
+        .take_while(|l| !l.starts_with('['))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// "`config/mailwarden.toml` with every key commented": each key of every table the daemon
+/// reads is written in the example's section for it (for rule keys: in some `[rules.*]`
+/// section), set or commented out, so an operator finds it there.
+#[test]
+fn the_example_config_shows_every_key() {
+    let mut missing = Vec::new();
+    for header in [
+        "[server]",
+        "[store]",
+        "[directory]",
+        "[admin]",
+        "[[admin.tokens]]",
+        "[log]",
+        "[dkim]",
+        "[[dkim.keys]]",
+        "[alerts]",
+        "[dns]",
+        "[activity]",
+    ] {
+        let fields = fields_of(header);
+        assert!(!fields.is_empty(), "{header}");
+        let text = example_section(header);
+        for field in fields {
+            let shown = text.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim_start();
+                l.starts_with(&format!("{field} =")) || l.starts_with(&format!("{field}="))
+            });
+            // Sub-tables are shown by their own header.
+            let table = text.contains(&format!(
+                "[{header_name}.{field}]",
+                header_name = header.trim_matches(['[', ']'])
+            )) || text
+                .contains(&format!("[[{}.{field}]]", header.trim_matches(['[', ']'])));
+            if !shown && !table {
+                missing.push(format!("{header} {field}"));
+            }
+        }
+    }
+    // The rule tables share one set of fields, each rule validating its own: every field is
+    // shown under some [rules.*] section.
+    let example = include_str!("../../config/mailwarden.toml");
+    let rules = &example[example.find("[rules.").expect("rule sections")..];
+    for field in fields_of("[rules.R1]") {
+        let shown = rules.lines().any(|l| {
+            let l = l.trim_start_matches('#').trim_start();
+            l.starts_with(&format!("{field} ="))
+        });
+        if !shown {
+            missing.push(format!("[rules.*] {field}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not in config/mailwarden.toml: {missing:?}"
+    );
+}
