@@ -252,9 +252,8 @@ async fn the_auth_policy_endpoint_needs_the_auth_policy_scope() {
 /// it accepts the alert as sent and refuses it with a changed body or another secret.
 #[tokio::test]
 async fn the_readmes_python_verifier_accepts_a_real_alert() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("read README.md");
-    let snippet = readme
+    let section = common::readme::section("## Owner alerts");
+    let snippet = section
         .split("```python\n")
         .nth(1)
         .and_then(|rest| rest.split("```").next())

@@ -19,7 +19,6 @@ mod common;
 
 use common::daemon::Mailwarden;
 use common::dovecot::Dovecot;
-use common::mmdb::Mmdb;
 use common::process::wait_for;
 use common::webhook::Receiver;
 use std::io::{BufRead, BufReader, Write};
@@ -43,26 +42,14 @@ fn dovecot_logins_feed_new_country_detection() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut receiver = rt.block_on(Receiver::start(0));
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("country.mmdb");
-    Mmdb::new()
-        .country("192.0.2.0/24", "LA")
-        .country("198.51.100.0/24", "TH")
-        .country("203.0.113.0/24", "VN")
-        .write(&db);
     let mw = Mailwarden::start(&format!(
-        r#"[alerts]
-webhook_url = "{}"
-webhook_secret = "{SECRET}"
-webhook_backoff = "100ms"
-geoip_database = "{}"
-
+        r#"{}
 [[admin.tokens]]
 name = "dovecot"
 token = "{POLICY_TOKEN}"
 scopes = ["auth_policy"]
 "#,
-        receiver.url,
-        db.display()
+        receiver.alerts_config(SECRET, dir.path())
     ));
     add_champa(&mw);
     // README, "Owner alerts": the dovecot.conf lines, with this daemon's address and token.

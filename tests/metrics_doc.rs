@@ -7,18 +7,6 @@ mod common;
 use common::daemon::Mailwarden;
 use std::collections::BTreeSet;
 
-/// The README's "Metrics and logs" section.
-fn section() -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("read README.md");
-    let start = readme
-        .find("## Metrics and logs")
-        .expect("README has a Metrics and logs section");
-    let rest = &readme[start + 3..];
-    let end = rest.find("\n## ").unwrap_or(rest.len());
-    rest[..end].to_owned()
-}
-
 /// `mailwarden_*` names in `text`, counters without their `_total` (as `# TYPE` names them).
 fn names(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -62,7 +50,7 @@ fn registered() -> BTreeSet<String> {
 
 #[test]
 fn the_readme_documents_every_metric_and_no_other() {
-    let section = section();
+    let section = common::readme::section("## Metrics and logs");
     let documented = names(&section);
     let registered = registered();
     assert!(registered.len() >= 20, "{registered:?}");

@@ -8,7 +8,6 @@
 mod common;
 
 use common::daemon::Mailwarden;
-use common::mmdb::Mmdb;
 use common::postfix::{Postfix, Wiring};
 use common::smtp::swaks_with;
 use common::webhook::Receiver;
@@ -22,24 +21,13 @@ fn new_country_login_reaches_the_webhook(wiring: impl Fn(&Mailwarden) -> Wiring,
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut receiver = rt.block_on(Receiver::start(0));
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("country.mmdb");
-    Mmdb::new()
-        .country("192.0.2.0/24", "LA")
-        .country("198.51.100.0/24", "TH")
-        .write(&db);
     // The test client has no TLS: its two addresses are exempted from R11 so the mail flows.
     let mw = Mailwarden::start(&format!(
-        r#"[alerts]
-webhook_url = "{}"
-webhook_secret = "{SECRET}"
-webhook_backoff = "100ms"
-geoip_database = "{}"
-
+        r#"{}
 [rules.R11]
 exempt_networks = ["127.0.0.0/8", "192.0.2.0/24", "198.51.100.0/24"]
 "#,
-        receiver.url,
-        db.display()
+        receiver.alerts_config(SECRET, dir.path())
     ));
     mw.cli_ok("org", &["add", "mpt", "--name", "Ministry of Posts"]);
     mw.cli_ok(

@@ -10,20 +10,9 @@ use common::process::{TestDir, tail, terminate, wait_for};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// The README's quick-start section.
-fn quick_start() -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("read README.md");
-    let start = readme
-        .find("## Quick start")
-        .expect("a quick-start section");
-    let rest = &readme[start + 3..];
-    rest[..rest.find("\n## ").unwrap_or(rest.len())].to_owned()
-}
-
 #[test]
 fn the_readme_quick_start_works_as_written() {
-    let section = quick_start();
+    let section = common::readme::section("## Quick start");
     // The run command names the shipped quick-start config.
     assert!(
         section.contains("-- run --config config/quickstart.toml"),

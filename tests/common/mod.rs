@@ -18,6 +18,7 @@ pub mod milter;
 pub mod mmdb;
 pub mod postfix;
 pub mod process;
+pub mod readme;
 pub mod smtp;
 pub mod store;
 pub mod webhook;

@@ -59,6 +59,24 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// The `[alerts]` table of a daemon process posting to this receiver, signing with
+    /// `secret`, and locating logins in a GeoIP database written to `dir`: 192.0.2.0/24 is
+    /// Laos (LA), 198.51.100.0/24 Thailand (TH), 203.0.113.0/24 Vietnam (VN).
+    pub fn alerts_config(&self, secret: &str, dir: &std::path::Path) -> String {
+        let db = dir.join("country.mmdb");
+        super::mmdb::Mmdb::new()
+            .country("192.0.2.0/24", "LA")
+            .country("198.51.100.0/24", "TH")
+            .country("203.0.113.0/24", "VN")
+            .write(&db);
+        format!(
+            "[alerts]\nwebhook_url = \"{}\"\nwebhook_secret = \"{secret}\"\n\
+             webhook_backoff = \"100ms\"\ngeoip_database = \"{}\"\n",
+            self.url,
+            db.display()
+        )
+    }
+
     pub async fn start(fail_first: usize) -> Receiver {
         let (tx, rx) = mpsc::unbounded_channel();
         let seen = Arc::new(AtomicUsize::new(0));
