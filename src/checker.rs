@@ -432,10 +432,28 @@ impl Checker {
         d
     }
 
-    /// RCPT stage: recipient rules for `rcpt`.
+    /// The mailbox a recipient address is delivered to, which the recipient rules judge:
+    /// the address itself, or, when it carries an extension (`[directory]
+    /// recipient_delimiter`, e.g. `cabinet+news@`) and is not an account of its own, the
+    /// address without it, as Postfix delivers it. A failed lookup also cuts the
+    /// extension: the mailbox's own lookup then fails too and its rules apply their
+    /// `on_store_error`.
+    async fn mailbox(&self, snap: &Snapshot, rcpt: &Address) -> Address {
+        let Some(base) = rcpt.without_extension(&snap.config.directory.recipient_delimiter) else {
+            return rcpt.clone();
+        };
+        match self.directory.lookup(rcpt).await {
+            Ok(facts) if facts.account.is_some() => rcpt.clone(),
+            _ => base,
+        }
+    }
+
+    /// RCPT stage: recipient rules for `rcpt` (for the mailbox it is delivered to, see
+    /// [`Checker::mailbox`]).
     pub async fn check_rcpt(&self, tx: &Transaction, rcpt: &Address) -> Decision {
         let start = Instant::now();
         let snap = self.snapshot();
+        let rcpt = &self.mailbox(&snap, rcpt).await;
         let mut d = if snap.policy.any_active(&engine::RECIPIENT_RULES) {
             let lookup = self.lookup(rcpt, "lookup_recipient").await;
             engine::check_recipient(&snap.policy, tx, rcpt, &lookup)
@@ -561,8 +579,12 @@ impl Checker {
             }
         }
         let start = Instant::now();
+        let mut mailboxes = Vec::with_capacity(recipients.len());
+        for rcpt in recipients {
+            mailboxes.push(self.mailbox(&snap, rcpt).await);
+        }
         let mut seen = std::collections::HashSet::new();
-        let unique: Vec<&Address> = recipients.iter().filter(|a| seen.insert(*a)).collect();
+        let unique: Vec<&Address> = mailboxes.iter().filter(|a| seen.insert(*a)).collect();
         let mut decision = Decision::pass();
         let mut counted = Vec::new();
         for batch in unique.chunks(EOM_CONCURRENCY) {

@@ -282,6 +282,35 @@ fn milter_r1_suspended_recipient_refused() {
     refused_recipient(Path::Milter, CABINET, "550 5.2.1");
 }
 
+/// `"cabinet"@mpt.gov.la` is the same mailbox as `cabinet@mpt.gov.la` (RFC 5321: quoting a
+/// local part that needs none changes nothing; Postfix delivers both to one mailbox): the
+/// quotes must not get mail past R1.
+const QUOTED_CABINET: &str = "\"cabinet\"@mpt.gov.la";
+
+#[test]
+fn policy_r1_quoted_local_part_is_the_same_suspended_mailbox() {
+    refused_recipient(Path::Policy, QUOTED_CABINET, "550 5.2.1");
+}
+
+#[test]
+fn milter_r1_quoted_local_part_is_the_same_suspended_mailbox() {
+    refused_recipient(Path::Milter, QUOTED_CABINET, "550 5.2.1");
+}
+
+/// An address extension (`recipient_delimiter = +`, as Debian's main.cf sets it) delivers
+/// to the same mailbox: it must not get mail past R1 either.
+const EXTENDED_CABINET: &str = "cabinet+news@mpt.gov.la";
+
+#[test]
+fn policy_r1_address_extension_is_the_same_suspended_mailbox() {
+    refused_recipient(Path::Policy, EXTENDED_CABINET, "550 5.2.1");
+}
+
+#[test]
+fn milter_r1_address_extension_is_the_same_suspended_mailbox() {
+    refused_recipient(Path::Milter, EXTENDED_CABINET, "550 5.2.1");
+}
+
 #[test]
 fn policy_r2_withdrawn_recipient_refused() {
     refused_recipient(Path::Policy, KHAMLA, "550 5.1.1");

@@ -256,6 +256,10 @@ pub struct DirectoryConfig {
     pub local_part_max_len: usize,
     /// How many free alternatives a refused registration suggests (R4).
     pub suggestions: usize,
+    /// Postfix's `recipient_delimiter`: characters that start an address extension.
+    /// Postfix delivers `cabinet+news@` to `cabinet@` when `cabinet+news@` is not a mailbox
+    /// of its own, so the recipient rules (R1, R2, R13) judge that mailbox. Empty: none.
+    pub recipient_delimiter: String,
 }
 
 impl Default for DirectoryConfig {
@@ -265,6 +269,7 @@ impl Default for DirectoryConfig {
             org_code_max_len: 5,
             local_part_max_len: 14,
             suggestions: 3,
+            recipient_delimiter: "+".into(),
         }
     }
 }
@@ -600,6 +605,19 @@ impl Config {
             err(
                 "directory.local_part_max_len",
                 "must be between 1 and 64".into(),
+            );
+        }
+        if let Some(c) = d
+            .recipient_delimiter
+            .chars()
+            .find(|c| !c.is_ascii_graphic() || matches!(c, '@' | '"' | '\\'))
+        {
+            err(
+                "directory.recipient_delimiter",
+                format!(
+                    "{c:?} cannot start an address extension: give the characters of \
+                     Postfix's recipient_delimiter (e.g. \"+\"), or \"\" for none"
+                ),
             );
         }
         match (&self.admin.tls_cert, &self.admin.tls_key) {

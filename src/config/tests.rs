@@ -531,3 +531,19 @@ fn the_example_config_shows_every_key() {
         "not in config/mailwarden.toml: {missing:?}"
     );
 }
+
+#[test]
+fn recipient_delimiter_takes_characters_that_can_start_an_extension() {
+    assert_eq!(Config::default().directory.recipient_delimiter, "+");
+    let c = Config::from_toml("[directory]\nrecipient_delimiter = \"+-\"\n").unwrap();
+    assert_eq!(c.directory.recipient_delimiter, "+-");
+    assert!(Config::from_toml("[directory]\nrecipient_delimiter = \"\"\n").is_ok());
+    for bad in ["@", "+ ", "\\\""] {
+        let errs = Config::from_toml(&format!("[directory]\nrecipient_delimiter = \"{bad}\"\n"))
+            .unwrap_err();
+        assert_eq!(
+            errs[0].key, "directory.recipient_delimiter",
+            "{bad:?}: {errs:?}"
+        );
+    }
+}

@@ -39,6 +39,10 @@ impl Address {
             return Err(AddressError::BadCharacter);
         }
         let (local, domain) = s.rsplit_once('@').ok_or(AddressError::MissingAt)?;
+        // A quoted local part that needs no quoting names the same mailbox as without them
+        // (RFC 5321 4.1.2; Postfix delivers both alike): `"cabinet"@` is `cabinet@`.
+        let unquoted = unquote(local);
+        let local = unquoted.as_deref().unwrap_or(local);
         if local.is_empty() {
             return Err(AddressError::EmptyLocal);
         }
@@ -68,9 +72,43 @@ impl Address {
         &self.local
     }
 
+    /// The address without its extension: the local part cut at the first of `delimiters`
+    /// (Postfix's `recipient_delimiter`), e.g. `cabinet+news@mpt.gov.la` gives
+    /// `cabinet@mpt.gov.la`. `None` when there is no extension to cut (no delimiter, or one
+    /// that starts the local part).
+    pub fn without_extension(&self, delimiters: &str) -> Option<Address> {
+        let at = self.local.find(|c| delimiters.contains(c))?;
+        (at > 0).then(|| Address {
+            local: self.local[..at].to_owned(),
+            domain: self.domain.clone(),
+        })
+    }
+
     pub fn domain(&self) -> &str {
         &self.domain
     }
+}
+
+/// The content of a quoted local part (`"..."`, backslash escapes resolved) when it is a
+/// dot-atom, i.e. when the quotes change nothing; `None` otherwise (not quoted, or quoting
+/// characters a plain local part cannot hold: that is another mailbox name, kept as given).
+fn unquote(local: &str) -> Option<String> {
+    let inner = local.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next()?),
+            '"' => return None,
+            c => out.push(c),
+        }
+    }
+    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let dot_atom = !out.is_empty()
+        && out
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+    dot_atom.then_some(out)
 }
 
 impl fmt::Display for Address {
@@ -109,6 +147,51 @@ mod tests {
         assert_eq!(a.local(), "dg-cabinet");
         assert_eq!(a.domain(), "mpt.gov.la");
         assert_eq!(a.to_string(), "dg-cabinet@mpt.gov.la");
+    }
+
+    #[test]
+    fn needless_quotes_name_the_same_mailbox() {
+        let plain = Address::parse("cabinet@mpt.gov.la").unwrap();
+        for quoted in [
+            "\"cabinet\"@mpt.gov.la",
+            "\"Cabinet\"@MPT.gov.la",
+            "\"cab\\inet\"@mpt.gov.la",
+        ] {
+            assert_eq!(Address::parse(quoted).unwrap(), plain, "{quoted}");
+        }
+        assert_eq!(
+            Address::parse("\"dg.cabinet\"@mpt.gov.la").unwrap().local(),
+            "dg.cabinet"
+        );
+        // Quotes that matter keep the name apart (no account can have such a name, R3).
+        for kept in ["\"a@b\"@x.la", "\"a..b\"@x.la", "\".a\"@x.la", "\"\"@x.la"] {
+            let a = Address::parse(kept).unwrap();
+            assert!(a.local().starts_with('"'), "{kept}: {a}");
+        }
+    }
+
+    #[test]
+    fn extensions_are_cut_at_the_first_delimiter() {
+        let a = Address::parse("cabinet+news+x@mpt.gov.la").unwrap();
+        assert_eq!(
+            a.without_extension("+").unwrap().to_string(),
+            "cabinet@mpt.gov.la"
+        );
+        let b = Address::parse("dg-cabinet+news@mpt.gov.la").unwrap();
+        assert_eq!(b.without_extension("-+").unwrap().local(), "dg");
+        assert_eq!(b.without_extension(""), None);
+        assert_eq!(
+            Address::parse("cabinet@mpt.gov.la")
+                .unwrap()
+                .without_extension("+"),
+            None
+        );
+        assert_eq!(
+            Address::parse("+x@mpt.gov.la")
+                .unwrap()
+                .without_extension("+"),
+            None
+        );
     }
 
     #[test]

@@ -1185,3 +1185,71 @@ async fn limits_count_against_the_login_account_as_r8_maps_it() {
     assert_eq!(count(s.store.counters(&champa, now).await.unwrap()), 1);
     assert_eq!(count(s.store.counters(&cabinet, now).await.unwrap()), 0);
 }
+
+/// An address extension or needless quotes name the mailbox Postfix delivers to: its
+/// quota applies at RCPT and at END-OF-MESSAGE, the delivered size is counted into its
+/// usage (Dovecot's key), and with `recipient_delimiter = ""` an extension is an address
+/// of its own again.
+#[tokio::test]
+async fn extensions_and_quotes_are_judged_and_counted_as_the_mailbox() {
+    use crate::store::Store;
+    use crate::store::testing::addr;
+    let s = Server::start("").await;
+    let champa = addr("champa@mpt.gov.la");
+    s.store.set_quota(&champa, Some(10_000)).await.unwrap();
+    s.store.set_usage(&champa, 9_000, 0).await.unwrap();
+    s.checker.directory.invalidate_all();
+    let mut c = s.client().await;
+    for spelling in ["champa+lists@mpt.gov.la", "\"champa\"@mpt.gov.la"] {
+        let action = c
+            .ask(&in_message("RCPT", "x", spelling, "1001"))
+            .await
+            .unwrap();
+        assert_eq!(code(&action), "452 4.2.2", "{spelling}: {action}");
+        assert!(action.contains("champa@mpt.gov.la is full"), "{action}");
+    }
+    // Within the quota at RCPT (no SIZE=), over it with the actual size at the end.
+    c.ask(&in_message("RCPT", "m1", "champa+lists@mpt.gov.la", "0"))
+        .await
+        .unwrap();
+    let action = c
+        .ask(&in_message("END-OF-MESSAGE", "m1", "", "1001"))
+        .await
+        .unwrap();
+    assert_eq!(code(&action), "452 4.2.2", "{action}");
+    // One that fits is counted into champa's usage, once although named twice.
+    for r in ["champa+lists@mpt.gov.la", "champa@mpt.gov.la"] {
+        c.ask(&in_message("RCPT", "m2", r, "0")).await.unwrap();
+    }
+    let action = c
+        .ask(&in_message("END-OF-MESSAGE", "m2", "", "600"))
+        .await
+        .unwrap();
+    assert_eq!(action, "DUNNO");
+    usage_becomes(&s.store, &champa, 9_600).await;
+    assert_eq!(
+        s.store
+            .usage(&addr("champa+lists@mpt.gov.la"))
+            .await
+            .unwrap(),
+        None,
+        "nothing counted under the extension's spelling"
+    );
+
+    // Without a delimiter, champa+lists is another (unknown) address: no quota of its own.
+    let s = Server::start("[directory]\nrecipient_delimiter = \"\"\n").await;
+    s.store.set_quota(&champa, Some(10_000)).await.unwrap();
+    s.store.set_usage(&champa, 10_000, 0).await.unwrap();
+    s.checker.directory.invalidate_all();
+    let mut c = s.client().await;
+    let action = c
+        .ask(&in_message("RCPT", "y", "champa+lists@mpt.gov.la", "100"))
+        .await
+        .unwrap();
+    assert_eq!(action, "DUNNO");
+    let action = c
+        .ask(&in_message("RCPT", "y", "champa@mpt.gov.la", "100"))
+        .await
+        .unwrap();
+    assert_eq!(code(&action), "452 4.2.2", "{action}");
+}
