@@ -433,12 +433,18 @@ impl Checker {
     }
 
     /// The mailbox a recipient address is delivered to, which the recipient rules judge:
-    /// the address itself, or, when it carries an extension (`[directory]
+    /// the address itself; what old routing syntax names (`user%domain@host`,
+    /// `domain!user@host`); and, when it carries an extension (`[directory]
     /// recipient_delimiter`, e.g. `cabinet+news@`) and is not an account of its own, the
     /// address without it, as Postfix delivers it. A failed lookup also cuts the
     /// extension: the mailbox's own lookup then fails too and its rules apply their
     /// `on_store_error`.
     async fn mailbox(&self, snap: &Snapshot, rcpt: &Address) -> Address {
+        // Old routing syntax first (`cabinet%mpt.gov.la@localhost`): Postfix rewrites it
+        // before it delivers. No account name can hold `%` or `!` (R3), so what it names is
+        // judged even where Postfix would relay it elsewhere (refusing, never passing).
+        let routed = rcpt.routed();
+        let rcpt = routed.as_ref().unwrap_or(rcpt);
         let Some(base) = rcpt.without_extension(&snap.config.directory.recipient_delimiter) else {
             return rcpt.clone();
         };

@@ -54,6 +54,11 @@ const OUTSIDE: &str = "friend@example.org";
 
 /// mailwarden with `rules` and the test directory, and Postfix wired to it along `path`.
 fn setup(path: Path, rules: &str) -> (Mailwarden, Postfix) {
+    setup_with(path, rules, "")
+}
+
+/// [`setup`] with `extra` main.cf lines.
+fn setup_with(path: Path, rules: &str, extra: &str) -> (Mailwarden, Postfix) {
     let mw = match path {
         Path::Both => Mailwarden::start_server("milter_envelope = \"policy\"", rules, &[]),
         Path::Policy | Path::Milter | Path::BothCheck => Mailwarden::start(rules),
@@ -65,7 +70,7 @@ fn setup(path: Path, rules: &str) -> (Mailwarden, Postfix) {
         Path::Both => Wiring::BothByPolicy(mw.bound.policy.clone(), mw.bound.milter.clone()),
         Path::BothCheck => Wiring::Both(mw.bound.policy.clone(), mw.bound.milter.clone()),
     };
-    (mw, Postfix::start(wiring))
+    (mw, Postfix::start_with(wiring, extra))
 }
 
 /// The directory, built through the admin CLI as an operator would.
@@ -103,7 +108,12 @@ fn populate(mw: &Mailwarden) {
 /// A recipient refused at RCPT with `expected` while a second, active recipient of the same
 /// message is delivered: the refused one never reaches the sink.
 fn refused_recipient(path: Path, rcpt: &str, expected: &str) {
-    let (_mw, pf) = setup(path, "");
+    refused_recipient_with(path, rcpt, expected, "")
+}
+
+/// [`refused_recipient`] with `extra` main.cf lines.
+fn refused_recipient_with(path: Path, rcpt: &str, expected: &str, extra: &str) {
+    let (_mw, pf) = setup_with(path, "", extra);
     let sent = swaks(&pf.server, CHAMPA, &[rcpt, OUTSIDE]);
     let reply = sent.expect_reply(&format!("RCPT TO:<{rcpt}>"));
     assert!(
@@ -309,6 +319,45 @@ fn policy_r1_address_extension_is_the_same_suspended_mailbox() {
 #[test]
 fn milter_r1_address_extension_is_the_same_suspended_mailbox() {
     refused_recipient(Path::Milter, EXTENDED_CABINET, "550 5.2.1");
+}
+
+/// A source route (RFC 5321 4.1.2, obsolete: Postfix ignores it and delivers to the
+/// address after the colon) must not get mail past R1 either.
+const ROUTED_CABINET: &str = "@mx.example.org:cabinet@mpt.gov.la";
+
+#[test]
+fn policy_r1_source_route_is_the_same_suspended_mailbox() {
+    refused_recipient(Path::Policy, ROUTED_CABINET, "550 5.2.1");
+}
+
+#[test]
+fn milter_r1_source_route_is_the_same_suspended_mailbox() {
+    refused_recipient(Path::Milter, ROUTED_CABINET, "550 5.2.1");
+}
+
+/// Postfix's `allow_percent_hack` and `swap_bangpath` (both on by default) deliver
+/// `cabinet%mpt.gov.la@localhost` and `mpt.gov.la!cabinet@localhost` to cabinet when
+/// `localhost` is one of its own destinations (as in most main.cf files): no way past R1.
+const LOCAL_DESTINATION: &str = "mydestination = localhost\n";
+
+#[test]
+fn policy_r1_percent_hack_is_the_same_suspended_mailbox() {
+    for rcpt in [
+        "cabinet%mpt.gov.la@localhost",
+        "mpt.gov.la!cabinet@localhost",
+    ] {
+        refused_recipient_with(Path::Policy, rcpt, "550 5.2.1", LOCAL_DESTINATION);
+    }
+}
+
+#[test]
+fn milter_r1_percent_hack_is_the_same_suspended_mailbox() {
+    for rcpt in [
+        "cabinet%mpt.gov.la@localhost",
+        "mpt.gov.la!cabinet@localhost",
+    ] {
+        refused_recipient_with(Path::Milter, rcpt, "550 5.2.1", LOCAL_DESTINATION);
+    }
 }
 
 #[test]

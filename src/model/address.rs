@@ -72,6 +72,21 @@ impl Address {
         &self.local
     }
 
+    /// Where Postfix's old routing syntax sends this address when its domain is one of the
+    /// MTA's own destinations: `user%domain@host` (`allow_percent_hack`, the last `%`) and
+    /// `domain!user@host` (`swap_bangpath`, the first `!`) both mean `user@domain`. `None`
+    /// when the local part has neither, or what they name is not an address.
+    pub fn routed(&self) -> Option<Address> {
+        let (user, domain) = match self.local.split_once('!') {
+            Some((domain, user)) => (user, domain),
+            None => {
+                let (user, domain) = self.local.rsplit_once('%')?;
+                (user, domain)
+            }
+        };
+        Address::parse(&format!("{user}@{domain}")).ok()
+    }
+
     /// The address without its extension: the local part cut at the first of `delimiters`
     /// (Postfix's `recipient_delimiter`), e.g. `cabinet+news@mpt.gov.la` gives
     /// `cabinet@mpt.gov.la`. `None` when there is no extension to cut (no delimiter, or one
@@ -168,6 +183,26 @@ mod tests {
             let a = Address::parse(kept).unwrap();
             assert!(a.local().starts_with('"'), "{kept}: {a}");
         }
+    }
+
+    #[test]
+    fn percent_and_bang_paths_name_the_routed_address() {
+        let routed = |s: &str| Address::parse(s).unwrap().routed().map(|a| a.to_string());
+        assert_eq!(
+            routed("cabinet%mpt.gov.la@localhost").as_deref(),
+            Some("cabinet@mpt.gov.la")
+        );
+        assert_eq!(
+            routed("a%b%mpt.gov.la@localhost").as_deref(),
+            Some("a%b@mpt.gov.la")
+        );
+        assert_eq!(
+            routed("mpt.gov.la!cabinet@localhost").as_deref(),
+            Some("cabinet@mpt.gov.la")
+        );
+        assert_eq!(routed("cabinet@mpt.gov.la"), None);
+        assert_eq!(routed("%x@localhost"), None, "no user");
+        assert_eq!(routed("cabinet%@localhost"), None, "no domain");
     }
 
     #[test]

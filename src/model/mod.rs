@@ -82,6 +82,12 @@ impl Sender {
         if s.is_empty() {
             return Sender::Null;
         }
+        // An obsolete source route (`@relay1,@relay2:user@domain`, RFC 5321 4.1.2) is
+        // ignored, as Postfix ignores it: the address is what follows the colon.
+        let s = match s.strip_prefix('@').and_then(|r| r.split_once(':')) {
+            Some((_, address)) => address,
+            None => s,
+        };
         match Address::parse(s) {
             Ok(a) => Sender::Address(a),
             Err(_) => Sender::Unparsed(s.to_owned()),
@@ -201,5 +207,19 @@ mod tests {
             Sender::parse("not an address"),
             Sender::Unparsed(_)
         ));
+    }
+
+    #[test]
+    fn source_routes_are_ignored() {
+        for routed in [
+            "<@mx.example.org:cabinet@mpt.gov.la>",
+            "<@a.example,@b.example:Cabinet@mpt.gov.la>",
+        ] {
+            assert_eq!(
+                Sender::parse(routed).address().unwrap().to_string(),
+                "cabinet@mpt.gov.la",
+                "{routed}"
+            );
+        }
     }
 }
