@@ -985,8 +985,13 @@ impl Checker {
             .as_ref()
             .map_or(OnError::Tempfail, |v| v.on_dns_error);
         let mut domains: Vec<String> = Vec::new();
-        for a in &tx.header_from {
-            let d = a.domain().to_ascii_lowercase();
+        let claimed = tx.header_from_claims.iter().cloned();
+        for d in tx
+            .header_from
+            .iter()
+            .map(|a| a.domain().to_ascii_lowercase())
+            .chain(claimed)
+        {
             if !domains.contains(&d) {
                 domains.push(d);
             }

@@ -317,3 +317,43 @@ async fn on_dns_error_accept_fails_open_and_counts_it() {
     c.close().await.unwrap();
     m.stop().await;
 }
+
+/// A `From:` that names a government domain only in a malformed mailbox (no address a
+/// parser accepts, or a display name alone) is still a claim to be that domain: mail
+/// readers show it as such. From outside and without an aligned pass it is refused like a
+/// well-formed one, while a malformed From naming no local domain is left alone.
+#[tokio::test]
+async fn a_malformed_from_naming_a_local_domain_is_judged_as_that_domain() {
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let m = Milter::spawn(&config(&silent, ""), seeded_store().await).await;
+    let mut c = open(&m, "192.0.2.7").await;
+    for from in [
+        " ceo @mpt.gov.la",
+        " \"ceo@mpt.gov.la\"",
+        " Director <ceo@ mpt.gov.la>",
+        " ceo(office)@mpt.gov.la",
+        " \"Director\" <ceo@MPT.gov.la.",
+    ] {
+        let msg = message(
+            "<bulk@example.org>",
+            vec![("From", from), ("Subject", " hi")],
+            None,
+        );
+        let (out, _) = c.transaction_with_actions(&msg).await.unwrap();
+        let Some(Status::Reject { reply: Some(reply) }) = &out.eom else {
+            panic!("{from:?}: reject expected: {out:?}")
+        };
+        assert!(reply.starts_with("550 5.7.26 "), "{from:?}: {reply}");
+        assert!(reply.contains("mpt.gov.la"), "{reply}");
+    }
+    // Malformed, but naming no local domain: R7 has nothing to protect.
+    let msg = message(
+        "<bulk@example.org>",
+        vec![("From", " someone @example.org"), ("Subject", " hi")],
+        None,
+    );
+    let (out, _) = c.transaction_with_actions(&msg).await.unwrap();
+    assert!(!matches!(out.eom, Some(Status::Reject { .. })), "{out:?}");
+    c.close().await.unwrap();
+    m.stop().await;
+}

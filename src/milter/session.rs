@@ -367,6 +367,16 @@ impl Session {
             let room = MAX_FROM_ADDRESSES.saturating_sub(self.tx.header_from.len());
             let addrs = mailboxes.iter().filter_map(|m| m.address()).cloned();
             self.tx.header_from.extend(addrs.take(room));
+            // A mailbox without a valid address still shows a sender to the reader: what
+            // its text claims is R7's to judge.
+            if mailboxes.is_empty() || mailboxes.iter().any(|m| m.address().is_none()) {
+                for d in claimed_domains(value) {
+                    let claims = &mut self.tx.header_from_claims;
+                    if claims.len() < MAX_FROM_ADDRESSES && !claims.contains(&d) {
+                        claims.push(d);
+                    }
+                }
+            }
             keep(&mut self.tx.from_fields, mailboxes);
         } else if name.eq_ignore_ascii_case(b"Sender") {
             keep(
@@ -599,6 +609,26 @@ pub(crate) fn header_mailboxes(name: &[u8], value: &[u8]) -> Vec<Sender> {
     .unwrap_or_default()
 }
 
+/// The domains a header value names after an `@` (spaces after it skipped, as a reader
+/// would), lower-cased, each once: what a `From:` field claims when its mailboxes do not
+/// parse. Only names with a dot count.
+fn claimed_domains(value: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(value);
+    let mut out: Vec<String> = Vec::new();
+    for (at, _) in text.match_indices('@') {
+        let rest = text[at + 1..].trim_start_matches([' ', '\t', '\r', '\n']);
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+            .collect();
+        let name = name.trim_matches(['.', '-']).to_ascii_lowercase();
+        if name.contains('.') && !out.contains(&name) && out.len() < MAX_FROM_ADDRESSES {
+            out.push(name);
+        }
+    }
+    out
+}
+
 /// Postfix sends `[addr]` (or `unknown`) as the name of a client without reverse DNS.
 fn is_unknown_name(n: &str) -> bool {
     n.starts_with('[') || n.eq_ignore_ascii_case("unknown")
@@ -800,6 +830,32 @@ mod tests {
             ["a@mpt.gov.la".parse::<Address>().unwrap()]
         );
         assert_eq!(s.tx.queue_id.as_deref(), Some("Q9"));
+    }
+
+    #[test]
+    fn a_from_without_a_valid_address_claims_the_domains_it_names() {
+        let metrics = Metrics::new();
+        let mut s = session(&metrics);
+        s.mail(&args(&["<bulk@example.org>"]), &macros(&[]))
+            .unwrap();
+        s.header(b"From", b" ceo @MPT.gov.la, \"x@ mof.gov.la.\"");
+        assert!(s.tx.header_from.is_empty());
+        assert_eq!(s.tx.header_from_claims, ["mpt.gov.la", "mof.gov.la"]);
+        // A From whose every mailbox parses claims nothing beyond its addresses, even with
+        // an address in its display name.
+        s.end_message();
+        s.mail(&args(&["<list@lists.example>"]), &macros(&[]))
+            .unwrap();
+        s.header(
+            b"From",
+            b" \"ceo@mpt.gov.la via List\" <list@lists.example>",
+        );
+        assert_eq!(
+            s.tx.header_from,
+            ["list@lists.example".parse::<Address>().unwrap()]
+        );
+        assert!(s.tx.header_from_claims.is_empty());
+        assert_eq!(claimed_domains(b"a@localhost, b@x.y, b@X.Y"), ["x.y"]);
     }
 
     fn mailboxes(name: &str, value: &str) -> Vec<String> {

@@ -130,6 +130,11 @@ pub struct Transaction {
     /// Addresses of the `From:` header field(s), in message order (milter only, known from
     /// the end of headers on). Only the addresses: never the display names.
     pub header_from: Vec<Address>,
+    /// R7: domains a `From:` field names in a mailbox no parser accepts as an address (or in
+    /// a display name standing alone), e.g. `ceo @mpt.gov.la`: a mail reader still shows
+    /// that sender, so R7 judges the claim as if it were a From domain (milter only,
+    /// lower-cased, from the end of headers on).
+    pub header_from_claims: Vec<String>,
     /// R8: the `From:` fields as counted and parsed (milter only, from the end of headers on):
     /// how many fields, and every mailbox in them, including those that do not parse.
     pub from_fields: HeaderAddresses,
@@ -174,6 +179,7 @@ impl Transaction {
             rcpts_accepted: 0,
             size: None,
             header_from: Vec::new(),
+            header_from_claims: Vec::new(),
             from_fields: HeaderAddresses::default(),
             sender_fields: HeaderAddresses::default(),
         }
@@ -188,6 +194,7 @@ impl Transaction {
         self.rcpts_accepted = 0;
         self.size = None;
         self.header_from.clear();
+        self.header_from_claims.clear();
         self.from_fields = HeaderAddresses::default();
         self.sender_fields = HeaderAddresses::default();
     }
