@@ -269,6 +269,45 @@ fn spoofed_local_from_is_refused_and_verified_outside_mail_carries_our_results()
     assert_eq!(ar.len(), 2, "{ar:?}");
 }
 
+/// A `From:` whose mailbox is no valid address but still reads as a government sender
+/// (`ceo @mpt.gov.la`, a display name alone) is refused like a well-formed spoof; the same
+/// malformation naming an outside domain is delivered.
+#[test]
+fn a_malformed_from_claiming_a_local_domain_is_refused_5_7_26() {
+    let keys = TestDir::new("mw-e2e-keys-");
+    let (_example_key, example_txt) = keygen(&keys, "example.org", "s1");
+    let dns = Dnsmasq::start(ZONES, &zones(&example_txt));
+    let (_mw, pf) = setup(&r7_config(&dns.addr, ""));
+    let raw = |from: &str, tag: &str| {
+        format!(
+            "From: {from}\r\nTo: <{CHAMPA}>\r\nSubject: R7 test\r\n\
+             Date: Sat, 05 Dec 2026 00:00:00 +0000\r\nMessage-ID: <{tag}@example.org>\r\n\
+             X-E2E-Tag: {tag}\r\n\r\nHello from outside.\r\n{END_MARKER}\r\n"
+        )
+        .into_bytes()
+    };
+    for from in ["ceo @mpt.gov.la", "\"ceo@mpt.gov.la\""] {
+        let tag = unique_tag();
+        let sent = send_raw(&pf, "bulk@example.org", &raw(from, &tag), &tag);
+        let reply = sent.expect_reply(".");
+        assert!(
+            reply.starts_with("550 5.7.26 Message claims to be from mpt.gov.la"),
+            "{from}: {reply}\n{}",
+            sent.transcript
+        );
+        assert!(!sent.queued());
+    }
+    let tag = unique_tag();
+    let sent = send_raw(
+        &pf,
+        "bulk@example.org",
+        &raw("someone @example.org", &tag),
+        &tag,
+    );
+    assert!(sent.queued(), "{}", sent.transcript);
+    pf.wait_delivered(&tag);
+}
+
 #[test]
 fn a_dns_server_that_does_not_answer_tempfails_4_4_3() {
     // Bound, never read: every query times out.
