@@ -19,7 +19,9 @@ mod common;
 
 use common::daemon::Mailwarden;
 use common::dovecot::Dovecot;
+use common::postfix::{Postfix, Wiring};
 use common::process::wait_for;
+use common::smtp::swaks_with;
 use common::webhook::Receiver;
 use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
@@ -212,5 +214,98 @@ fn dovecot_quota_clone_usage_is_what_r13_judges() {
     });
     let full = policy_rcpt(policy, CHAMPA, 100);
     assert!(full.starts_with("452 4.2.2"), "{full}");
+    assert!(!dovecot.log().contains("Error"), "{}", dovecot.log());
+}
+
+/// R13's whole chain with the real mailbox server: Postfix (milter wired) delivers over LMTP
+/// to Dovecot, Dovecot's quota_clone reports the mailbox's usage to the Redis store at the
+/// end of the LMTP session, and R13 refuses the next message that would not fit, at the end
+/// of DATA; one that fits is delivered to the mailbox.
+#[test]
+fn lmtp_deliveries_fill_the_quota_until_r13_refuses() {
+    const QUOTA: u64 = 10_000;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let redis = rt.block_on(servers::Standalone::start(&[]));
+    let prefix = "mwlmtp";
+    let mw = Mailwarden::start_on_store(
+        &format!("redis://127.0.0.1:{}/0?prefix={prefix}", redis.port()),
+        "",
+    );
+    add_champa(&mw);
+    mw.cli_ok("user", &["quota", CHAMPA, &QUOTA.to_string()]);
+    let lmtp = common::process::free_port();
+    let dovecot = Dovecot::start(
+        &[(CHAMPA, PASSWORD)],
+        &format!(
+            "protocols = imap lmtp\n\
+             service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {lmtp}\n  }}\n}}\n\
+             mail_plugins = $mail_plugins quota quota_clone\n\
+             plugin {{\n  quota = count:User quota\n  quota_vsizes = yes\n  \
+             quota_clone_dict = redis:host=127.0.0.1:port={}:prefix={prefix}.usage.\n}}\n",
+            redis.port()
+        ),
+    );
+    let pf = Postfix::start_with(
+        Wiring::Milter(mw.bound.milter.clone()),
+        &format!(
+            "virtual_mailbox_domains = mpt.gov.la\n\
+             virtual_transport = lmtp:inet:127.0.0.1:{lmtp}\n\
+             smtpd_reject_unlisted_recipient = no\n"
+        ),
+    );
+    let usage = || -> Option<u64> {
+        let shown = mw.cli_ok("user", &["show", CHAMPA, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        v["usage_bytes"].as_u64()
+    };
+    let send = |bytes: usize| {
+        let body = "x".repeat(70) + "\n";
+        let body = body.repeat(bytes / body.len());
+        swaks_with(
+            &pf.server,
+            "friend@example.org",
+            &[CHAMPA],
+            &["--body", &body],
+        )
+    };
+    let messages = || -> u64 {
+        let out = dovecot.doveadm(&["mailbox", "status", "-u", CHAMPA, "messages", "INBOX"]);
+        // "INBOX messages=N"
+        String::from_utf8_lossy(&out.stdout)
+            .split_once("messages=")
+            .and_then(|(_, n)| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+
+    let first = send(6_000);
+    assert!(first.queued(), "{}", first.transcript);
+    wait_for(
+        "the first message in the mailbox",
+        Duration::from_secs(20),
+        || (messages() == 1).then_some(()),
+    );
+    // Dovecot's report (the delivered message with the headers Postfix and Dovecot added)
+    // replaces whatever mailwarden counted at the end of DATA.
+    let reported = wait_for("Dovecot's usage report", Duration::from_secs(20), || {
+        usage().filter(|&u| u > 6_000)
+    });
+    assert!(reported < 7_000, "{reported}");
+
+    // 5,000 more would pass 10,000: refused after DATA, nothing delivered.
+    let second = send(5_000);
+    let reply = second.expect_reply(".");
+    assert!(
+        reply.starts_with("452 4.2.2"),
+        "{reply}\n{}",
+        second.transcript
+    );
+    // 1,000 more fit: delivered to the mailbox.
+    let third = send(1_000);
+    assert!(third.queued(), "{}", third.transcript);
+    wait_for(
+        "the third message in the mailbox",
+        Duration::from_secs(20),
+        || (messages() == 2).then_some(()),
+    );
     assert!(!dovecot.log().contains("Error"), "{}", dovecot.log());
 }
