@@ -147,34 +147,62 @@ fn message(len: usize) -> Vec<u8> {
     m
 }
 
-#[test]
-fn dovecot_quota_clone_usage_is_what_r13_judges() {
-    const QUOTA: u64 = 10_000;
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let redis = rt.block_on(servers::Standalone::start(&[]));
-    let prefix = "mwdove";
-    let mw = Mailwarden::start_on_store(
-        &format!("redis://127.0.0.1:{}/0?prefix={prefix}", redis.port()),
-        // Only what Dovecot reports counts here.
-        "[rules.R13]\ncount_deliveries = false\n",
-    );
-    add_champa(&mw);
-    mw.cli_ok("user", &["quota", CHAMPA, &QUOTA.to_string()]);
-    // README, "R13": the plugin settings, with this Redis and the store's prefix.
-    let dovecot = Dovecot::start(
-        &[(CHAMPA, PASSWORD)],
-        &format!(
-            "mail_plugins = $mail_plugins quota quota_clone\n\
-             plugin {{\n  quota = count:User quota\n  quota_vsizes = yes\n  \
-             quota_clone_dict = redis:host=127.0.0.1:port={}:prefix={prefix}.usage.\n}}\n",
-            redis.port()
-        ),
-    );
-    let usage = || -> Option<u64> {
-        let shown = mw.cli_ok("user", &["show", CHAMPA, "--json"]);
+/// A mailbox site for R13: a Redis store, mailwarden on it (`rules` added) with champa's
+/// quota set to `quota`, and Dovecot reporting usage into it with quota_clone as the README
+/// configures it (`extra`: more Dovecot settings). Field order is drop order: Dovecot and
+/// the daemon stop before Redis.
+struct QuotaSite {
+    dovecot: Dovecot,
+    mw: Mailwarden,
+    _redis: servers::Standalone,
+}
+
+impl QuotaSite {
+    fn start(prefix: &str, quota: u64, rules: &str, extra: &str) -> QuotaSite {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let redis = rt.block_on(servers::Standalone::start(&[]));
+        let mw = Mailwarden::start_on_store(
+            &format!("redis://127.0.0.1:{}/0?prefix={prefix}", redis.port()),
+            rules,
+        );
+        add_champa(&mw);
+        mw.cli_ok("user", &["quota", CHAMPA, &quota.to_string()]);
+        // README, "R13": the plugin settings, with this Redis and the store's prefix.
+        let dovecot = Dovecot::start(
+            &[(CHAMPA, PASSWORD)],
+            &format!(
+                "{extra}mail_plugins = $mail_plugins quota quota_clone\n\
+                 plugin {{\n  quota = count:User quota\n  quota_vsizes = yes\n  \
+                 quota_clone_dict = redis:host=127.0.0.1:port={}:prefix={prefix}.usage.\n}}\n",
+                redis.port()
+            ),
+        );
+        QuotaSite {
+            dovecot,
+            mw,
+            _redis: redis,
+        }
+    }
+
+    /// champa's usage as `mailwarden user show` has it.
+    fn usage(&self) -> Option<u64> {
+        let shown = self.mw.cli_ok("user", &["show", CHAMPA, "--json"]);
         let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
         v["usage_bytes"].as_u64()
-    };
+    }
+}
+
+#[test]
+fn dovecot_quota_clone_usage_is_what_r13_judges() {
+    // Only what Dovecot reports counts here.
+    let site = QuotaSite::start(
+        "mwdove",
+        10_000,
+        "[rules.R13]\ncount_deliveries = false\n",
+        "",
+    );
+    let (mw, dovecot) = (&site.mw, &site.dovecot);
+    let usage = || site.usage();
     assert_eq!(usage(), None, "no report yet");
 
     // quota_clone writes a change 10 s later, or when the session ends: each append is a
@@ -223,28 +251,17 @@ fn dovecot_quota_clone_usage_is_what_r13_judges() {
 /// of DATA; one that fits is delivered to the mailbox.
 #[test]
 fn lmtp_deliveries_fill_the_quota_until_r13_refuses() {
-    const QUOTA: u64 = 10_000;
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let redis = rt.block_on(servers::Standalone::start(&[]));
-    let prefix = "mwlmtp";
-    let mw = Mailwarden::start_on_store(
-        &format!("redis://127.0.0.1:{}/0?prefix={prefix}", redis.port()),
-        "",
-    );
-    add_champa(&mw);
-    mw.cli_ok("user", &["quota", CHAMPA, &QUOTA.to_string()]);
     let lmtp = common::process::free_port();
-    let dovecot = Dovecot::start(
-        &[(CHAMPA, PASSWORD)],
+    let site = QuotaSite::start(
+        "mwlmtp",
+        10_000,
+        "",
         &format!(
             "protocols = imap lmtp\n\
-             service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {lmtp}\n  }}\n}}\n\
-             mail_plugins = $mail_plugins quota quota_clone\n\
-             plugin {{\n  quota = count:User quota\n  quota_vsizes = yes\n  \
-             quota_clone_dict = redis:host=127.0.0.1:port={}:prefix={prefix}.usage.\n}}\n",
-            redis.port()
+             service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {lmtp}\n  }}\n}}\n"
         ),
     );
+    let (mw, dovecot) = (&site.mw, &site.dovecot);
     let pf = Postfix::start_with(
         Wiring::Milter(mw.bound.milter.clone()),
         &format!(
@@ -253,11 +270,7 @@ fn lmtp_deliveries_fill_the_quota_until_r13_refuses() {
              smtpd_reject_unlisted_recipient = no\n"
         ),
     );
-    let usage = || -> Option<u64> {
-        let shown = mw.cli_ok("user", &["show", CHAMPA, "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
-        v["usage_bytes"].as_u64()
-    };
+    let usage = || site.usage();
     let send = |bytes: usize| {
         let body = "x".repeat(70) + "\n";
         let body = body.repeat(bytes / body.len());
